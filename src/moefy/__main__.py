@@ -1,0 +1,3 @@
+from moefy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""The `moefy` command line: one verb per stage, each a thin wrapper over moefy.api."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moefy.errors import MoefyError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moefy", description="Turn a dense LLaMA-family LLM into an MoE.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    b = sub.add_parser("build", help="split a dense checkpoint's FFNs into experts (writes a Mixtral checkpoint)")
+    b.add_argument("model", nargs="?", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
+    b.add_argument("--recipe", type=Path, help="YAML build recipe; command-line options override its fields")
+    b.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    b.add_argument("--experts", type=int, help="number of experts N (default 8)")
+    b.add_argument("--top-k", type=int, dest="top_k", help="experts active per token k (default 2)")
+    b.add_argument("--method", help="construction method: random, sequential, cluster (default random)")
+    b.add_argument("--seed", type=int, help="seed for every random choice (default 0)")
+    b.add_argument("--scale", type=float, help="expert output scale folded into down_proj (default N/k)")
+    b.add_argument("--dtype", help="output dtype: source, float32, bfloat16, float16 (default source)")
+    b.add_argument("--router-init", dest="router_init", help="router init: random or zero (default random)")
+    b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
+    b.add_argument("--cluster-on", dest="cluster_on", help="cluster method: rows of 'up' or 'gate' (default up)")
+
+    v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
+    v.add_argument("moe_dir", type=Path)
+    v.add_argument("--dense", required=True, help="the dense source model (same forms as build)")
+    v.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogits| allowed (default 1e-3)")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from moefy import api
+    from moefy.recipes import BuildRecipe, load_recipe
+
+    overrides = {k: getattr(args, k) for k in ("model", "experts", "top_k", "method", "seed", "scale", "dtype")}
+    nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"on": args.cluster_on}}
+    for key, fields in nested.items():
+        given = {k: v for k, v in fields.items() if v is not None}
+        if given:
+            overrides[key] = given
+    if args.recipe is None and args.model is None:
+        raise MoefyError("build needs a MODEL or a --recipe")
+    recipe = load_recipe(BuildRecipe, args.recipe, overrides)
+    result = api.build(recipe, args.out, overwrite=args.overwrite)
+    _print_build(result)
+    return 0
+
+
+def _print_build(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.plan.meta
+    table = Table(title=f"moefy build → {result.out}", show_header=False)
+    for k, v in [("architecture", result.architecture), ("method", m.method),
+                 ("experts", f"{m.num_experts} (top-{m.top_k}), {m.expert_size} neurons each"),
+                 ("MoE layers", f"{len(m.moe_layers)} of {m.num_layers}"), ("scale", f"{m.scales[0]:g}"),
+                 ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active "
+                            f"(dense {result.dense_params / 1e6:.1f}M)")]:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from moefy import api
+
+    report = api.verify(args.moe_dir, args.dense, tolerance=args.tolerance)
+    if args.json:
+        print(report.to_json())
+    else:
+        _print_verify(report)
+    if not report.passed:
+        print(f"moefy: error: exactness check failed: max |Δlogits| {report.max_abs_dlogits:.3g} "
+              f">= tolerance {report.tolerance:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_verify(r) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="moefy verify", show_header=False)
+    for k, v in [("exactness: max |Δlogits| (all experts, uniform router)",
+                  f"{r.max_abs_dlogits:.2e} ({'PASS' if r.passed else 'FAIL'} < {r.tolerance:g})"),
+                 ("loss: dense / uniform MoE", f"{r.dense_loss:.4f} / {r.uniform_moe_loss:.4f}"),
+                 ("probe perplexity: dense / MoE as built", f"{r.dense_ppl:.2f} / {r.built_moe_ppl:.4g}"),
+                 ("probe tokens", str(r.tokens)),
+                 ("params: MoE total / active / dense",
+                  f"{r.total_params / 1e6:.1f}M / {r.active_params / 1e6:.1f}M / {r.dense_params / 1e6:.1f}M")]:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+COMMANDS = {"build": _cmd_build, "verify": _cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.verb](args)
+    except MoefyError as exc:
+        print(f"moefy: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moefy: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The MoEPlan: per MoE layer, which dense FFN neurons each expert holds, the router init and the output scale.
+
+Saved as moefy_plan.json (metadata) + moefy_plan.safetensors (index and router tensors) and validated on load,
+so a plan can be inspected, edited and re-exported without re-running construction."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moefy.errors import MoefyError
+
+PLAN_JSON = "moefy_plan.json"
+PLAN_TENSORS = "moefy_plan.safetensors"
+PAD = -1  # an index slot holding a zero neuron (gate row, up row and down column all zero: adds exactly 0)
+
+
+class PlanMeta(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = 1
+    source: str
+    family: str
+    method: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    ffn_width: int
+    hidden_size: int
+    expert_size: int
+    moe_layers: list[int]
+    scales: list[float]  # one per MoE layer, folded into each expert's down_proj
+    # "partition": every dense neuron in exactly one expert; "overlap": experts may share neurons.
+    coverage: Literal["partition", "overlap"] = "partition"
+    seed: int = 0
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert (gate, up and down rows for expert_size neurons)."""
+        return 3 * self.hidden_size * self.expert_size
+
+    def active_params(self, total: int) -> int:
+        """Parameters touched per token: all but the (N - k) unrouted experts in each MoE layer."""
+        return total - len(self.moe_layers) * (self.num_experts - self.top_k) * self.expert_params
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    experts: np.ndarray  # int64 [N, expert_size]; PAD marks a zero neuron
+    router: torch.Tensor  # float32 [N, hidden]
+    scale: float
+
+
+@dataclass(frozen=True)
+class MoEPlan:
+    meta: PlanMeta
+    layers: dict[int, LayerPlan]
+
+    def validate(self) -> None:
+        m = self.meta
+        if sorted(self.layers) != sorted(m.moe_layers) or len(m.scales) != len(m.moe_layers):
+            raise MoefyError("invalid plan: the layers listed do not match the layer data")
+        if not 1 <= m.top_k <= m.num_experts:
+            raise MoefyError(f"invalid plan: top_k={m.top_k} with {m.num_experts} experts")
+        for i, lp in self.layers.items():
+            idx = lp.experts
+            if idx.shape != (m.num_experts, m.expert_size):
+                raise MoefyError(f"invalid plan: layer {i} experts have shape {tuple(idx.shape)}, "
+                                 f"expected ({m.num_experts}, {m.expert_size})")
+            if idx.min() < PAD or idx.max() >= m.ffn_width:
+                raise MoefyError(f"invalid plan: layer {i} has neuron indices outside [0, {m.ffn_width})")
+            if tuple(lp.router.shape) != (m.num_experts, m.hidden_size) or not torch.isfinite(lp.router).all():
+                raise MoefyError(f"invalid plan: layer {i} router must be a finite "
+                                 f"({m.num_experts}, {m.hidden_size}) matrix")
+            for e, row in enumerate(idx):
+                real = row[row != PAD]
+                if len(np.unique(real)) != len(real):
+                    raise MoefyError(f"invalid plan: layer {i} expert {e} lists a neuron twice")
+            counts = np.bincount(idx[idx != PAD], minlength=m.ffn_width)
+            if m.coverage == "partition" and not (counts == 1).all():
+                raise MoefyError(f"invalid plan: layer {i} does not put every neuron in exactly one expert "
+                                 f"({int((counts == 0).sum())} missing, {int((counts > 1).sum())} repeated)")
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        (directory / PLAN_JSON).write_text(self.meta.model_dump_json(indent=2))
+        tensors = {}
+        for i, lp in self.layers.items():
+            tensors[f"layers.{i}.experts"] = torch.from_numpy(np.ascontiguousarray(lp.experts, dtype=np.int64))
+            tensors[f"layers.{i}.router"] = lp.router.to(torch.float32).contiguous()
+        save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": "moefy-plan"})
+
+
+def load_plan(directory: Path) -> MoEPlan:
+    directory = Path(directory)
+    meta_path, tensor_path = directory / PLAN_JSON, directory / PLAN_TENSORS
+    for p in (meta_path, tensor_path):
+        if not p.is_file():
+            raise MoefyError(f"{directory} has no {p.name}: was it written by moefy build?")
+    try:
+        meta = PlanMeta.model_validate_json(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+    except (ValidationError, SafetensorError, ValueError, OSError) as exc:
+        raise MoefyError(f"corrupt plan in {directory}: {str(exc).splitlines()[0]}") from exc
+    try:
+        layers = {i: LayerPlan(tensors[f"layers.{i}.experts"].numpy(), tensors[f"layers.{i}.router"], s)
+                  for i, s in zip(meta.moe_layers, meta.scales)}
+    except KeyError as exc:
+        raise MoefyError(f"corrupt plan in {directory}: missing tensor {exc}") from exc
+    plan = MoEPlan(meta, layers)
+    plan.validate()
+    return plan
+
+
+def balanced_sizes(width: int, parts: int) -> list[int]:
+    """Sizes that differ by at most one and sum to width (the first width % parts get one more)."""
+    base, extra = divmod(width, parts)
+    return [base + (1 if e < extra else 0) for e in range(parts)]
+
+
+def pad_groups(groups: list[np.ndarray], size: int) -> np.ndarray:
+    """Stack neuron groups into [N, size], filling short experts with PAD (exact zero neurons)."""
+    out = np.full((len(groups), size), PAD, dtype=np.int64)
+    for e, g in enumerate(groups):
+        out[e, : len(g)] = np.sort(g)
+    return out

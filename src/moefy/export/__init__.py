@@ -1,0 +1,1 @@
+"""Export: write a MoEPlan over a dense checkpoint as a standard HF MoE checkpoint, and verify it."""

@@ -1,0 +1,43 @@
+"""The short README.md model card written next to every MoE checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moefy.construct.plan import PlanMeta
+
+
+def write_card(directory: Path, meta: PlanMeta, source_description: str, architecture: str,
+               total_params: int, dense_params: int) -> None:
+    active = meta.active_params(total_params)
+    pad = meta.num_experts * meta.expert_size - meta.ffn_width
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [moe, moefy]",
+        "---",
+        f"# MoE built by moefy from {meta.source}",
+        "",
+        f"Dense FFNs split into experts with the `{meta.method}` method; loads with stock "
+        f"`AutoModelForCausalLM.from_pretrained` as `{architecture}` (no custom code).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| source | {source_description} |",
+        f"| method | {meta.method} (seed {meta.seed}) |",
+        f"| experts | {meta.num_experts}, top-{meta.top_k} active |",
+        f"| expert size | {meta.expert_size} neurons"
+        + (f" ({pad} zero padding neurons in all, exact)" if pad else "") + " |",
+        f"| MoE layers | {len(meta.moe_layers)} of {meta.num_layers} |",
+        f"| output scale | {meta.scales[0]:g} (folded into down_proj) |",
+        f"| parameters | {total_params / 1e6:.1f}M total, {active / 1e6:.1f}M active per token "
+        f"(dense source: {dense_params / 1e6:.1f}M) |",
+        "",
+        "This is a training-free construction: expect a large quality drop until the model is trained "
+        "(`moefy train`). `moefy verify` checks that, with all experts active and a uniform router, it reproduces "
+        "the dense model exactly.",
+        "",
+        "Files: `moefy_plan.json` + `moefy_plan.safetensors` (which dense neurons each expert holds), "
+        "`moefy.yaml` (the resolved recipe).",
+    ]
+    (Path(directory) / "README.md").write_text("\n".join(lines) + "\n")

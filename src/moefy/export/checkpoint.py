@@ -1,0 +1,58 @@
+"""Stream a dense checkpoint plus a MoEPlan into MoE safetensors shards, one layer at a time."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from moefy.construct.plan import MoEPlan
+from moefy.export.formats import OutputFormat
+from moefy.export.writer import ShardedWriter, TensorSpec
+from moefy.families import Family
+from moefy.progress import progress
+from moefy.tensor_io import LazyCheckpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def write_checkpoint(reader: LazyCheckpoint, family: Family, plan: MoEPlan, fmt: OutputFormat, directory: Path,
+                     dtype: str, max_shard_bytes: int) -> int:
+    """Write the MoE weights into `directory`; returns the total parameter count written."""
+
+    def out_dtype(name: str) -> torch.dtype:
+        return reader.dtype(name) if dtype == "source" else DTYPES[dtype]
+
+    # Tensors in reading order: everything outside the decoder layers, then layer by layer (the layer's own
+    # non-FFN tensors, then its experts), so each layer's dense FFN is read once and dropped.
+    outside = sorted(n for n in reader.names() if _layer_of(n) is None)
+    by_layer: dict[int, list[str]] = {i: [] for i in range(plan.meta.num_layers)}
+    for name in reader.names():
+        if _layer_of(name) is not None and not family.is_ffn_key(name):
+            by_layer[_layer_of(name)].append(name)
+    specs = [TensorSpec(n, reader.shape(n), out_dtype(n)) for n in outside]
+    for i, names in by_layer.items():
+        specs += [TensorSpec(n, reader.shape(n), out_dtype(n)) for n in sorted(names)]
+        specs += fmt.ffn_specs(i, plan.meta, out_dtype(family.ffn_key(i, "down")))
+
+    writer = ShardedWriter(directory, specs, max_shard_bytes)
+    for name in outside:
+        writer.write(name, reader.get(name).to(out_dtype(name)))
+    for i in progress(by_layer, "writing experts", total=len(by_layer)):
+        for name in sorted(by_layer[i]):
+            writer.write(name, reader.get(name).to(out_dtype(name)))
+        ffn = {w: reader.get(family.ffn_key(i, w)) for w in ("gate", "up", "down")}
+        target = out_dtype(family.ffn_key(i, "down"))
+        # Slice and scale in fp32, cast once at the end, so a bf16 build rounds each weight only once.
+        dense = {w: t.to(torch.float32) for w, t in ffn.items()}
+        for name, tensor in fmt.ffn_tensors(i, plan.layers[i], dense["gate"], dense["up"], dense["down"]):
+            writer.write(name, tensor.to(target))
+    writer.close()
+    return sum(torch.Size(s.shape).numel() for s in specs)

@@ -1,0 +1,105 @@
+"""`moefy verify`: load the MoE and the dense source with stock transformers and check the exactness invariant
+(all experts active, uniform router => dense logits), plus a probe perplexity of the MoE as built."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moefy.construct.plan import load_plan
+from moefy.data.probe import PROBE_TEXTS
+from moefy.errors import MoefyError
+from moefy.export.checkpoint import DTYPES
+from moefy.export.formats import FORMATS
+from moefy.sources import read_config, resolve_model
+
+PROBE_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    max_abs_dlogits: float
+    dense_loss: float
+    uniform_moe_loss: float  # all experts, uniform router: should equal dense_loss
+    built_moe_loss: float  # the MoE as built (top-k, its own router)
+    tokens: int
+    total_params: int
+    active_params: int
+    dense_params: int
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_dlogits < self.tolerance
+
+    @property
+    def built_moe_ppl(self) -> float:
+        return math.exp(min(self.built_moe_loss, 700.0))
+
+    @property
+    def dense_ppl(self) -> float:
+        return math.exp(self.dense_loss)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "passed": self.passed, "built_moe_ppl": self.built_moe_ppl,
+                           "dense_ppl": self.dense_ppl}, indent=2)
+
+
+def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
+    """Stock transformers loading, never with remote code."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise MoefyError(f"could not load {directory} with transformers: {str(exc).splitlines()[0]}") from exc
+    return model.eval()
+
+
+def probe_batch(directory: Path, texts=PROBE_TEXTS) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise MoefyError(f"{directory} has no usable tokenizer for the probe: {str(exc).splitlines()[0]}") from exc
+    return [tok(t, return_tensors="pt").input_ids[:, :PROBE_MAX_TOKENS] for t in texts]
+
+
+@torch.no_grad()
+def _run(model, batch: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    logits, nll, count = [], 0.0, 0
+    for ids in batch:
+        out = model(input_ids=ids).logits.float()
+        logits.append(out)
+        nll += torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return logits, nll / count
+
+
+def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
+    moe_dir = Path(moe_dir)
+    plan = load_plan(moe_dir)
+    config = read_config(moe_dir)
+    fmt = FORMATS.get(config.get("model_type"))
+    if fmt is None:
+        raise MoefyError(f"{moe_dir} is a {config.get('model_type')!r} model; verify handles: {', '.join(FORMATS)}")
+    batch = probe_batch(moe_dir)
+    # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16.
+    storage = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+    dense_model = load_causal_lm(resolve_model(dense).directory, storage).float()
+    dense_logits, dense_loss = _run(dense_model, batch)
+    dense_params = sum(p.numel() for p in dense_model.parameters())
+    del dense_model
+    moe = load_causal_lm(moe_dir, storage).float()
+    _, built_loss = _run(moe, batch)
+    total = sum(p.numel() for p in moe.parameters())
+    fmt.all_experts_uniform(moe, plan.meta)
+    moe_logits, uniform_loss = _run(moe, batch)
+    delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
+    return VerifyReport(delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
+                        plan.meta.active_params(total), dense_params, tolerance)
