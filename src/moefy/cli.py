@@ -26,7 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", help="output dtype: source, float32, bfloat16, float16 (default source)")
     b.add_argument("--router-init", dest="router_init", help="router init: random or zero (default random)")
     b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
-    b.add_argument("--cluster-on", dest="cluster_on", help="cluster method: rows of 'up' or 'gate' (default up)")
+    b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
 
     v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
     v.add_argument("moe_dir", type=Path)
@@ -41,7 +41,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from moefy.recipes import BuildRecipe, load_recipe
 
     overrides = {k: getattr(args, k) for k in ("model", "experts", "top_k", "method", "seed", "scale", "dtype")}
-    nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"on": args.cluster_on}}
+    nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows}}
     for key, fields in nested.items():
         given = {k: v for k, v in fields.items() if v is not None}
         if given:

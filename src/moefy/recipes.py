@@ -18,7 +18,7 @@ class Frozen(BaseModel):
 
 
 class ClusterOptions(Frozen):
-    on: Literal["up", "gate"] = "up"  # which projection's rows are clustered
+    rows: Literal["up", "gate"] = "up"  # which projection's rows are clustered (not "on": YAML reads that as true)
     iterations: int = Field(20, ge=1)  # Lloyd iterations before the balanced assignment rounds
     balanced_rounds: int = Field(2, ge=1)  # min-cost balanced re-assignments (~0.05 s each per layer at I=1536)
 
@@ -78,9 +78,9 @@ def validate_recipe(model_cls: type[Frozen], data: dict[str, Any]) -> Any:
         return model_cls.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        where = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
-        raise MoefyError(f"invalid recipe: {where}: {msg}") from exc
+        raise MoefyError(f"invalid recipe: {where + ': ' if where else ''}{msg}") from exc
 
 
 def dump_recipe(recipe: Frozen, path: Path) -> None:

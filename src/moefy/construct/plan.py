@@ -120,6 +120,17 @@ def load_plan(directory: Path) -> MoEPlan:
     return plan
 
 
+# transformers' grouped_mm experts kernel needs 16-byte aligned rows (8 neurons at bf16/fp16); an expert of
+# 13 neurons fails there with "strides should be multiple of 16 bytes". Zero-neuron padding is exact.
+EXPERT_SIZE_MULTIPLE = 8
+
+
+def expert_size_for(width: int, experts: int) -> int:
+    """Neurons per expert: the largest balanced slice, rounded up to EXPERT_SIZE_MULTIPLE."""
+    largest = -(-width // experts)
+    return -(-largest // EXPERT_SIZE_MULTIPLE) * EXPERT_SIZE_MULTIPLE
+
+
 def balanced_sizes(width: int, parts: int) -> list[int]:
     """Sizes that differ by at most one and sum to width (the first width % parts get one more)."""
     base, extra = divmod(width, parts)

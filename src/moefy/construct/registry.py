@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from moefy.construct.cluster import balanced_kmeans
-from moefy.construct.plan import LayerPlan, MoEPlan, PlanMeta, balanced_sizes, pad_groups
+from moefy.construct.plan import LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
 from moefy.construct.router_init import ROUTER_INITS
 from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
@@ -40,7 +40,7 @@ def _sequential(layer: LayerInput, recipe: BuildRecipe, rng: np.random.Generator
 
 
 def _cluster(layer: LayerInput, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
-    rows = layer.read(recipe.cluster.on).float().numpy()
+    rows = layer.read(recipe.cluster.rows).float().numpy()
     sizes = balanced_sizes(layer.width, recipe.experts)
     labels = balanced_kmeans(rows, sizes, rng, recipe.cluster.iterations, recipe.cluster.balanced_rounds)
     return [np.flatnonzero(labels == e) for e in range(recipe.experts)]
@@ -62,7 +62,7 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
         raise MoefyError(f"cannot make {recipe.experts} experts from an FFN of width {width}: "
                          "each expert needs at least one neuron")
     method = METHODS[recipe.method]
-    size = -(-width // recipe.experts)
+    size = expert_size_for(width, recipe.experts)
     layers = {}
     for i in progress(range(int(config["num_hidden_layers"])), f"planning ({recipe.method})"):
         layer = LayerInput(i, width, lambda which, i=i: reader.get(family.ffn_key(i, which)))

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random LLaMA checkpoints (with a byte-level tokenizer) built in temp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep the dequantised SmolLM2 cache inside the repo (gitignored) and silence progress bars in tests.
+os.environ.setdefault("MOEFY_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+os.environ["MOEFY_QUIET"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def save_byte_tokenizer(directory: Path) -> int:
+    """A 256-symbol byte-level tokenizer plus <eos>; returns the vocab size it needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
+    return len(vocab)
+
+
+def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2, seed: int = 0,
+                    shard_bytes: str | None = None, model_type: str = "llama", **overrides) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = save_byte_tokenizer(directory)
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=intermediate,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=512, tie_word_embeddings=False, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger than default-init weights, so FFN errors would show in the logits
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else None
+    kwargs = {"max_shard_size": shard_bytes} if shard_bytes else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded(tmp_path_factory) -> Path:
+    """FFN width 50 (not divisible by 4 or 8) and several safetensors shards."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "sharded", intermediate=50, layers=3,
+                           shard_bytes="40KB")

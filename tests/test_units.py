@@ -1,0 +1,92 @@
+"""Pure pieces: balanced k-means, splits, the streaming writer, plan validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moefy.construct.cluster import _greedy_assign, balanced_kmeans
+from moefy.construct.plan import PAD, LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
+from moefy.construct.split import random_split, sequential_split
+from moefy.errors import MoefyError
+from moefy.export.writer import ShardedWriter, TensorSpec
+
+
+def test_balanced_kmeans_recovers_planted_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.linalg.qr(rng.standard_normal((64, 4)))[0].T  # 4 orthogonal directions
+    truth = np.repeat(np.arange(4), 30)
+    points = centres[truth] + 0.05 * rng.standard_normal((120, 64))
+    order = rng.permutation(120)
+    labels = balanced_kmeans(points[order], [30] * 4, np.random.default_rng(1))
+    # Each found cluster is exactly one planted cluster (up to relabelling).
+    pairs = {(int(a), int(b)) for a, b in zip(truth[order], labels)}
+    assert len(pairs) == 4
+
+
+def test_balanced_kmeans_exact_uneven_sizes():
+    points = np.random.default_rng(0).standard_normal((50, 8))
+    sizes = balanced_sizes(50, 8)
+    labels = balanced_kmeans(points, sizes, np.random.default_rng(0))
+    assert np.bincount(labels, minlength=8).tolist() == sizes
+
+
+def test_greedy_assignment_keeps_sizes():
+    sim = np.random.default_rng(0).standard_normal((40, 3))
+    labels = _greedy_assign(sim, [14, 13, 13])
+    assert np.bincount(labels).tolist() == [14, 13, 13]
+
+
+def test_splits_partition():
+    assert balanced_sizes(10, 3) == [4, 3, 3]
+    r = random_split(10, 3, np.random.default_rng(0))
+    s = sequential_split(10, 3)
+    assert sorted(np.concatenate(r).tolist()) == list(range(10))
+    assert [g.tolist() for g in s] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert expert_size_for(1536, 8) == 192 and expert_size_for(1536, 7) == 224 and expert_size_for(50, 8) == 8
+
+
+def test_writer_shards_and_index(tmp_path):
+    tensors = {f"t{i}": torch.randn(64, 32) for i in range(5)}  # 8 KiB each
+    tensors["half"] = torch.randn(3, 5).to(torch.bfloat16)
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    writer = ShardedWriter(tmp_path, specs, max_bytes=20_000)
+    for n, t in tensors.items():
+        writer.write(n, t)
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    loaded = {}
+    for f in set(index["weight_map"].values()):
+        loaded.update(load_file(str(tmp_path / f)))
+    for n, t in tensors.items():
+        assert torch.equal(loaded[n], t)
+
+
+def test_writer_rejects_out_of_order(tmp_path):
+    writer = ShardedWriter(tmp_path, [TensorSpec("a", (2,), torch.float32)], 1024)
+    with pytest.raises(RuntimeError):
+        writer.write("b", torch.zeros(2))
+
+
+def _plan(experts: np.ndarray, coverage="partition") -> MoEPlan:
+    meta = PlanMeta(source="x", family="llama", method="random", num_layers=1, num_experts=experts.shape[0],
+                    top_k=1, ffn_width=6, hidden_size=4, expert_size=experts.shape[1], moe_layers=[0], scales=[1.0],
+                    coverage=coverage)
+    return MoEPlan(meta, {0: LayerPlan(experts, torch.zeros(experts.shape[0], 4), 1.0)})
+
+
+def test_plan_validation():
+    _plan(pad_groups([np.array([0, 1, 2]), np.array([3, 4, 5])], 4)).validate()
+    with pytest.raises(MoefyError, match="outside"):
+        _plan(np.array([[0, 1, 2], [3, 4, 9]])).validate()
+    with pytest.raises(MoefyError, match="exactly one expert"):
+        _plan(np.array([[0, 1, 2], [2, 3, 4]])).validate()
+    with pytest.raises(MoefyError, match="twice"):
+        _plan(np.array([[0, 0, 1], [2, 3, 4]]), coverage="overlap").validate()
+    _plan(np.array([[0, 1, 2], [2, 3, 4]]), coverage="overlap").validate()
+    assert PAD == -1
