@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moefy.construct.cluster import _greedy_assign, balanced_kmeans
+from moefy.construct.cluster import _balanced_assign, balanced_kmeans
 from moefy.construct.plan import PAD, LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
 from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
@@ -35,10 +35,17 @@ def test_balanced_kmeans_exact_uneven_sizes():
     assert np.bincount(labels, minlength=8).tolist() == sizes
 
 
-def test_greedy_assignment_keeps_sizes():
-    sim = np.random.default_rng(0).standard_normal((40, 3))
-    labels = _greedy_assign(sim, [14, 13, 13])
-    assert np.bincount(labels).tolist() == [14, 13, 13]
+@pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12])])
+def test_auction_assignment_is_optimal(n, sizes):
+    from scipy.optimize import linear_sum_assignment
+
+    sim = np.random.default_rng(n).standard_normal((n, len(sizes)))
+    labels = _balanced_assign(sim, sizes)
+    assert np.bincount(labels, minlength=len(sizes)).tolist() == sizes
+    slots = np.repeat(np.arange(len(sizes)), sizes)
+    rows, cols = linear_sum_assignment(-sim[:, slots])
+    optimum = sim[rows, slots[cols]].sum()
+    assert sim[np.arange(n), labels].sum() >= optimum - n * 1e-6
 
 
 def test_splits_partition():

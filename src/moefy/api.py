@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +54,13 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         total = write_checkpoint(reader, family, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
         dtype = recipe.dtype if recipe.dtype != "source" else str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
         model_config = fmt.config(config, plan.meta, dtype)
-        model_config.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
         for name in SIDE_FILES:
             if (source.directory / name).is_file():
                 shutil.copy2(source.directory / name, tmp / name)
         plan.save(tmp)
         dump_recipe(recipe, tmp / RECIPE_NAME)
-        architecture = model_config.architectures[0]
+        architecture = model_config["architectures"][0]
         write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params)
 

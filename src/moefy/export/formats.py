@@ -20,17 +20,21 @@ _SHARED_CONFIG_KEYS = (
 )
 
 
-def gather_neurons(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows of `weight` at idx; a PAD index yields a zero row (a zero neuron, which contributes exactly 0)."""
-    padded = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
-    return padded[torch.where(idx == PAD, weight.shape[0], idx)]
+def gather_neurons(weight: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Slices of `weight` along `dim` at idx; a PAD index yields zeros (a zero neuron contributes exactly 0)."""
+    real = idx != PAD
+    shape = list(weight.shape)
+    shape[dim] = len(idx)
+    out = weight.new_zeros(shape)
+    out.index_copy_(dim, real.nonzero().squeeze(1), weight.index_select(dim, idx[real]))
+    return out
 
 
 class OutputFormat(Protocol):
     name: str
 
     def refusal(self, meta: PlanMeta) -> str | None: ...
-    def config(self, dense: dict[str, Any], meta: PlanMeta, dtype: str) -> Any: ...
+    def config(self, dense: dict[str, Any], meta: PlanMeta, dtype: str) -> dict[str, Any]: ...
     def ffn_specs(self, layer: int, meta: PlanMeta, dtype: torch.dtype) -> list[TensorSpec]: ...
     def ffn_tensors(self, layer: int, lp: LayerPlan, gate: torch.Tensor, up: torch.Tensor,
                     down: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]: ...
@@ -50,14 +54,15 @@ class MixtralFormat:
             return "Mixtral cannot keep some layers dense"
         return None
 
-    def config(self, dense: dict[str, Any], meta: PlanMeta, dtype: str) -> Any:
-        from transformers import MixtralConfig
-
-        kwargs = {k: dense[k] for k in _SHARED_CONFIG_KEYS if k in dense}
-        kwargs.setdefault("sliding_window", None)
-        return MixtralConfig(**kwargs, intermediate_size=meta.expert_size, num_local_experts=meta.num_experts,
-                             num_experts_per_tok=meta.top_k, router_jitter_noise=0.0, output_router_logits=False,
-                             architectures=["MixtralForCausalLM"], dtype=dtype)
+    def config(self, dense: dict[str, Any], meta: PlanMeta, dtype: str) -> dict[str, Any]:
+        # Plain data rather than transformers.MixtralConfig: importing transformers costs more than a small
+        # model's whole build, and the tests load every output through the stock class anyway.
+        config = {k: dense[k] for k in _SHARED_CONFIG_KEYS if k in dense}
+        config.setdefault("sliding_window", None)
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **config,
+                "intermediate_size": meta.expert_size, "num_local_experts": meta.num_experts,
+                "num_experts_per_tok": meta.top_k, "router_jitter_noise": 0.0, "output_router_logits": False,
+                "dtype": dtype}
 
     def _prefix(self, layer: int) -> str:
         return f"model.layers.{layer}.block_sparse_moe."
@@ -75,9 +80,9 @@ class MixtralFormat:
         p = self._prefix(layer)
         yield p + "gate.weight", lp.router
         for e, row in enumerate(torch.from_numpy(lp.experts)):
-            yield f"{p}experts.{e}.w1.weight", gather_neurons(gate, row)
-            yield f"{p}experts.{e}.w2.weight", gather_neurons(down.T, row).T * lp.scale
-            yield f"{p}experts.{e}.w3.weight", gather_neurons(up, row)
+            yield f"{p}experts.{e}.w1.weight", gather_neurons(gate, row, 0)
+            yield f"{p}experts.{e}.w2.weight", gather_neurons(down, row, 1).mul_(lp.scale)
+            yield f"{p}experts.{e}.w3.weight", gather_neurons(up, row, 0)
 
     def all_experts_uniform(self, model: torch.nn.Module, meta: PlanMeta) -> None:
         # With top-k = N and a zero router every expert gets weight 1/N, so the block outputs (scale/N)·dense;

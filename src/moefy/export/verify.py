@@ -52,7 +52,9 @@ class VerifyReport:
 def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     """Stock transformers loading, never with remote code."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # one bar per load is noise next to moefy's own output
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as exc:
