@@ -9,13 +9,15 @@ from pathlib import Path
 
 from moefy.atomic import atomic_output, check_output
 from moefy.construct.plan import MoEPlan
-from moefy.construct.registry import make_plan
+from moefy.construct.registry import make_plan, resolve_defaults
+from moefy.data.corpus import load_corpus
 from moefy.errors import MoefyError
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
+from moefy.profile.runner import profile_cached
 from moefy.recipes import BuildRecipe, dump_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
@@ -39,6 +41,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
     """Split a dense checkpoint's FFNs into experts and write a standard HF MoE checkpoint to `out`."""
     out = Path(out)
     check_output(out, overwrite)  # fail before any expensive work
+    recipe = resolve_defaults(recipe)
     source = resolve_model(recipe.model)
     config = source.config()
     family = family_for(config)
@@ -47,11 +50,17 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
     missing = [k for k in (family.ffn_key(0, w) for w in ("gate", "up", "down")) if k not in reader]
     if missing:
         raise MoefyError(f"{source.directory} does not hold the {family.model_type} FFN weights (missing {missing[0]})")
-    plan = make_plan(recipe, family, config, reader)
-    fmt = choose_format(family.formats, plan.meta)
+    stats = None
+    if recipe.calib is not None:
+        options = recipe.profile
+        if recipe.method == "importance" and not options.taylor:
+            options = options.model_copy(update={"taylor": True})  # the method is defined by the Taylor score
+        stats = profile_cached(source, family, load_corpus(recipe.calib), options, recipe.seed)
+    plan = make_plan(recipe, family, config, reader, stats)
+    fmt = choose_format(family.formats, plan.meta, config)
     dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
     with atomic_output(out, overwrite) as tmp:
-        total = write_checkpoint(reader, family, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
+        total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
         dtype = recipe.dtype if recipe.dtype != "source" else str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
         model_config = fmt.config(config, plan.meta, dtype)
         (tmp / "config.json").write_text(json.dumps(model_config, indent=2))

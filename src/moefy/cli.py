@@ -13,20 +13,35 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moefy", description="Turn a dense LLaMA-family LLM into an MoE.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    b = sub.add_parser("build", help="split a dense checkpoint's FFNs into experts (writes a Mixtral checkpoint)")
+    b = sub.add_parser("build", help="split a dense checkpoint's FFNs into experts (Mixtral or Qwen2-MoE output)")
     b.add_argument("model", nargs="?", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
     b.add_argument("--recipe", type=Path, help="YAML build recipe; command-line options override its fields")
     b.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--experts", type=int, help="number of experts N (default 8)")
     b.add_argument("--top-k", type=int, dest="top_k", help="experts active per token k (default 2)")
-    b.add_argument("--method", help="construction method: random, sequential, cluster (default random)")
+    b.add_argument("--method", help="construction method: random, sequential, cluster, coactivation, carve, "
+                                    "importance, upcycle (default random)")
+    b.add_argument("--calib", help="calibration corpus (.jsonl/.parquet/.txt or a directory) for data-driven methods")
+    b.add_argument("--layers", help="MoE layers: all, every_other, last:N, or a comma list (others stay dense)")
+    b.add_argument("--shared-fraction", type=float, dest="shared_fraction",
+                   help="fraction of FFN neurons kept always-on as a shared expert (carve, importance inter)")
+    b.add_argument("--importance", help="importance variant: independent, inner, inter")
+    b.add_argument("--tokens-per-domain", type=int, dest="tokens_per_domain", help="calibration tokens per domain")
+    b.add_argument("--seq-len", type=int, dest="seq_len", help="calibration sequence length")
     b.add_argument("--seed", type=int, help="seed for every random choice (default 0)")
     b.add_argument("--scale", type=float, help="expert output scale folded into down_proj (default N/k)")
     b.add_argument("--dtype", help="output dtype: source, float32, bfloat16, float16 (default source)")
-    b.add_argument("--router-init", dest="router_init", help="router init: random or zero (default random)")
+    b.add_argument("--router-init", dest="router_init",
+                   help="router init: random, zero, centroid, hidden-kmeans, domain, representative, fit")
     b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
     b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
+
+    d = sub.add_parser("data", help="corpus tools")
+    dsub = d.add_subparsers(dest="data_verb", required=True)
+    dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/ and heldout/)")
+    dc.add_argument("out", type=Path)
+    dc.add_argument("--overwrite", action="store_true")
 
     v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
     v.add_argument("moe_dir", type=Path)
@@ -40,8 +55,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from moefy import api
     from moefy.recipes import BuildRecipe, load_recipe
 
-    overrides = {k: getattr(args, k) for k in ("model", "experts", "top_k", "method", "seed", "scale", "dtype")}
-    nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows}}
+    keys = ("model", "experts", "top_k", "method", "seed", "scale", "dtype", "calib", "shared_fraction", "importance")
+    overrides = {k: getattr(args, k) for k in keys}
+    if args.layers is not None:
+        overrides["layers"] = [int(i) for i in args.layers.split(",")] if args.layers[:1].isdigit() else args.layers
+    nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows},
+              "profile": {"tokens_per_domain": args.tokens_per_domain, "seq_len": args.seq_len}}
     for key, fields in nested.items():
         given = {k: v for k, v in fields.items() if v is not None}
         if given:
@@ -89,9 +108,10 @@ def _print_verify(r) -> None:
     from rich.table import Table
 
     table = Table(title="moefy verify", show_header=False)
-    for k, v in [("exactness: max |Δlogits| (all experts, uniform router)",
+    what = "all experts, uniform router" if r.check == "uniform" else "each expert alone vs dense restricted to it"
+    for k, v in [(f"exactness: max |Δlogits| ({what})",
                   f"{r.max_abs_dlogits:.2e} ({'PASS' if r.passed else 'FAIL'} < {r.tolerance:g})"),
-                 ("loss: dense / uniform MoE", f"{r.dense_loss:.4f} / {r.uniform_moe_loss:.4f}"),
+                 ("loss: dense / checked MoE", f"{r.dense_loss:.4f} / {r.uniform_moe_loss:.4f}"),
                  ("probe perplexity: dense / MoE as built", f"{r.dense_ppl:.2f} / {r.built_moe_ppl:.4g}"),
                  ("probe tokens", str(r.tokens)),
                  ("params: MoE total / active / dense",
@@ -100,7 +120,17 @@ def _print_verify(r) -> None:
     Console().print(table)
 
 
-COMMANDS = {"build": _cmd_build, "verify": _cmd_verify}
+def _cmd_data(args: argparse.Namespace) -> int:
+    from moefy.data.demo_corpus import build_demo_corpus
+
+    counts = build_demo_corpus(args.out, overwrite=args.overwrite)
+    for domain, c in counts.items():
+        print(f"{domain:10s} calib {c['calib']:4d} docs   heldout {c['heldout']:4d} docs")
+    print(f"wrote {args.out}/calib and {args.out}/heldout")
+    return 0
+
+
+COMMANDS = {"build": _cmd_build, "verify": _cmd_verify, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ class Family:
     up: str = "mlp.up_proj.weight"
     down: str = "mlp.down_proj.weight"
     # Output formats able to hold this family's attention exactly, in order of preference.
-    formats: tuple[str, ...] = ("mixtral",)
+    formats: tuple[str, ...] = ("mixtral", "qwen2_moe")
     refusals: tuple[Refusal, ...] = field(default_factory=tuple)
 
     def ffn_key(self, layer: int, which: str) -> str:
@@ -46,7 +46,7 @@ class Family:
                 raise MoefyError(f"cannot convert this {self.model_type} checkpoint exactly: {r.reason}")
 
 
-# Mixtral's attention is LLaMA's (no biases, no QK-norm), and its experts are SwiGLU.
+# Mixtral's and Qwen2-MoE's attention is LLaMA's (Qwen2's q/k/v biases are written as zeros), and experts are SwiGLU.
 _LLAMA_REFUSALS = (
     Refusal("q/k/v/o projections have biases (attention_bias=true), which Mixtral cannot hold", "attention_bias"),
     Refusal("the FFN has biases (mlp_bias=true), which Mixtral experts cannot hold", "mlp_bias"),

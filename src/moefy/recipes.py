@@ -24,8 +24,22 @@ class ClusterOptions(Frozen):
 
 
 class RouterInit(Frozen):
-    kind: Literal["random", "zero"] = "random"
+    # random/zero need no data; the rest need --calib: centroid (mean hidden state of the tokens that activate an
+    # expert's neurons most), hidden-kmeans (balanced k-means of MLP inputs), domain (mean hidden state per domain),
+    # representative (the gate row of each expert's most typical neuron, CMoE), fit (see construct/router_fit.py).
+    # None: the method's default (fit for carve, random otherwise), filled in before the recipe is saved.
+    kind: Literal["random", "zero", "centroid", "hidden-kmeans", "domain", "representative", "fit"] | None = None
     std: float = Field(0.02, ge=0.0)  # for kind=random
+    ridge: float = Field(1e-2, ge=0.0)  # for kind=fit: ridge penalty, relative to the mean feature variance
+
+
+class ProfileOptions(Frozen):
+    seq_len: int = Field(256, ge=8)
+    tokens_per_domain: int | None = Field(8192, ge=1)  # None: every token of the calibration corpus
+    top_fraction: float = Field(0.25, gt=0, le=1)  # a neuron is "top-activated" if in its token's top fraction by |a|
+    sample_tokens: int = Field(2048, ge=16)  # tokens whose hidden states and |a| are kept for clustering/router fits
+    taylor: bool = False  # also |a·∂L/∂a| (needs a backward pass over the full model)
+    batch_size: int = Field(8, ge=1)
 
 
 class BuildRecipe(Frozen):
@@ -39,6 +53,12 @@ class BuildRecipe(Frozen):
     dtype: DTypeName = "source"
     router: RouterInit = RouterInit()
     cluster: ClusterOptions = ClusterOptions()
+    calib: str | None = None  # calibration corpus, for the data-driven methods and router inits
+    profile: ProfileOptions = ProfileOptions()
+    layers: str | list[int] = "all"  # all, every_other, last:N, or a list; other layers stay dense
+    # Always-on shared neurons (carve, importance-inter); None: the method's default (0.125 for carve, else 0).
+    shared_fraction: float | None = Field(None, ge=0.0, lt=1.0)
+    importance: Literal["independent", "inner", "inter"] = "independent"
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024**2)
 
     @model_validator(mode="after")

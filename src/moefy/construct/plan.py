@@ -6,7 +6,7 @@ so a plan can be inspected, edited and re-exported without re-running constructi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,8 +36,9 @@ class PlanMeta(BaseModel):
     ffn_width: int
     hidden_size: int
     expert_size: int
-    moe_layers: list[int]
-    scales: list[float]  # one per MoE layer, folded into each expert's down_proj
+    moe_layers: list[int]  # the others stay dense
+    scales: list[float]  # one per MoE layer, folded into each routed expert's down_proj
+    shared_size: int = 0  # always-on shared neurons per MoE layer (PAD-filled where a layer has fewer)
     # "partition": every dense neuron in exactly one expert; "overlap": experts may share neurons.
     coverage: Literal["partition", "overlap"] = "partition"
     seed: int = 0
@@ -57,6 +58,7 @@ class LayerPlan:
     experts: np.ndarray  # int64 [N, expert_size]; PAD marks a zero neuron
     router: torch.Tensor  # float32 [N, hidden]
     scale: float
+    shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [shared_size]
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,16 @@ class MoEPlan:
             if tuple(lp.router.shape) != (m.num_experts, m.hidden_size) or not torch.isfinite(lp.router).all():
                 raise MoefyError(f"invalid plan: layer {i} router must be a finite "
                                  f"({m.num_experts}, {m.hidden_size}) matrix")
-            for e, row in enumerate(idx):
+            if lp.shared.shape != (m.shared_size,) or lp.shared.max(initial=PAD) >= m.ffn_width \
+                    or lp.shared.min(initial=PAD) < PAD:
+                raise MoefyError(f"invalid plan: layer {i} shared neurons must be {m.shared_size} indices "
+                                 f"in [0, {m.ffn_width})")
+            for e, row in enumerate([*idx, lp.shared]):
                 real = row[row != PAD]
                 if len(np.unique(real)) != len(real):
                     raise MoefyError(f"invalid plan: layer {i} expert {e} lists a neuron twice")
-            counts = np.bincount(idx[idx != PAD], minlength=m.ffn_width)
+            used = np.concatenate([idx.ravel(), lp.shared])
+            counts = np.bincount(used[used != PAD], minlength=m.ffn_width)
             if m.coverage == "partition" and not (counts == 1).all():
                 raise MoefyError(f"invalid plan: layer {i} does not put every neuron in exactly one expert "
                                  f"({int((counts == 0).sum())} missing, {int((counts > 1).sum())} repeated)")
@@ -96,6 +103,7 @@ class MoEPlan:
         for i, lp in self.layers.items():
             tensors[f"layers.{i}.experts"] = torch.from_numpy(np.ascontiguousarray(lp.experts, dtype=np.int64))
             tensors[f"layers.{i}.router"] = lp.router.to(torch.float32).contiguous()
+            tensors[f"layers.{i}.shared"] = torch.from_numpy(np.ascontiguousarray(lp.shared, dtype=np.int64))
         save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": "moefy-plan"})
 
 
@@ -111,7 +119,8 @@ def load_plan(directory: Path) -> MoEPlan:
     except (ValidationError, SafetensorError, ValueError, OSError) as exc:
         raise MoefyError(f"corrupt plan in {directory}: {str(exc).splitlines()[0]}") from exc
     try:
-        layers = {i: LayerPlan(tensors[f"layers.{i}.experts"].numpy(), tensors[f"layers.{i}.router"], s)
+        layers = {i: LayerPlan(tensors[f"layers.{i}.experts"].numpy(), tensors[f"layers.{i}.router"], s,
+                               tensors[f"layers.{i}.shared"].numpy())
                   for i, s in zip(meta.moe_layers, meta.scales)}
     except KeyError as exc:
         raise MoefyError(f"corrupt plan in {directory}: missing tensor {exc}") from exc
@@ -137,9 +146,13 @@ def balanced_sizes(width: int, parts: int) -> list[int]:
     return [base + (1 if e < extra else 0) for e in range(parts)]
 
 
+def pad_to(group: np.ndarray, size: int) -> np.ndarray:
+    """One neuron group as exactly `size` sorted indices, PAD-filled."""
+    out = np.full(size, PAD, dtype=np.int64)
+    out[: len(group)] = np.sort(group)
+    return out
+
+
 def pad_groups(groups: list[np.ndarray], size: int) -> np.ndarray:
     """Stack neuron groups into [N, size], filling short experts with PAD (exact zero neurons)."""
-    out = np.full((len(groups), size), PAD, dtype=np.int64)
-    for e, g in enumerate(groups):
-        out[e, : len(g)] = np.sort(g)
-    return out
+    return np.stack([pad_to(g, size) for g in groups]) if groups else np.zeros((0, size), dtype=np.int64)

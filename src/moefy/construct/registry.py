@@ -1,52 +1,86 @@
-"""The construction-method registry, and make_plan: the per-layer loop that turns weights into a MoEPlan."""
+"""The construction-method registry, and make_plan: the per-layer loop that turns weights (and calibration stats)
+into a MoEPlan. A method returns a Split: routed neuron groups, optional always-on shared neurons."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from moefy.construct.cluster import balanced_kmeans
-from moefy.construct.plan import LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
-from moefy.construct.router_init import ROUTER_INITS
+from moefy.construct import methods
 from moefy.construct.split import random_split, sequential_split
+from moefy.construct.placement import moe_layers
+from moefy.construct.plan import EXPERT_SIZE_MULTIPLE, LayerPlan, MoEPlan, PlanMeta, pad_groups, pad_to
+from moefy.construct.router_init import ROUTER_INITS, RouterContext
 from moefy.errors import MoefyError
 from moefy.families import Family
+from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
 from moefy.recipes import BuildRecipe
 from moefy.tensor_io import LazyCheckpoint
 
 
 @dataclass(frozen=True)
+class Split:
+    routed: list[np.ndarray]
+    shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    overlap: bool = False  # experts may share neurons (then the partition exactness test does not apply)
+
+
+@dataclass
 class LayerInput:
-    """What a method may look at for one layer. Weights are read lazily: split methods never touch them."""
+    """What a method may look at for one layer. Weights and stats are read lazily and at most once."""
 
     layer: int
     width: int
-    read: Callable[[str], torch.Tensor]  # "gate" | "up" | "down" -> that layer's dense weight
+    _read: Callable[[str], torch.Tensor]
+    _stats: NeuronStats | None
+    _cache: dict = field(default_factory=dict)
+
+    def weight(self, which: str) -> torch.Tensor:  # "gate" | "up" | "down"
+        if which not in self._cache:
+            self._cache[which] = self._read(which).float()
+        return self._cache[which]
+
+    def stats(self, method: str) -> dict[str, torch.Tensor]:
+        if self._stats is None:
+            raise MoefyError(f"{method} needs calibration data: pass --calib CORPUS")
+        if "stats" not in self._cache:
+            self._cache["stats"] = {k: v.float() for k, v in self._stats.layer(self.layer).items()}
+            self._cache["stats"]["sample_domain"] = self._stats.sample_domain()
+            self._cache["stats"]["domain_tokens"] = torch.tensor(self._stats.meta.tokens, dtype=torch.float32)
+        return self._cache["stats"]
 
 
-Method = Callable[[LayerInput, BuildRecipe, np.random.Generator], list[np.ndarray]]
+Method = Callable[[LayerInput, BuildRecipe, np.random.Generator], Split]
+
+METHODS: dict[str, Method] = {
+    "random": lambda layer, r, rng: Split(random_split(layer.width, r.experts, rng)),
+    "sequential": lambda layer, r, rng: Split(sequential_split(layer.width, r.experts)),
+    "cluster": lambda layer, r, rng: Split(methods.cluster_split(layer.weight(r.cluster.rows).numpy(), r, rng)),
+    "coactivation": lambda layer, r, rng: Split(methods.coactivation_split(layer.stats("coactivation"), r, rng)),
+    "carve": lambda layer, r, rng: Split(*methods.carve_split(layer.stats("carve"), r, rng)),
+    "importance": lambda layer, r, rng: Split(*methods.importance_split(layer.stats("importance"), r)),
+    "upcycle": lambda layer, r, rng: Split([np.arange(layer.width)] * r.experts, overlap=True),
+}
+# Methods whose natural output scale is not N/k: copies of the full FFN are already the dense FFN each.
+DEFAULT_SCALE = {"upcycle": 1.0}
+# carve's defaults are the best training-free setting we measured on SmolLM2 (docs/results.md): a shared block of
+# 1/8 of the FFN and routers fitted on calibration activations.
+METHOD_DEFAULTS: dict[str, dict] = {"carve": {"shared_fraction": 0.125, "router_kind": "fit"}}
 
 
-def _random(layer: LayerInput, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
-    return random_split(layer.width, recipe.experts, rng)
-
-
-def _sequential(layer: LayerInput, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
-    return sequential_split(layer.width, recipe.experts)
-
-
-def _cluster(layer: LayerInput, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
-    rows = layer.read(recipe.cluster.rows).float().numpy()
-    sizes = balanced_sizes(layer.width, recipe.experts)
-    labels = balanced_kmeans(rows, sizes, rng, recipe.cluster.iterations, recipe.cluster.balanced_rounds)
-    return [np.flatnonzero(labels == e) for e in range(recipe.experts)]
-
-
-METHODS: dict[str, Method] = {"random": _random, "sequential": _sequential, "cluster": _cluster}
+def resolve_defaults(recipe: BuildRecipe) -> BuildRecipe:
+    """Fill the per-method defaults into the recipe, so the saved recipe says what actually ran."""
+    defaults = METHOD_DEFAULTS.get(recipe.method, {})
+    update = {}
+    if recipe.shared_fraction is None:
+        update["shared_fraction"] = defaults.get("shared_fraction", 0.0)
+    if recipe.router.kind is None:
+        update["router"] = recipe.router.model_copy(update={"kind": defaults.get("router_kind", "random")})
+    return recipe.model_copy(update=update)
 
 
 def layer_rng(seed: int, layer: int, stream: str) -> np.random.Generator:
@@ -54,27 +88,33 @@ def layer_rng(seed: int, layer: int, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, layer, sum(map(ord, stream))])
 
 
-def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyCheckpoint) -> MoEPlan:
+def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyCheckpoint,
+              stats: NeuronStats | None = None) -> MoEPlan:
     if recipe.method not in METHODS:
         raise MoefyError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
-    width, hidden = int(config["intermediate_size"]), int(config["hidden_size"])
+    width, hidden, n_layers = int(config["intermediate_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])
     if recipe.experts > width:
         raise MoefyError(f"cannot make {recipe.experts} experts from an FFN of width {width}: "
                          "each expert needs at least one neuron")
-    method = METHODS[recipe.method]
-    size = expert_size_for(width, recipe.experts)
-    layers = {}
-    for i in progress(range(int(config["num_hidden_layers"])), f"planning ({recipe.method})"):
-        layer = LayerInput(i, width, lambda which, i=i: reader.get(family.ffn_key(i, which)))
-        groups = method(layer, recipe, layer_rng(recipe.seed, i, "method"))
-        router = ROUTER_INITS[recipe.router.kind](recipe.router, recipe.experts, hidden,
-                                                  layer_rng(recipe.seed, i, "router"))
-        layers[i] = LayerPlan(pad_groups(groups, size), router, recipe.resolved_scale)
-    meta = PlanMeta(source=recipe.model, family=family.model_type, method=recipe.method,
-                    num_layers=int(config["num_hidden_layers"]),
+    chosen = moe_layers(recipe.layers, n_layers)
+    scale = recipe.scale if recipe.scale is not None else DEFAULT_SCALE.get(recipe.method, recipe.resolved_scale)
+    splits, routers, scales = {}, {}, {}
+    for i in progress(chosen, f"planning ({recipe.method}, router {recipe.router.kind})"):
+        layer = LayerInput(i, width, lambda which, i=i: reader.get(family.ffn_key(i, which)), stats)
+        split = METHODS[recipe.method](layer, recipe, layer_rng(recipe.seed, i, "method"))
+        ctx = RouterContext(layer, recipe, split.routed, split.shared, scale, layer_rng(recipe.seed, i, "router"))
+        routers[i], scales[i] = ROUTER_INITS[recipe.router.kind](ctx)
+        splits[i] = split
+    largest = max(len(g) for s in splits.values() for g in s.routed)
+    size = -(-largest // EXPERT_SIZE_MULTIPLE) * EXPERT_SIZE_MULTIPLE
+    shared_size = max(len(s.shared) for s in splits.values())
+    layers = {i: LayerPlan(pad_groups(s.routed, size), routers[i], scales[i], pad_to(s.shared, shared_size))
+              for i, s in splits.items()}
+    overlap = any(s.overlap for s in splits.values())
+    meta = PlanMeta(source=recipe.model, family=family.model_type, method=recipe.method, num_layers=n_layers,
                     num_experts=recipe.experts, top_k=recipe.top_k, ffn_width=width, hidden_size=hidden,
-                    expert_size=size, moe_layers=sorted(layers), scales=[recipe.resolved_scale] * len(layers),
-                    seed=recipe.seed)
+                    expert_size=size, moe_layers=chosen, scales=[scales[i] for i in chosen], shared_size=shared_size,
+                    coverage="overlap" if overlap else "partition", seed=recipe.seed)
     plan = MoEPlan(meta, layers)
     plan.validate()
     return plan

@@ -23,8 +23,8 @@ def _layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def write_checkpoint(reader: LazyCheckpoint, family: Family, plan: MoEPlan, fmt: OutputFormat, directory: Path,
-                     dtype: str, max_shard_bytes: int) -> int:
+def write_checkpoint(reader: LazyCheckpoint, family: Family, config: dict, plan: MoEPlan, fmt: OutputFormat,
+                     directory: Path, dtype: str, max_shard_bytes: int) -> int:
     """Write the MoE weights into `directory`; returns the total parameter count written."""
 
     def out_dtype(name: str) -> torch.dtype:
@@ -37,9 +37,14 @@ def write_checkpoint(reader: LazyCheckpoint, family: Family, plan: MoEPlan, fmt:
     for name in reader.names():
         if _layer_of(name) is not None and not family.is_ffn_key(name):
             by_layer[_layer_of(name)].append(name)
+    def extras(i: int) -> list[TensorSpec]:
+        dtype = out_dtype(family.ffn_key(i, "down"))
+        return [TensorSpec(s.name, s.shape, dtype) for s in fmt.layer_extras(i, config)]
+
     specs = [TensorSpec(n, reader.shape(n), out_dtype(n)) for n in outside]
     for i, names in by_layer.items():
         specs += [TensorSpec(n, reader.shape(n), out_dtype(n)) for n in sorted(names)]
+        specs += extras(i)
         specs += fmt.ffn_specs(i, plan.meta, out_dtype(family.ffn_key(i, "down")))
 
     writer = ShardedWriter(directory, specs, max_shard_bytes)
@@ -48,11 +53,13 @@ def write_checkpoint(reader: LazyCheckpoint, family: Family, plan: MoEPlan, fmt:
     for i in progress(by_layer, "writing experts", total=len(by_layer)):
         for name in sorted(by_layer[i]):
             writer.write(name, reader.get(name).to(out_dtype(name)))
+        for spec in extras(i):
+            writer.write(spec.name, torch.zeros(spec.shape, dtype=spec.dtype))
         ffn = {w: reader.get(family.ffn_key(i, w)) for w in ("gate", "up", "down")}
         target = out_dtype(family.ffn_key(i, "down"))
         # Slice and scale in fp32, cast once at the end, so a bf16 build rounds each weight only once.
         dense = {w: t.to(torch.float32) for w, t in ffn.items()}
-        for name, tensor in fmt.ffn_tensors(i, plan.layers[i], dense["gate"], dense["up"], dense["down"]):
+        for name, tensor in fmt.ffn_tensors(i, plan.meta, plan.layers.get(i), dense["gate"], dense["up"], dense["down"]):
             writer.write(name, tensor.to(target))
     writer.close()
     return sum(torch.Size(s.shape).numel() for s in specs)

@@ -1,0 +1,112 @@
+"""Neuron-grouping methods that look at weights or calibration statistics. Pure functions: arrays in, groups out.
+
+Stats keys (see profile/stats.py): abs_mean, top_freq, taylor [D, I]; abs_act [S, I] and hidden [S, H] samples."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moefy.construct.cluster import balanced_kmeans
+from moefy.construct.plan import balanced_sizes
+from moefy.errors import MoefyError
+from moefy.recipes import BuildRecipe
+
+
+def _groups(labels: np.ndarray, ids: np.ndarray, k: int) -> list[np.ndarray]:
+    return [ids[labels == e] for e in range(k)]
+
+
+def cluster_split(rows: np.ndarray, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
+    """LLaMA-MoE clustering: balanced k-means on L2-normalised rows of up_proj (or gate_proj)."""
+    sizes = balanced_sizes(len(rows), recipe.experts)
+    labels = balanced_kmeans(rows, sizes, rng, recipe.cluster.iterations, recipe.cluster.balanced_rounds)
+    return _groups(labels, np.arange(len(rows)), recipe.experts)
+
+
+def _markers(abs_act: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """[S, I] -> bool: is neuron j among token s's top fraction by |a|."""
+    k = max(1, round(top_fraction * abs_act.shape[1]))
+    return torch.zeros_like(abs_act, dtype=torch.bool).scatter_(1, abs_act.topk(k, dim=1).indices, True)
+
+
+def _domain_weighted(per_domain: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return (per_domain * tokens[:, None]).sum(0) / tokens.sum()
+
+
+def coactivation_split(stats: dict, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
+    """MoEfication: a balanced partition of the co-activation graph. Each neuron is described by its row of the
+    normalised co-activation matrix C = MᵀM (M: sampled tokens × top-activated markers), and rows are grouped by
+    balanced k-means, which keeps strongly co-activated neurons in the same part."""
+    m = _markers(stats["abs_act"], recipe.profile.top_fraction).float()
+    co = (m.T @ m).numpy()
+    co /= np.maximum(np.sqrt(np.outer(np.diag(co), np.diag(co))), 1.0)
+    return cluster_split(co, recipe, rng)
+
+
+def shared_count(width: int, fraction: float) -> int:
+    return int(round(width * fraction))
+
+
+def carve_split(stats: dict, recipe: BuildRecipe, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """CMoE: the most frequently top-activated neurons become an always-on shared block; the rest are grouped by
+    balanced k-means on their activation patterns over the sampled tokens (|a| normalised per token)."""
+    top_freq = _domain_weighted(stats["top_freq"], stats["domain_tokens"])
+    width = len(top_freq)
+    n_shared = shared_count(width, recipe.shared_fraction)
+    order = torch.argsort(top_freq, descending=True).numpy()
+    shared, rest = np.sort(order[:n_shared]), np.sort(order[n_shared:])
+    if len(rest) < recipe.experts:
+        raise MoefyError(f"shared_fraction {recipe.shared_fraction} leaves {len(rest)} neurons for "
+                         f"{recipe.experts} experts")
+    act = stats["abs_act"]
+    pattern = (act / act.mean(dim=1, keepdim=True).clamp_min(1e-12))[:, rest].T.numpy()  # [I_rest, S]
+    sizes = balanced_sizes(len(rest), recipe.experts)
+    labels = balanced_kmeans(pattern, sizes, rng, recipe.cluster.iterations, recipe.cluster.balanced_rounds)
+    return _groups(labels, rest, recipe.experts), shared
+
+
+def importance_split(stats: dict, recipe: BuildRecipe) -> tuple[list[np.ndarray], np.ndarray, bool]:
+    """LLaMA-MoE's gradient split: one expert per calibration domain, scored by the Taylor importance
+    |a_j·∂L/∂a_j| on that domain. Variants: independent (greedy unique assignment), inner (each expert takes its
+    own top neurons, overlapping), inter (neurons in most experts' top sets become a shared block, the rest are
+    assigned greedily)."""
+    if "taylor" not in stats:
+        raise MoefyError("importance needs Taylor scores: profile with profile.taylor=true (--taylor)")
+    scores = stats["taylor"].numpy()
+    domains, width = scores.shape
+    if domains != recipe.experts:
+        raise MoefyError(f"importance builds one expert per calibration domain: the corpus has {domains} domains "
+                         f"but --experts is {recipe.experts}")
+    per_expert = -(-width // recipe.experts)
+    if recipe.importance == "inner":
+        return [np.sort(np.argsort(-scores[e])[:per_expert]) for e in range(domains)], np.zeros(0, np.int64), True
+    shared = np.zeros(0, dtype=np.int64)
+    if recipe.importance == "inter":
+        n_shared = shared_count(width, recipe.shared_fraction) or per_expert // 2
+        tops = np.zeros(width)
+        for e in range(domains):
+            tops[np.argsort(-scores[e])[:per_expert]] += 1
+        # most-chosen first; ties broken by total importance
+        shared = np.sort(np.lexsort((-scores.sum(0), -tops))[:n_shared])
+    rest = np.setdiff1d(np.arange(width), shared)
+    return _greedy_unique(scores[:, rest], rest, balanced_sizes(len(rest), domains)), shared, False
+
+
+def _greedy_unique(scores: np.ndarray, ids: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    """Round-robin: each expert in turn takes its highest-scoring neuron not yet taken, until full."""
+    k, n = scores.shape
+    order = np.argsort(-scores, axis=1)
+    taken = np.zeros(n, dtype=bool)
+    pos = np.zeros(k, dtype=np.int64)
+    groups: list[list[int]] = [[] for _ in range(k)]
+    while not taken.all():
+        for e in range(k):
+            if len(groups[e]) >= sizes[e]:
+                continue
+            while taken[order[e, pos[e]]]:
+                pos[e] += 1
+            j = order[e, pos[e]]
+            taken[j] = True
+            groups[e].append(j)
+    return [ids[np.array(g, dtype=np.int64)] for g in groups]

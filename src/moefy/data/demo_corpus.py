@@ -1,0 +1,96 @@
+"""`moefy data demo-corpus OUT`: a multi-domain corpus made only from files every Python install has.
+
+Four domains a model tells apart: `code` (stdlib Python source), `docs` (the language reference prose that pydoc
+ships), `html` (pydoc's HTML pages for stdlib modules) and `unicode` (the Unicode character database as tab-separated
+rows). Written as OUT/calib/<domain>.jsonl and OUT/heldout/<domain>.jsonl, split by a hash of each document, so the
+split is the same on every machine with the same Python. This is a demo corpus, not a benchmark."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import json
+import pydoc
+import sys
+import sysconfig
+import unicodedata
+import warnings
+from pathlib import Path
+
+from moefy.atomic import atomic_output
+
+DOC_CHARS = 4000  # documents are cut to this many characters, so no single file dominates a domain
+MAX_CHARS_PER_DOMAIN = 400_000
+HELDOUT_PERCENT = 15
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+_HTML_MODULES = ("json", "csv", "textwrap", "shutil", "pathlib", "heapq", "bisect", "fractions", "statistics",
+                 "string", "difflib", "calendar", "glob", "fnmatch", "queue", "sched", "secrets", "uuid", "zipfile",
+                 "tarfile", "gzip", "base64", "hashlib", "hmac", "html", "ipaddress", "getopt", "argparse",
+                 "logging", "typing", "enum", "dataclasses", "functools", "itertools", "operator", "copy", "pprint",
+                 "reprlib", "graphlib", "contextlib", "abc", "numbers", "decimal", "random", "datetime", "time")
+
+
+def _code() -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py") if not p.name.startswith("_"))
+    return [p.read_text(encoding="utf-8", errors="replace")[:DOC_CHARS] for p in files]
+
+
+def _docs() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [text.strip()[:DOC_CHARS] for _, text in sorted(topics.items()) if len(text) > 200]
+
+
+def _html() -> list[str]:
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in _HTML_MODULES:
+            module = __import__(name)
+            page = pydoc.HTMLDoc().page(name, pydoc.HTMLDoc().docmodule(module))
+            page = _ADDRESS.sub("0x0", page)  # object reprs carry memory addresses: keep the corpus reproducible
+            out += [page[i:i + DOC_CHARS] for i in range(0, min(len(page), 5 * DOC_CHARS), DOC_CHARS)]
+    return out
+
+
+def _unicode() -> list[str]:
+    rows = [f"U+{cp:04X}\t{unicodedata.name(chr(cp))}\t{unicodedata.category(chr(cp))}"
+            for cp in range(0x20, 0x30000) if unicodedata.name(chr(cp), "")]
+    lines_per_doc = 60
+    return ["\n".join(rows[i:i + lines_per_doc]) for i in range(0, len(rows), lines_per_doc * 7)]
+
+
+DOMAINS = {"code": _code, "docs": _docs, "html": _html, "unicode": _unicode}
+
+
+def _is_heldout(text: str) -> bool:
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
+
+
+def build_demo_corpus(out: Path, overwrite: bool = False) -> dict[str, dict[str, int]]:
+    """Write the demo corpus; returns {domain: {"calib": docs, "heldout": docs}}."""
+    counts: dict[str, dict[str, int]] = {}
+    with atomic_output(Path(out), overwrite) as tmp:
+        for split in ("calib", "heldout"):
+            (tmp / split).mkdir()
+        for domain, make in DOMAINS.items():
+            docs, total = [], 0
+            for text in make():
+                if total >= MAX_CHARS_PER_DOMAIN:
+                    break
+                docs.append(text)
+                total += len(text)
+            counts[domain] = {"calib": 0, "heldout": 0}
+            files = {s: open(tmp / s / f"{domain}.jsonl", "w", encoding="utf-8") for s in ("calib", "heldout")}
+            for text in docs:
+                split = "heldout" if _is_heldout(text) else "calib"
+                files[split].write(json.dumps({"text": text, "domain": domain}) + "\n")
+                counts[domain][split] += 1
+            for f in files.values():
+                f.close()
+        (tmp / "README.md").write_text(
+            "# moefy demo corpus\n\nBuilt by `moefy data demo-corpus` from files that ship with Python "
+            f"{sys.version.split()[0]}: {', '.join(DOMAINS)}. A demo, not a benchmark.\n"
+            "Use `calib/` for calibration and training, `heldout/` for evaluation.\n")
+    return counts

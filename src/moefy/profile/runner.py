@@ -1,0 +1,175 @@
+"""The calibration pass. Forward statistics are gathered layer by layer (llm-compressor's sequential pipeline):
+embed every calibration block once, then materialise one decoder layer at a time from the lazy checkpoint, run it
+over all cached hidden states, and drop it. Memory is one layer plus the cached activations, whatever the model size."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+
+from moefy.data.corpus import Corpus
+from moefy.data.tokens import TokenBlocks, token_blocks
+from moefy.families import Family
+from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_stats
+from moefy.progress import progress
+from moefy.recipes import ProfileOptions
+from moefy.sources import ModelSource, cache_dir
+from moefy.tensor_io import LazyCheckpoint
+
+
+def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int) -> NeuronStats:
+    """Profile once per (model, corpus, options, seed); later builds reuse the saved stats."""
+    key = hashlib.sha256(json.dumps({
+        "model": str(source.directory.resolve()), "config": source.config(), "options": opts.model_dump(), "seed": seed,
+        "corpus": hashlib.sha256("\x00".join(f"{d.domain}\x01{d.text}" for d in corpus.docs).encode()).hexdigest(),
+    }, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    target = cache_dir() / "stats" / key
+    if (target / "stats.json").is_file():
+        return load_stats(target)
+    tmp = target.with_name(f".{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        profile(source, family, corpus, opts, seed, tmp)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_stats(target)
+
+
+def _load_tokenizer(directory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int, out) -> NeuronStats:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokens = token_blocks(corpus, _load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
+    config = AutoConfig.from_pretrained(source.directory)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    reader = LazyCheckpoint(source.directory)
+    width, hidden_size, n_layers = config.intermediate_size, config.hidden_size, config.num_hidden_layers
+    D = len(tokens.domains)
+    batches = _batches(tokens, opts.batch_size)
+    picks = _sample_positions(tokens, batches, opts.sample_tokens, seed)
+    embed = reader.get("model.embed_tokens.weight").float()
+    hidden = [torch.nn.functional.embedding(ids, embed) for _, ids, _ in batches]
+    del embed
+    rotary = type(skeleton.model.rotary_emb)(config=config)
+    positions = torch.arange(tokens.seq_len)[None]
+    rope = rotary(hidden[0], positions)
+    top_k = max(1, round(opts.top_fraction * width))
+
+    out_tensors: dict[str, torch.Tensor] = {}
+    sample_domain = torch.cat([torch.full((len(p),), d) for (d, _, _), p in zip(batches, picks)])
+    out_tensors["sample_domain"] = sample_domain
+    for i in progress(range(n_layers), "profiling layers"):
+        layer = skeleton.model.layers[i]
+        _materialise(layer, reader, family.layer_prefix.format(layer=i))
+        acc = {k: torch.zeros(D, width, dtype=torch.float64) for k in ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")}
+        count = torch.zeros(D, dtype=torch.float64)
+        samples_x, samples_a = [], []
+        current: dict = {}
+        mlp = layer.mlp
+        hooks = [
+            mlp.register_forward_pre_hook(lambda m, args: current.__setitem__("x", args[0])),
+            mlp.gate_proj.register_forward_hook(lambda m, args, out: current.__setitem__("g", out)),
+            mlp.down_proj.register_forward_pre_hook(lambda m, args: current.__setitem__("a", args[0])),
+        ]
+        with torch.no_grad():
+            for b, (d, _, _) in enumerate(batches):
+                hidden[b] = layer(hidden[b], position_embeddings=rope, position_ids=positions)
+                a = current["a"].reshape(-1, width).double()
+                g = current["g"].reshape(-1, width)
+                acc["abs_mean"][d] += a.abs().sum(0)
+                acc["mean"][d] += a.sum(0)
+                acc["sq_mean"][d] += (a * a).sum(0)
+                acc["gate_freq"][d] += (g > 0).sum(0)
+                top = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.abs().topk(top_k, dim=1).indices, True)
+                acc["top_freq"][d] += top.sum(0)
+                count[d] += a.shape[0]
+                samples_x.append(current["x"].reshape(-1, hidden_size)[picks[b]].half())
+                samples_a.append(a[picks[b]].abs().half())
+        for h in hooks:
+            h.remove()
+        layer.to("meta")  # free this layer's weights before the next one is read
+        for k, v in acc.items():
+            out_tensors[f"layers.{i}.{k}"] = v / count[:, None]
+        out_tensors[f"layers.{i}.hidden"] = torch.cat(samples_x)
+        out_tensors[f"layers.{i}.abs_act"] = torch.cat(samples_a)
+    if opts.taylor:
+        for i, score in enumerate(_taylor_scores(source, tokens, batches, opts)):
+            out_tensors[f"layers.{i}.taylor"] = score
+    meta = StatsMeta(model=source.spec, corpus=corpus.source, domains=tokens.domains,
+                     tokens=[int(tokens.blocks[d].numel()) for d in tokens.domains], num_layers=n_layers,
+                     ffn_width=width, hidden_size=hidden_size, seq_len=tokens.seq_len, top_fraction=opts.top_fraction,
+                     sample_tokens=int(len(sample_domain)), taylor=opts.taylor, seed=seed)
+    return save_stats(out, meta, out_tensors)
+
+
+def _batches(tokens: TokenBlocks, batch_size: int) -> list[tuple[int, torch.Tensor, int]]:
+    """(domain index, ids [b, T], index of the first block within its domain); each batch holds one domain."""
+    out = []
+    for d, name in enumerate(tokens.domains):
+        blocks = tokens.blocks[name]
+        out += [(d, blocks[s:s + batch_size], s) for s in range(0, len(blocks), batch_size)]
+    return out
+
+
+def _sample_positions(tokens: TokenBlocks, batches, total: int, seed: int) -> list[torch.Tensor]:
+    """Per batch, the flat token positions kept as samples: an equal, seeded share of each domain's tokens."""
+    per_domain = max(1, total // len(tokens.domains))
+    chosen = {}
+    for d, name in enumerate(tokens.domains):
+        n = tokens.blocks[name].numel()
+        chosen[d] = np.sort(np.random.default_rng([seed, d]).permutation(n)[: min(per_domain, n)])
+    picks = []
+    for d, ids, start in batches:
+        lo, hi = start * tokens.seq_len, (start + len(ids)) * tokens.seq_len
+        mine = chosen[d][(chosen[d] >= lo) & (chosen[d] < hi)] - lo
+        picks.append(torch.from_numpy(mine))
+    return picks
+
+
+def _materialise(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str) -> None:
+    module.to_empty(device="cpu")
+    state = {k: reader.get(prefix + k).float() for k in module.state_dict()}
+    module.load_state_dict(state, strict=True)
+    module.eval()
+
+
+def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, opts: ProfileOptions) -> list[torch.Tensor]:
+    """LLaMA-MoE's importance: per domain, mean over tokens of |a_j · ∂L/∂a_j| (needs the full model and backward)."""
+    from moefy.export.verify import load_causal_lm
+
+    model = load_causal_lm(source.directory)
+    layers = model.model.layers
+    D, width = len(tokens.domains), model.config.intermediate_size
+    scores = [torch.zeros(D, width, dtype=torch.float64) for _ in layers]
+    counts = torch.zeros(D, dtype=torch.float64)
+    acts: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(module, args):
+            args[0].retain_grad()
+            acts[i] = args[0]
+        return hook
+
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    for d, ids, _ in progress(batches, "taylor scores"):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for i, a in acts.items():
+            scores[i][d] += (a * a.grad).abs().reshape(-1, width).sum(0).double()
+        counts[d] += ids.numel()
+    for h in hooks:
+        h.remove()
+    return [s / counts[:, None] for s in scores]

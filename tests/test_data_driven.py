@@ -1,0 +1,209 @@
+"""Calibration corpora, the sequential profiler and the data-driven methods, on tiny random LLaMAs."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import yaml
+
+from moefy import api, cli
+from moefy.construct.plan import PAD, load_plan
+from moefy.data.corpus import load_corpus
+from moefy.errors import MoefyError
+from moefy.recipes import BuildRecipe, validate_recipe
+
+TINY_PROFILE = {"seq_len": 16, "tokens_per_domain": 512, "sample_tokens": 128, "batch_size": 4}
+DOMAINS = {"alpha": "abcdefgh ", "digits": "0123456789 ", "punct": "!?.,;:-+ ", "upper": "ABCDEFGH "}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEFY_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "calib.jsonl"
+    rng = random.Random(0)
+    with open(path, "w") as fh:
+        for domain, alphabet in DOMAINS.items():
+            for _ in range(12):
+                fh.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(120)), "domain": domain}) + "\n")
+    return path
+
+
+def build(model, out, corpus, **fields):
+    recipe = validate_recipe(BuildRecipe, {"model": str(model), "calib": str(corpus), "profile": TINY_PROFILE, **fields})
+    return api.build(recipe, out)
+
+
+# --- corpora -------------------------------------------------------------------------------------------------
+
+def test_corpus_forms(tmp_path):
+    (tmp_path / "dir" / "news").mkdir(parents=True)
+    (tmp_path / "dir" / "news" / "a.txt").write_text("one document")
+    (tmp_path / "dir" / "code.jsonl").write_text('{"text": "x = 1"}\n')
+    c = load_corpus(tmp_path / "dir")
+    assert c.domains() == ["code", "news"]
+    (tmp_path / "p.txt").write_text("first para\n\nsecond para")
+    assert [d.text for d in load_corpus(tmp_path / "p.txt").docs] == ["first para", "second para"]
+
+
+def test_corpus_skips_and_counts_bad_records(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "good", "domain": "a"}\n\xff\xfe\n{not json}\n{"other": 1}\n')
+    c = load_corpus(path)
+    assert [d.text for d in c.docs] == ["good"]
+    assert c.skipped == {"undecodable lines": 1, "malformed JSON lines": 1,
+                         "records without a string 'text' field": 1}
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "has no documents with text"),
+    (b'{"body": "x"}\n', "no record has a string 'text' field"),
+])
+def test_corpus_errors(tmp_path, content, fragment):
+    (tmp_path / "c.jsonl").write_bytes(content)
+    with pytest.raises(MoefyError, match=fragment):
+        load_corpus(tmp_path / "c.jsonl")
+
+
+def test_domain_with_too_little_text(capsys, tiny_llama, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "tiny", "domain": "small"}\n')
+    code = cli.main(["build", str(tiny_llama), "--out", str(tmp_path / "m"), "--method", "carve", "--experts", "4",
+                     "--calib", str(tmp_path / "c.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "domain 'small' has too little text" in err and len(err.splitlines()) == 1
+
+
+def test_method_without_calib(capsys, tiny_llama, tmp_path):
+    code = cli.main(["build", str(tiny_llama), "--out", str(tmp_path / "m"), "--method", "carve", "--experts", "4"])
+    assert code == 2 and "carve needs calibration data: pass --calib CORPUS" in capsys.readouterr().err
+
+
+def test_demo_corpus_is_reproducible(tmp_path):
+    from moefy.data.demo_corpus import build_demo_corpus
+
+    counts = build_demo_corpus(tmp_path / "a")
+    build_demo_corpus(tmp_path / "b")
+    assert set(counts) == {"code", "docs", "html", "unicode"}
+    assert all(c["calib"] > 20 and c["heldout"] > 5 for c in counts.values())
+    for split in ("calib", "heldout"):
+        for f in (tmp_path / "a" / split).iterdir():
+            assert f.read_bytes() == (tmp_path / "b" / split / f.name).read_bytes(), f
+    assert load_corpus(tmp_path / "a" / "heldout").domains() == ["code", "docs", "html", "unicode"]
+
+
+# --- profiler ------------------------------------------------------------------------------------------------
+
+def test_sequential_profile_matches_full_model(tiny_llama, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moefy.data.tokens import token_blocks
+    from moefy.families import family_for
+    from moefy.profile.runner import _batches, _sample_positions, profile
+    from moefy.recipes import ProfileOptions
+    from moefy.sources import resolve_model
+
+    opts = ProfileOptions(**TINY_PROFILE)
+    source = resolve_model(str(tiny_llama))
+    stats = profile(source, family_for(source.config()), load_corpus(corpus), opts, 0, tmp_path / "stats")
+    # Reference: the full model's MLP inputs and activations at the same sampled positions.
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    tokens = token_blocks(load_corpus(corpus), AutoTokenizer.from_pretrained(tiny_llama), 16, 512, 0)
+    batches = _batches(tokens, opts.batch_size)
+    picks = _sample_positions(tokens, batches, opts.sample_tokens, 0)
+    seen: dict = {}
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("a", a[0]))
+    xs, acts = [], []
+    with torch.no_grad():
+        for (_, ids, _), p in zip(batches, picks):
+            model(input_ids=ids)
+            xs.append(seen["x"].reshape(-1, 32)[p])
+            acts.append(seen["a"].reshape(-1, 48))
+    layer = stats.layer(1)
+    torch.testing.assert_close(layer["hidden"].float(), torch.cat(xs), atol=2e-3, rtol=1e-2)
+    a = torch.cat(acts).double()
+    overall = (layer["abs_mean"] * torch.tensor(stats.meta.tokens)[:, None]).sum(0) / sum(stats.meta.tokens)
+    torch.testing.assert_close(overall, a.abs().mean(0), atol=1e-5, rtol=1e-4)
+    assert stats.meta.domains == sorted(DOMAINS) and layer["top_freq"].shape == (4, 48)
+
+
+def test_profile_is_cached_and_reused(tiny_llama, corpus, tmp_path):
+    build(tiny_llama, tmp_path / "a", corpus, method="carve", experts=4, top_k=1)
+    stats_dirs = list((tmp_path / "cache" / "stats").iterdir())
+    build(tiny_llama, tmp_path / "b", corpus, method="coactivation", experts=4, top_k=1)
+    assert list((tmp_path / "cache" / "stats").iterdir()) == stats_dirs
+
+
+# --- methods -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields,architecture,check", [
+    ({"method": "carve", "experts": 4, "top_k": 1}, "Qwen2MoeForCausalLM", "uniform"),
+    ({"method": "carve", "experts": 4, "top_k": 2, "shared_fraction": 0.0}, "MixtralForCausalLM", "uniform"),
+    ({"method": "coactivation", "experts": 4, "top_k": 2}, "MixtralForCausalLM", "uniform"),
+    ({"method": "importance", "experts": 4, "top_k": 1}, "MixtralForCausalLM", "uniform"),
+    ({"method": "importance", "importance": "inter", "experts": 4, "top_k": 1}, "Qwen2MoeForCausalLM", "uniform"),
+    ({"method": "importance", "importance": "inner", "experts": 4, "top_k": 1}, "MixtralForCausalLM", "per-expert"),
+    ({"method": "upcycle", "experts": 4, "top_k": 2}, "MixtralForCausalLM", "per-expert"),
+    ({"method": "random", "experts": 4, "top_k": 2, "layers": [1]}, "Qwen2MoeForCausalLM", "uniform"),
+    ({"method": "cluster", "experts": 4, "top_k": 2, "layers": "last:1", "router": {"kind": "fit"}},
+     "Qwen2MoeForCausalLM", "uniform"),
+])
+def test_every_method_is_exact(tiny_llama, corpus, tmp_path, fields, architecture, check):
+    result = build(tiny_llama, tmp_path / "moe", corpus, **fields)
+    assert result.architecture == architecture
+    report = api.verify(tmp_path / "moe", str(tiny_llama))
+    assert report.check == check
+    assert report.max_abs_dlogits < 1e-4, report
+
+
+def test_carve_defaults_are_resolved_and_saved(tiny_llama, corpus, tmp_path):
+    build(tiny_llama, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1)
+    saved = yaml.safe_load((tmp_path / "moe" / "moefy.yaml").read_text())
+    assert saved["shared_fraction"] == 0.125 and saved["router"]["kind"] == "fit"
+    plan = load_plan(tmp_path / "moe")
+    assert plan.meta.shared_size == 6  # 0.125 × 48
+    # the shared block is the most frequently top-activated neurons, and routed experts exclude it
+    for lp in plan.layers.values():
+        assert not set(lp.shared.tolist()) & set(lp.experts[lp.experts != PAD].tolist())
+
+
+def test_dense_layers_stay_dense(tiny_llama, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build(tiny_llama, tmp_path / "moe", corpus, method="random", experts=4, top_k=2, layers=[1])
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["mlp_only_layers"] == [0] and config["norm_topk_prob"] is True
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "moe")
+    assert type(model.model.layers[0].mlp).__name__ == "Qwen2MoeMLP"
+
+
+@pytest.mark.parametrize("kind", ["centroid", "hidden-kmeans", "domain", "representative", "fit"])
+def test_router_inits(tiny_llama, corpus, tmp_path, kind):
+    build(tiny_llama, tmp_path / "moe", corpus, method="cluster", experts=4, top_k=1, router={"kind": kind})
+    plan = load_plan(tmp_path / "moe")
+    assert all(torch.count_nonzero(lp.router) > 0 for lp in plan.layers.values())
+    assert api.verify(tmp_path / "moe", str(tiny_llama)).passed
+
+
+def test_router_fit_beats_random_routing(tiny_llama, corpus, tmp_path):
+    losses = {}
+    for kind in ("random", "fit"):
+        build(tiny_llama, tmp_path / kind, corpus, method="cluster", experts=4, top_k=1, router={"kind": kind})
+        losses[kind] = api.verify(tmp_path / kind, str(tiny_llama)).built_moe_loss
+    assert losses["fit"] < losses["random"]
+
+
+def test_domain_router_needs_one_expert_per_domain(tiny_llama, corpus, tmp_path):
+    with pytest.raises(MoefyError, match="one expert per calibration domain"):
+        build(tiny_llama, tmp_path / "moe", corpus, method="cluster", experts=3, top_k=1, router={"kind": "domain"})
+
+
+def test_bad_placement(tiny_llama, corpus, tmp_path):
+    with pytest.raises(MoefyError, match="unknown layer placement"):
+        build(tiny_llama, tmp_path / "moe", corpus, layers="last:9")
