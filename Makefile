@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.moefy-installed
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch==2.13.0' || echo 'torch==2.13.0+cpu')
 DEMO   ?= out/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench results clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_build.py
+	$(BIN)/python bench/bench_profile.py
+
+results: $(STAMP)
+	$(BIN)/python bench/bench_quality.py
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -57,3 +57,6 @@ def tiny_sharded(tmp_path_factory) -> Path:
     """FFN width 50 (not divisible by 4 or 8) and several safetensors shards."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "sharded", intermediate=50, layers=3,
                            shard_bytes="40KB")
+
+# Files a person may want to look at after a test run (e.g. the rendered analyze report).
+ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"

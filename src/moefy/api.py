@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from moefy.atomic import atomic_output, check_output
 from moefy.construct.plan import MoEPlan
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
+from moefy.data.tokens import token_blocks
 from moefy.errors import MoefyError
+from moefy.evaluate.perplexity import Perplexity, heldout_perplexity
+from moefy.evaluate.speed import Speed
+from moefy.evaluate.speed import measure as measure_speed
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
-from moefy.export.verify import VerifyReport, verify
+from moefy.export.verify import VerifyReport, load_causal_lm, verify
 from moefy.families import family_for
 from moefy.profile.runner import profile_cached
+from moefy.progress import progress
 from moefy.recipes import BuildRecipe, dump_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
 RECIPE_NAME = "moefy.yaml"
 
-__all__ = ["BuildResult", "build", "verify", "VerifyReport"]
+__all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,9 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         options = recipe.profile
         if recipe.method == "importance" and not options.taylor:
             options = options.model_copy(update={"taylor": True})  # the method is defined by the Taylor score
-        stats = profile_cached(source, family, load_corpus(recipe.calib), options, recipe.seed)
+        corpus = load_corpus(recipe.calib)  # read now, so a bad corpus fails before any work
+        # Profiled on first use only: methods and router inits that never read stats skip the calibration pass.
+        stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed))
     plan = make_plan(recipe, family, config, reader, stats)
     fmt = choose_format(family.formats, plan.meta, config)
     dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
@@ -79,3 +89,71 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    perplexity: dict[str, Perplexity]  # model spec -> per-domain perplexity
+    speed: dict[str, Speed]  # model spec (and its dense source) -> speed, when asked for
+
+    def to_dict(self) -> dict:
+        return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
+                "speed": {m: s.to_dict() for m, s in self.speed.items()}}
+
+
+def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
+             tokens_per_domain: int | None = 4096, speed: bool = False) -> EvalResult:
+    """Held-out perplexity per domain for each model (dense or MoE), and optionally speed against the dense source."""
+    from transformers import AutoTokenizer
+
+    corpus = load_corpus(data)
+    loaded = {spec: load_causal_lm(resolve_model(spec).directory) for spec in models}
+    results = {}
+    for spec, model in loaded.items():
+        tok = AutoTokenizer.from_pretrained(resolve_model(spec).directory)
+        results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
+    speeds: dict[str, Speed] = {}
+    if speed:
+        timed = dict(loaded)
+        for spec in models:  # each MoE is timed against the dense model it was built from, in the same run
+            plan_json = resolve_model(spec).directory / "moefy_plan.json"
+            if plan_json.is_file():
+                source = json.loads(plan_json.read_text())["source"]
+                timed.setdefault(source, load_causal_lm(resolve_model(source).directory))
+        probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
+                              generator=torch.Generator().manual_seed(0))
+        speeds = measure_speed(timed, probe)
+    return EvalResult(results, speeds)
+
+
+def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_domain: int | None = 2048,
+            overwrite: bool = False) -> dict[str, Path]:
+    """Routing statistics per layer × domain from one forward pass with router-logit capture."""
+    from transformers import AutoTokenizer
+
+    from moefy.analyze.report import write_report  # matplotlib: imported only when a report is written
+    from moefy.analyze.routing import layer_routing
+
+    out = Path(out)
+    check_output(out, overwrite)
+    directory = resolve_model(model).directory
+    moe = load_causal_lm(directory)
+    moe_layers = [i for i, layer in enumerate(moe.model.layers) if hasattr(layer.mlp, "gate")]
+    if not moe_layers:
+        raise MoefyError(f"{model} has no routers to analyse (model_type {moe.config.model_type!r}); "
+                         "analyze takes an MoE such as a moefy build output")
+    blocks = token_blocks(load_corpus(data), AutoTokenizer.from_pretrained(directory), seq_len, tokens_per_domain, 0)
+    logits: dict[int, dict[str, list]] = {i: {d: [] for d in blocks.domains} for i in moe_layers}
+    with torch.no_grad():
+        for d in progress(blocks.domains, "routing"):
+            for s in range(0, len(blocks.blocks[d]), 8):
+                router = moe(input_ids=blocks.blocks[d][s:s + 8], output_router_logits=True).router_logits
+                for i, layer_logits in zip(moe_layers, router):
+                    logits[i][d].append(layer_logits)
+    top_k = moe.model.layers[moe_layers[0]].mlp.gate.top_k
+    layers = [layer_routing(i, {d: torch.cat(v) for d, v in logits[i].items()}, top_k) for i in moe_layers]
+    with atomic_output(out, overwrite) as tmp:
+        paths = write_report(tmp, model, layers, blocks.domains,
+                             {d: int(blocks.blocks[d].numel()) for d in blocks.domains}, top_k,
+                             moe.model.layers[moe_layers[0]].mlp.gate.weight.shape[0])
+    return {k: out / p.name for k, p in paths.items()}

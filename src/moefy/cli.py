@@ -43,6 +43,23 @@ def _build_parser() -> argparse.ArgumentParser:
     dc.add_argument("out", type=Path)
     dc.add_argument("--overwrite", action="store_true")
 
+    e = sub.add_parser("eval", help="held-out perplexity per domain (dense and MoE side by side), optionally speed")
+    e.add_argument("models", nargs="+", help="models to compare (dirs, .gguf, hub ids, aliases)")
+    e.add_argument("--data", required=True, help="held-out corpus (.jsonl/.parquet/.txt or a directory)")
+    e.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="context length (default 256)")
+    e.add_argument("--stride", type=int, help="sliding-window stride (default: the context length)")
+    e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain")
+    e.add_argument("--speed", action="store_true", help="also forward/generation tokens/s against the dense source")
+    e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
+
+    a = sub.add_parser("analyze", help="routing statistics per layer × domain, plots and an HTML report")
+    a.add_argument("model")
+    a.add_argument("--data", required=True, help="corpus with a domain per document")
+    a.add_argument("--out", type=Path, required=True, help="report directory")
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--seq-len", type=int, default=256, dest="seq_len")
+    a.add_argument("--tokens-per-domain", type=int, default=2048, dest="tokens_per_domain")
+
     v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
     v.add_argument("moe_dir", type=Path)
     v.add_argument("--dense", required=True, help="the dense source model (same forms as build)")
@@ -130,7 +147,47 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "verify": _cmd_verify, "data": _cmd_data}
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from moefy import api
+
+    result = api.evaluate(args.models, args.data, args.seq_len, args.stride, args.tokens_per_domain, args.speed)
+    first = next(iter(result.perplexity.values()))
+    table = Table(title=f"held-out perplexity (context {first.seq_len}, stride {first.stride})")
+    table.add_column("domain")
+    for m in args.models:
+        table.add_column(m, justify="right")
+    for d in [*first.per_domain, None]:
+        table.add_row(d or "overall", *[f"{result.perplexity[m].ppl(d):.3f}" for m in args.models])
+    console = Console()
+    console.print(table)
+    if result.speed:
+        speed = Table(title="speed (same run; medians of interleaved repeats)")
+        for col in ("model", "forward tok/s", "generate tok/s", "active params/token", "ideal FLOP ratio"):
+            speed.add_column(col, justify="right")
+        for m, s in result.speed.items():
+            speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.generate_tokens_per_s:.1f}",
+                          f"{s.active_params / 1e6:.1f}M", f"{s.active_params / s.total_params:.2f}")
+        console.print(speed)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from moefy import api
+
+    paths = api.analyze(args.model, args.data, args.out, args.seq_len, args.tokens_per_domain, args.overwrite)
+    print(f"report: {paths['html']}  (summary {paths['markdown']}, numbers {paths['json']})")
+    return 0
+
+
+COMMANDS = {"build": _cmd_build, "verify": _cmd_verify, "data": _cmd_data, "eval": _cmd_eval,
+            "analyze": _cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ class RouterInit(Frozen):
 
 class ProfileOptions(Frozen):
     seq_len: int = Field(256, ge=8)
-    tokens_per_domain: int | None = Field(8192, ge=1)  # None: every token of the calibration corpus
+    tokens_per_domain: int | None = Field(4096, ge=1)  # None: every token of the calibration corpus
     top_fraction: float = Field(0.25, gt=0, le=1)  # a neuron is "top-activated" if in its token's top fraction by |a|
     sample_tokens: int = Field(2048, ge=16)  # tokens whose hidden states and |a| are kept for clustering/router fits
     taylor: bool = False  # also |a·∂L/∂a| (needs a backward pass over the full model)

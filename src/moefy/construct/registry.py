@@ -36,7 +36,7 @@ class LayerInput:
     layer: int
     width: int
     _read: Callable[[str], torch.Tensor]
-    _stats: NeuronStats | None
+    _stats: Callable[[], NeuronStats] | None  # profiles on first call (cached)
     _cache: dict = field(default_factory=dict)
 
     def weight(self, which: str) -> torch.Tensor:  # "gate" | "up" | "down"
@@ -48,9 +48,10 @@ class LayerInput:
         if self._stats is None:
             raise MoefyError(f"{method} needs calibration data: pass --calib CORPUS")
         if "stats" not in self._cache:
-            self._cache["stats"] = {k: v.float() for k, v in self._stats.layer(self.layer).items()}
-            self._cache["stats"]["sample_domain"] = self._stats.sample_domain()
-            self._cache["stats"]["domain_tokens"] = torch.tensor(self._stats.meta.tokens, dtype=torch.float32)
+            stats = self._stats()
+            self._cache["stats"] = {k: v.float() for k, v in stats.layer(self.layer).items()}
+            self._cache["stats"]["sample_domain"] = stats.sample_domain()
+            self._cache["stats"]["domain_tokens"] = torch.tensor(stats.meta.tokens, dtype=torch.float32)
         return self._cache["stats"]
 
 
@@ -89,7 +90,7 @@ def layer_rng(seed: int, layer: int, stream: str) -> np.random.Generator:
 
 
 def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyCheckpoint,
-              stats: NeuronStats | None = None) -> MoEPlan:
+              stats: Callable[[], NeuronStats] | None = None) -> MoEPlan:
     if recipe.method not in METHODS:
         raise MoefyError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     width, hidden, n_layers = int(config["intermediate_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])

@@ -24,8 +24,8 @@ class TokenBlocks:
         return sum(b.numel() for b in self.blocks.values())
 
 
-def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
-    """All documents joined with EOS and cut into [n, seq_len] blocks (the ragged tail is dropped)."""
+def stream(texts: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """All documents joined with EOS into one 1-D token stream (optionally cut to max_tokens)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MoefyError("the tokenizer has no EOS token to separate documents")
@@ -33,8 +33,16 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids.extend(encoded)
         ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """The token stream cut into [n, seq_len] blocks (the ragged tail is dropped)."""
+    ids = stream(texts, tokenizer)
     n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def token_blocks(corpus: Corpus, tokenizer, seq_len: int, tokens_per_domain: int | None, seed: int) -> TokenBlocks:

@@ -1,5 +1,10 @@
-"""Held-out perplexity per domain: each domain's documents joined with EOS, cut into non-overlapping blocks of
-`seq_len` tokens (the stated context length), every next-token loss counted once."""
+"""Held-out perplexity per domain with sliding windows at a stated context length.
+
+Each domain's documents are joined with EOS into one token stream. Windows of `seq_len` tokens start every `stride`
+tokens (1 <= stride < seq_len); each window scores only the tokens the previous one did not reach, so every token
+after the first is scored exactly once, with at least seq_len - stride tokens of context. The default stride,
+seq_len - 1, is the cheapest setting that still scores every token (plain non-overlapping blocks would skip the first
+token of each block)."""
 
 from __future__ import annotations
 
@@ -9,15 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from moefy.data.corpus import Corpus
-from moefy.data.tokens import token_blocks
+from moefy.data.tokens import stream
+from moefy.errors import MoefyError
 from moefy.progress import progress
 
 
 @dataclass(frozen=True)
 class Perplexity:
     per_domain: dict[str, float]  # mean next-token loss (nats)
-    tokens: dict[str, int]
+    tokens: dict[str, int]  # scored tokens per domain
     seq_len: int
+    stride: int
 
     @property
     def overall_loss(self) -> float:
@@ -29,20 +36,46 @@ class Perplexity:
         loss = self.overall_loss if domain is None else self.per_domain[domain]
         return math.exp(min(loss, 700.0))
 
+    def to_dict(self) -> dict:
+        return {"seq_len": self.seq_len, "stride": self.stride, "tokens": self.tokens, "loss": self.per_domain,
+                "ppl": {d: self.ppl(d) for d in self.per_domain}, "overall_ppl": self.ppl()}
+
+
+def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position within the window) for a stream of n_tokens; position p predicts token p."""
+    out, start, reached = [], 0, 0
+    while True:
+        end = min(start + seq_len, n_tokens)
+        out.append((start, end, reached - start if start else 0))
+        if end == n_tokens:
+            return out
+        reached, start = end, start + stride
+
 
 @torch.no_grad()
 def heldout_perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 256, tokens_per_domain: int | None = 4096,
-                       batch_size: int = 8, seed: int = 0) -> Perplexity:
-    blocks = token_blocks(corpus, tokenizer, seq_len, tokens_per_domain, seed)
+                       stride: int | None = None, batch_size: int = 8) -> Perplexity:
+    stride = stride or seq_len - 1
+    if not 0 < stride < seq_len:
+        raise MoefyError(f"stride must be between 1 and the context length minus one, {seq_len - 1} (got {stride})")
     losses, counts = {}, {}
-    work = [(d, blocks.blocks[d][s:s + batch_size]) for d in blocks.domains
-            for s in range(0, len(blocks.blocks[d]), batch_size)]
-    sums = {d: 0.0 for d in blocks.domains}
-    for d, ids in progress(work, "held-out perplexity"):
-        logits = model(input_ids=ids).logits.float()
-        sums[d] += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     ids[:, 1:].reshape(-1), reduction="sum").item()
-    for d in blocks.domains:
-        counts[d] = blocks.blocks[d].shape[0] * (seq_len - 1)
-        losses[d] = sums[d] / counts[d]
-    return Perplexity(losses, counts, seq_len)
+    for domain, texts in corpus.by_domain().items():
+        ids = stream(texts, tokenizer, tokens_per_domain)
+        if len(ids) < seq_len + 1:
+            raise MoefyError(f"domain {domain!r} has {len(ids)} held-out tokens, fewer than the context length "
+                             f"{seq_len} + 1")
+        spans = windows(len(ids), seq_len, stride)
+        nll, scored = 0.0, 0
+        for b in progress(range(0, len(spans), batch_size), f"perplexity {domain}"):
+            chunk = spans[b:b + batch_size]
+            width = max(end - start for start, end, _ in chunk)
+            batch = torch.stack([torch.nn.functional.pad(ids[s:e], (0, width - (e - s))) for s, e, _ in chunk])
+            logp = model(input_ids=batch).logits.float().log_softmax(-1)
+            for row, (s, e, first) in enumerate(chunk):
+                # pred[j] is the log-probability of token s+1+j; a later window scores only tokens from s+first on.
+                pred = logp[row, : e - s - 1].gather(1, ids[s + 1:e, None]).squeeze(1)
+                keep = pred[first - 1:] if first else pred
+                nll -= keep.sum().item()
+                scored += len(keep)
+        losses[domain], counts[domain] = nll / scored, scored
+    return Perplexity(losses, counts, seq_len, stride)

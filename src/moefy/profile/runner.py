@@ -86,17 +86,19 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
         with torch.no_grad():
             for b, (d, _, _) in enumerate(batches):
                 hidden[b] = layer(hidden[b], position_embeddings=rope, position_ids=positions)
-                a = current["a"].reshape(-1, width).double()
+                # Per-batch sums in fp32 (a few thousand tokens), accumulated across batches in fp64.
+                a = current["a"].reshape(-1, width)
                 g = current["g"].reshape(-1, width)
-                acc["abs_mean"][d] += a.abs().sum(0)
+                a_abs = a.abs()
+                acc["abs_mean"][d] += a_abs.sum(0)
                 acc["mean"][d] += a.sum(0)
                 acc["sq_mean"][d] += (a * a).sum(0)
                 acc["gate_freq"][d] += (g > 0).sum(0)
-                top = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a.abs().topk(top_k, dim=1).indices, True)
+                top = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a_abs.topk(top_k, dim=1, sorted=False).indices, True)
                 acc["top_freq"][d] += top.sum(0)
                 count[d] += a.shape[0]
                 samples_x.append(current["x"].reshape(-1, hidden_size)[picks[b]].half())
-                samples_a.append(a[picks[b]].abs().half())
+                samples_a.append(a_abs[picks[b]].half())
         for h in hooks:
             h.remove()
         layer.to("meta")  # free this layer's weights before the next one is read

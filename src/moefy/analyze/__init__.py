@@ -1,0 +1,1 @@
+"""Routing analysis: which experts each domain uses, per layer, as numbers, plots and a report."""

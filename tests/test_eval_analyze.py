@@ -1,0 +1,133 @@
+"""moefy eval (perplexity, speed) and moefy analyze (routing stats, plots, HTML report) on tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from moefy import api, cli
+from moefy.evaluate.perplexity import windows
+from moefy.errors import MoefyError
+from moefy.recipes import BuildRecipe, validate_recipe
+
+DOMAINS = {"alpha": "abcdefgh ", "digits": "0123456789 ", "punct": "!?.,;:-+ "}
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    import random
+
+    rng = random.Random(1)
+    path = tmp_path_factory.mktemp("held") / "held.jsonl"
+    with open(path, "w") as fh:
+        for domain, alphabet in DOMAINS.items():
+            for _ in range(6):
+                fh.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(100)), "domain": domain}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe") / "moe"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "cluster"}),
+              out)
+    return out
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 15), (100, 16, 5), (17, 16, 4), (40, 16, 1), (16, 16, 15)])
+def test_sliding_windows_score_every_token_once(n, seq_len, stride):
+    scored = []
+    for start, end, first in windows(n, seq_len, stride):
+        assert end - start <= seq_len
+        scored += list(range(start + max(first, 1), end))
+    assert sorted(scored) == list(range(1, n))
+
+
+def test_perplexity_matches_a_direct_computation(tiny_llama, heldout):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moefy.data.corpus import load_corpus
+    from moefy.data.tokens import stream
+
+    result = api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, tokens_per_domain=256)
+    ppl = result.perplexity[str(tiny_llama)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = stream(load_corpus(heldout).by_domain()["digits"], AutoTokenizer.from_pretrained(tiny_llama), 256)
+    losses = []
+    with torch.no_grad():  # windows of 32 that share one token: every token after the first scored once
+        for s in range(0, len(ids) - 1, 31):
+            chunk = ids[s:s + 32]
+            logits = model(input_ids=chunk[None]).logits[0]
+            losses.append(torch.nn.functional.cross_entropy(logits[:-1], chunk[1:], reduction="none"))
+    expected = torch.cat(losses).mean().item()
+    assert abs(ppl.per_domain["digits"] - expected) < 1e-4
+    # overlapping windows (more context per token) give a different, still finite, number
+    strided = api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, stride=8, tokens_per_domain=256)
+    assert strided.perplexity[str(tiny_llama)].tokens == ppl.tokens
+
+
+def test_eval_cli_side_by_side_with_speed(capsys, tiny_llama, tiny_moe, heldout, tmp_path):
+    code = cli.main(["eval", str(tiny_llama), str(tiny_moe), "--data", str(heldout), "--seq-len", "32",
+                     "--tokens-per-domain", "128", "--speed", "--json", str(tmp_path / "e.json")])
+    assert code == 0
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data["perplexity"]) == {str(tiny_llama), str(tiny_moe)}
+    assert set(data["perplexity"][str(tiny_moe)]["ppl"]) == set(DOMAINS)
+    moe_speed, dense_speed = data["speed"][str(tiny_moe)], data["speed"][str(tiny_llama)]
+    assert moe_speed["active_params"] < moe_speed["total_params"]
+    assert dense_speed["active_params"] == dense_speed["total_params"]
+    assert moe_speed["forward_tokens_per_s"] > 0 and moe_speed["generate_tokens_per_s"] > 0
+
+
+def test_eval_errors(capsys, tiny_llama, heldout):
+    code = cli.main(["eval", str(tiny_llama), "--data", str(heldout), "--seq-len", "4096"])
+    err = capsys.readouterr().err
+    assert code == 2 and "fewer than the context length 4096" in err and len(err.strip().splitlines()) == 1
+
+
+def test_analyze_report(tiny_moe, heldout, tmp_path):
+    paths = api.analyze(str(tiny_moe), str(heldout), tmp_path / "report", seq_len=32, tokens_per_domain=256)
+    data = json.loads(paths["json"].read_text())
+    assert data["domains"] == sorted(DOMAINS) and len(data["layers"]) == 2
+    for layer in data["layers"]:
+        for d in DOMAINS:
+            assert abs(sum(layer["load"][d]) - 1) < 1e-9
+            assert 0 <= layer["entropy"][d] <= np.log(4) + 1e-6
+            assert 0.25 <= layer["top1_confidence"][d] <= 1
+        dist = np.array(layer["distance"])
+        assert np.allclose(dist, dist.T) and np.allclose(np.diag(dist), 0)
+    for key in ("load", "distance", "specialisation", "entropy"):
+        assert paths[key].stat().st_size > 5000  # a real plot, not an empty file
+    assert "load_heatmaps.png" in paths["html"].read_text() and paths["markdown"].is_file()
+
+
+def test_analyze_refuses_dense_models_and_existing_output(tiny_llama, tiny_moe, heldout, tmp_path):
+    with pytest.raises(MoefyError, match="has no routers to analyse"):
+        api.analyze(str(tiny_llama), str(heldout), tmp_path / "r")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(MoefyError, match="already exists"):
+        api.analyze(str(tiny_moe), str(heldout), tmp_path / "exists")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(tiny_moe, heldout, tmp_path):
+    import matplotlib.image
+
+    from conftest import ARTIFACTS
+
+    paths = api.analyze(str(tiny_moe), str(heldout), tmp_path / "report", seq_len=32, tokens_per_domain=256)
+    shot = ARTIFACTS / "analyze_report.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2200", "--hide-scrollbars",
+                    f"--screenshot={shot}", paths["html"].as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)[..., :3].reshape(-1, 3)
+    colours = len(np.unique((pixels * 255).astype(np.uint8), axis=0))
+    # The heatmaps and line plots bring hundreds of colours; a page of broken images and text has a few dozen.
+    assert colours > 300, colours
