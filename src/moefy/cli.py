@@ -50,6 +50,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, help="sliding-window stride (default: the context length)")
     e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain")
     e.add_argument("--speed", action="store_true", help="also forward/generation tokens/s against the dense source")
+    e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
+    e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
 
     a = sub.add_parser("analyze", help="routing statistics per layer × domain, plots and an HTML report")
@@ -155,7 +157,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from moefy import api
 
-    result = api.evaluate(args.models, args.data, args.seq_len, args.stride, args.tokens_per_domain, args.speed)
+    tasks = args.tasks.split(",") if args.tasks else None
+    result = api.evaluate(args.models, args.data, args.seq_len, args.stride, args.tokens_per_domain, args.speed,
+                          tasks, args.task_limit)
     first = next(iter(result.perplexity.values()))
     table = Table(title=f"held-out perplexity (context {first.seq_len}, stride {first.stride})")
     table.add_column("domain")
@@ -173,6 +177,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.generate_tokens_per_s:.1f}",
                           f"{s.active_params / 1e6:.1f}M", f"{s.active_params / s.total_params:.2f}")
         console.print(speed)
+    if result.tasks:
+        scores = Table(title="lm-eval tasks")
+        scores.add_column("task / metric")
+        for m in args.models:
+            scores.add_column(m, justify="right")
+        first_model = next(iter(result.tasks.values()))
+        for task, metrics in first_model.items():
+            for metric in metrics:
+                scores.add_row(f"{task} {metric}", *[f"{result.tasks[m][task][metric]:.4f}" for m in args.models])
+        console.print(scores)
     if args.json_out:
         args.json_out.write_text(json.dumps(result.to_dict(), indent=2))
     return 0

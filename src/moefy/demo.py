@@ -1,6 +1,7 @@
 """`make demo`: the main job on the embedded defaults. Build the demo corpus, turn SmolLM2-135M into an MoE with the
 best training-free method (carve: shared 1/8 + 8 of 56 routed experts = 25% of FFN active, routers fitted on the
-calibration split), verify exactness, and compare held-out perplexity per domain against the dense model.
+calibration split), verify exactness, compare held-out perplexity per domain against the dense model, and write
+the routing analysis report.
 
 Usage: python -m moefy.demo [--out DIR]. The demo only ever replaces directories that a previous run wrote;
 anything else at --out is refused, as with `moefy build`."""
@@ -31,7 +32,7 @@ def run(out: Path) -> int:
     from transformers import AutoTokenizer
 
     console = Console()
-    corpus_dir, moe_dir = out / "corpus", out / "moe"
+    corpus_dir, moe_dir, report_dir = out / "corpus", out / "moe", out / "report"
     if out.exists() and not (moe_dir / api.RECIPE_NAME).is_file() and any(out.iterdir()):
         raise MoefyError(f"{out} exists and was not written by the demo; choose another --out")
     if not (corpus_dir / "heldout").is_dir():
@@ -68,6 +69,8 @@ def run(out: Path) -> int:
     for d in [*dense.per_domain, None]:
         ppl.add_row(d or "overall", f"{dense.ppl(d):.2f}", f"{moe.ppl(d):.2f}", f"×{moe.ppl(d) / dense.ppl(d):.2f}")
     console.print(ppl)
+    paths = api.analyze(str(moe_dir), str(corpus_dir / "heldout"), report_dir, overwrite=report_dir.is_dir())
+    console.print(f"routing report: [bold]{paths['html']}[/] (summary {paths['markdown']})")
     return 0 if report.passed else 1
 
 

@@ -8,14 +8,17 @@ split is the same on every machine with the same Python. This is a demo corpus, 
 from __future__ import annotations
 
 import hashlib
-import re
 import json
 import pydoc
+import random
+import re
 import sys
 import sysconfig
 import unicodedata
 import warnings
 from pathlib import Path
+
+import yaml
 
 from moefy.atomic import atomic_output
 
@@ -68,12 +71,49 @@ def _is_heldout(text: str) -> bool:
     return int(hashlib.sha256(text.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
 
 
+TASK_NAME = "moefy_demo_continuation"
+TASK_CHOICES = 4
+_PROMPT_CHARS, _CONTINUATION_CHARS = 300, 80
+
+
+def continuation_task(heldout: dict[str, list[str]], directory: Path, final_directory: Path, seed: int = 0) -> Path:
+    """A tiny multiple-choice task in lm-eval's custom YAML format: given the start of a held-out document, pick its
+    true continuation among continuations taken from other documents of the same domain (a local HellaSwag).
+    The YAML names its data by absolute path (lm-eval resolves data files from the working directory), so it points
+    at final_directory, where `directory` ends up after the atomic rename."""
+    rng = random.Random(seed)
+    items = []
+    for domain, texts in sorted(heldout.items()):
+        docs = [t for t in texts if len(t) >= _PROMPT_CHARS + _CONTINUATION_CHARS]
+        for i, text in enumerate(docs):
+            others = [d for j, d in enumerate(docs) if j != i]
+            if len(others) < TASK_CHOICES - 1:
+                continue
+            choices = [text[_PROMPT_CHARS:_PROMPT_CHARS + _CONTINUATION_CHARS]]
+            choices += [d[_PROMPT_CHARS:_PROMPT_CHARS + _CONTINUATION_CHARS] for d in rng.sample(others, TASK_CHOICES - 1)]
+            order = list(range(TASK_CHOICES))
+            rng.shuffle(order)
+            items.append({"domain": domain, "context": text[:_PROMPT_CHARS], "choices": [choices[k] for k in order],
+                          "label": order.index(0)})
+    data = directory / f"{TASK_NAME}.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    task = {"task": TASK_NAME, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(final_directory.resolve() / data.name)}},
+            "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "label", "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+    path = directory / f"{TASK_NAME}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False))
+    return path
+
+
 def build_demo_corpus(out: Path, overwrite: bool = False) -> dict[str, dict[str, int]]:
     """Write the demo corpus; returns {domain: {"calib": docs, "heldout": docs}}."""
     counts: dict[str, dict[str, int]] = {}
     with atomic_output(Path(out), overwrite) as tmp:
-        for split in ("calib", "heldout"):
+        for split in ("calib", "heldout", "tasks"):
             (tmp / split).mkdir()
+        heldout: dict[str, list[str]] = {}
         for domain, make in DOMAINS.items():
             docs, total = [], 0
             for text in make():
@@ -89,8 +129,12 @@ def build_demo_corpus(out: Path, overwrite: bool = False) -> dict[str, dict[str,
                 counts[domain][split] += 1
             for f in files.values():
                 f.close()
+            heldout[domain] = [t for t in docs if _is_heldout(t)]
+        continuation_task(heldout, tmp / "tasks", Path(out) / "tasks")
         (tmp / "README.md").write_text(
             "# moefy demo corpus\n\nBuilt by `moefy data demo-corpus` from files that ship with Python "
             f"{sys.version.split()[0]}: {', '.join(DOMAINS)}. A demo, not a benchmark.\n"
-            "Use `calib/` for calibration and training, `heldout/` for evaluation.\n")
+            "Use `calib/` for calibration and training, `heldout/` for evaluation. `tasks/` holds a multiple-choice "
+            "continuation task in lm-eval's custom YAML format (`moefy eval --tasks tasks/"
+            f"{TASK_NAME}.yaml`).\n")
     return counts
