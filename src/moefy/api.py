@@ -33,7 +33,8 @@ from moefy.tensor_io import LazyCheckpoint
 
 RECIPE_NAME = "moefy.yaml"
 
-__all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze"]
+__all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train"]
+RUN_JSON = "run.json"
 
 
 @dataclass(frozen=True)
@@ -162,3 +163,40 @@ def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_dom
                              {d: int(blocks.blocks[d].numel()) for d in blocks.domains}, top_k,
                              moe.model.layers[moe_layers[0]].mlp.gate.weight.shape[0])
     return {k: out / p.name for k, p in paths.items()}
+
+
+def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out: Path, heldout: str | None = None,
+          resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a built MoE through the recipe's stages; returns the exported checkpoint (out/final).
+
+    With resume=True only `out` is needed: the run directory records the MoE, the data and the recipe."""
+    from moefy.train.loop import train as run_training
+    from moefy.train.plots import plot_run
+    from moefy.train.recipe import TrainRecipe
+    from moefy.recipes import load_recipe
+
+    out = Path(out)
+    if resume:
+        if not (out / RUN_JSON).is_file():
+            raise MoefyError(f"{out} is not a moefy training run (no {RUN_JSON}); nothing to resume")
+        spec = json.loads((out / RUN_JSON).read_text())
+        recipe = load_recipe(TrainRecipe, out / "moefy_train.yaml", {})
+    else:
+        if moe_dir is None or data is None or recipe_path is None:
+            raise MoefyError("train needs MOE_DIR, --data and --recipe (or --resume RUN_DIR)")
+        check_output(out, overwrite)
+        recipe = load_recipe(TrainRecipe, recipe_path, {})
+        plan_json = Path(moe_dir) / "moefy_plan.json"
+        source = json.loads(plan_json.read_text())["source"] if plan_json.is_file() else None
+        spec = {"moe_dir": str(Path(moe_dir).resolve()), "data": str(data), "heldout": str(heldout or data),
+                "dense": source}
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / RUN_JSON).write_text(json.dumps(spec, indent=2))
+        dump_recipe(recipe, out / "moefy_train.yaml")
+    moe = resolve_model(spec["moe_dir"]).directory
+    dense = resolve_model(spec["dense"]).directory if spec["dense"] else None
+    final = run_training(moe, recipe, load_corpus(spec["data"]), load_corpus(spec["heldout"]), out, dense, resume)
+    plot_run(out)
+    return final

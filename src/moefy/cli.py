@@ -37,6 +37,15 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
     b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
 
+    t = sub.add_parser("train", help="train a built MoE through the stages of a recipe (or --resume a run)")
+    t.add_argument("moe_dir", nargs="?", type=Path)
+    t.add_argument("--data", help="training corpus (domains = streams)")
+    t.add_argument("--heldout", help="held-out corpus for dynamic mixtures (default: --data)")
+    t.add_argument("--recipe", type=Path, help="training recipe YAML (stages)")
+    t.add_argument("--out", type=Path, help="run directory")
+    t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true")
+
     d = sub.add_parser("data", help="corpus tools")
     dsub = d.add_subparsers(dest="data_verb", required=True)
     dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/ and heldout/)")
@@ -200,7 +209,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"build": _cmd_build, "verify": _cmd_verify, "data": _cmd_data, "eval": _cmd_eval,
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moefy import api
+
+    if args.resume is None and args.out is None:
+        raise MoefyError("train needs --out RUN_DIR (or --resume RUN_DIR)")
+    final = api.train(args.moe_dir, args.data, args.recipe, args.resume or args.out, heldout=args.heldout,
+                      resume=args.resume is not None, overwrite=args.overwrite)
+    print(f"trained model: {final}  (metrics, loss.png and domain_weights.png in {final.parent})")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "build": _cmd_build, "verify": _cmd_verify, "data": _cmd_data, "eval": _cmd_eval,
             "analyze": _cmd_analyze}
 
 

@@ -1,0 +1,1 @@
+"""Training: continual pre-training and efficient recovery of a built MoE (stages, mixtures, gating, resume)."""

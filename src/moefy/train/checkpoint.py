@@ -1,0 +1,68 @@
+"""Training checkpoints: atomic directories, keep-last-n. Each holds the trainable weights (safetensors), the
+optimizer and scheduler state (tensors only, loaded with weights_only=True: no arbitrary pickle), the RNG states,
+the sampler state, the gating state, and the loop position."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from moefy.atomic import atomic_output
+from moefy.errors import MoefyError
+
+CKPT_DIR = "checkpoints"
+
+
+def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, model_state: dict, gating_state: dict,
+                    optimizer, scheduler, sampler_state: dict, keep_last: int) -> Path:
+    target = run / CKPT_DIR / f"step-{step:07d}"
+    with atomic_output(target, overwrite=True) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "trainable.safetensors"))
+        save_file({k: v.contiguous() for k, v in gating_state.items()} or {"_": torch.zeros(1)},
+                  str(tmp / "gating.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state,
+            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False)}, default=_jsonable))
+    for old in sorted((run / CKPT_DIR).glob("step-*"))[:-keep_last]:
+        shutil.rmtree(old)
+    return target
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = sorted((run / CKPT_DIR).glob("step-*")) if (run / CKPT_DIR).is_dir() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        blob = torch.load(path / "optimizer.pt", weights_only=True)
+        weights = load_file(str(path / "trainable.safetensors"))
+        gating = load_file(str(path / "gating.safetensors"))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise MoefyError(f"corrupt checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    gating.pop("_", None)
+    return {**state, **blob, "weights": weights, "gating": gating}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(state["numpy_rng"])
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    raise TypeError(type(x))

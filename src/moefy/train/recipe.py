@@ -1,0 +1,78 @@
+"""The training recipe: one or more stages, each saying what trains, how the gate behaves, the data mixture, the
+optimiser and schedule, and the token budget. Frozen pydantic; unknown keys are errors."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from moefy.recipes import Frozen
+
+Trainable = Literal["router", "router+norm", "experts", "all"]
+
+# Static domain-weight presets (DESIGN §5). They name RedPajama's domains, so they apply to corpora that use them.
+PRESETS: dict[str, dict[str, float]] = {
+    "llama": {"cc": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045, "book": 0.045, "arxiv": 0.025,
+              "stack": 0.02},
+    "sheared_llama": {"cc": 0.361, "c4": 0.492, "github": 0.008, "wikipedia": 0.031, "book": 0.091, "arxiv": 0.007,
+                      "stack": 0.01},
+}
+
+
+class Mixture(Frozen):
+    # uniform | llama | sheared_llama | custom (with weights) — the starting weights
+    preset: Literal["uniform", "llama", "sheared_llama", "custom"] = "uniform"
+    weights: dict[str, float] | None = None  # for preset=custom
+    # dynamic: Sheared-LLaMA's update at every eval, w ← softmax(log w + η·(L_cur − L_ref)), then smoothing
+    dynamic: bool = False
+    eta: float = Field(1.0, gt=0)
+    smoothing: float = Field(1e-4, ge=0, lt=1)  # c in w ← (1 − c)·w + c/K
+    eval_every: int = Field(10, ge=1)  # optimizer steps between evaluations (and weight updates)
+    eval_tokens_per_domain: int = Field(1024, ge=16)
+
+    @model_validator(mode="after")
+    def _custom(self) -> "Mixture":
+        if (self.preset == "custom") != (self.weights is not None):
+            raise ValueError("mixture weights are given exactly when preset is custom")
+        return self
+
+
+class Gating(Frozen):
+    noise: float = Field(0.0, ge=0)  # noisy top-k: logits + noise·ε·softplus(W_noise x), ε ~ N(0, 1)
+    balance: Literal["none", "cv", "switch"] = "none"  # LLaMA-MoE cv²(importance)+cv²(load), or Switch/Mixtral aux
+    balance_coef: float = Field(0.01, ge=0)
+    z_loss_coef: float = Field(0.0, ge=0)  # router z-loss: mean(logsumexp(logits)²)
+    bias_update_rate: float = Field(0.0, ge=0)  # DeepSeek-V3 aux-loss-free balancing: a selection-only bias
+    soft_temperature: float | None = Field(None, gt=0)  # DIVE stage 0: every expert, weights softmax(logits / T)
+
+
+class Stage(Frozen):
+    name: str = "stage"
+    trainable: Trainable = "router"
+    tokens: int = Field(..., ge=1)  # token budget of this stage
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor (LLaMA-MoE used 0.1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    clip: float = Field(1.0, gt=0)
+    gating: Gating = Gating()
+    mixture: Mixture = Mixture()
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size * self.grad_accum
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.tokens_per_step)
+
+
+class TrainRecipe(Frozen):
+    stages: list[Stage] = Field(..., min_length=1)
+    seed: int = 0
+    checkpoint_every: int = Field(10, ge=1)  # optimizer steps
+    keep_last: int = Field(2, ge=1)

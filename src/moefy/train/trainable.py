@@ -1,0 +1,29 @@
+"""Which parameters train, by name. Patterns are data, so a new family only adds names here."""
+
+from __future__ import annotations
+
+import re
+
+from moefy.errors import MoefyError
+
+_ROUTER = r"\.mlp\.gate\.weight$"
+_NORM = r"norm\.weight$"
+_EXPERTS = r"\.mlp\.(experts|shared_expert)\.|\.mlp\.shared_expert_gate\."
+TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
+    "router": (_ROUTER,),
+    "router+norm": (_ROUTER, _NORM),
+    "experts": (_ROUTER, _NORM, _EXPERTS),
+    "all": (r".",),
+}
+
+
+def select_trainable(model, name: str) -> list:
+    patterns = [re.compile(p) for p in TRAINABLE_SETS[name]]
+    chosen = []
+    for pname, param in model.named_parameters():
+        param.requires_grad_(any(p.search(pname) for p in patterns))
+        if param.requires_grad:
+            chosen.append((pname, param))
+    if not chosen:
+        raise MoefyError(f"trainable set {name!r} matches no parameter of this model (is it an MoE?)")
+    return chosen
