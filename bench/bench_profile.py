@@ -75,7 +75,7 @@ def main() -> None:
     cold = work / "cold-cache"
     os.environ["MOEFY_CACHE"] = str(cold)
     (cold / "gguf").mkdir(parents=True)
-    (cold / "gguf" / source.directory.name).symlink_to(source.directory)  # reuse the dequantised model, not stats
+    (cold / "gguf" / source.directory.name).symlink_to(source.directory.resolve())  # reuse the model, not stats
     t0 = time.perf_counter()
     api.build(BuildRecipe(model="smollm2-135m", method="carve", experts=56, top_k=8, calib=str(work / "corpus" / "calib"),
                           profile=opts), work / "moe")

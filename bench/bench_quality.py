@@ -51,6 +51,8 @@ CONFIGS = {
                                                                     router=FIT)),
         ("carve (defaults: shared 1/8 + 24 of 56)", dict(method="carve", experts=56, top_k=24)),
     ],
+    # Upcycled experts are full FFN copies: one active expert is already 100% of the FFN per token.
+    "100%": [("upcycle 8 copies, top-1 (scale 1)", dict(method="upcycle", experts=8, top_k=1))],
 }
 
 
@@ -94,9 +96,10 @@ def main() -> None:
     dense_model = load_causal_lm(source.directory)
     dense = evaluate(dense_model)
     rows = {"dense": ("dense", 1.0, dense, None)}
-    for budget, fraction in (("25%", 0.25), ("50%", 0.5)):
+    for budget, fraction in (("25%", 0.25), ("50%", 0.5)):  # the oracle masks neurons inside the dense model
         oracle = TopFractionOracle(dense_model, fraction)
-        rows[f"oracle {budget}"] = (budget, fraction, evaluate(dense_model), None)
+        rows[f"{budget} oracle: each token's own top-{budget} neurons by |a| (neuron-level bound)"] = (
+            budget, fraction, evaluate(dense_model), None)
         for h in oracle.hooks:
             h.remove()
     del dense_model

@@ -217,3 +217,37 @@ def test_domain_router_needs_one_expert_per_domain(tiny_llama, corpus, tmp_path)
 def test_bad_placement(tiny_llama, corpus, tmp_path):
     with pytest.raises(MoefyError, match="unknown layer placement"):
         build(tiny_llama, tmp_path / "moe", corpus, layers="last:9")
+
+
+def test_parquet_and_saved_dataset_corpora(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": ["a b c", "d e f"], "domain": ["x", "y"]}), tmp_path / "c.parquet")
+    assert load_corpus(tmp_path / "c.parquet").domains() == ["x", "y"]
+    datasets.Dataset.from_dict({"text": ["one", "two"], "domain": ["p", "q"]}).save_to_disk(str(tmp_path / "ds"))
+    c = load_corpus(tmp_path / "ds")
+    assert [d.text for d in c.docs] == ["one", "two"] and c.domains() == ["p", "q"]
+    with pytest.raises(MoefyError, match="no 'body' column"):
+        load_corpus(tmp_path / "c.parquet", text_field="body")
+
+
+def test_drop_upcycling(tiny_llama, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    build(tiny_llama, tmp_path / "moe", corpus, method="upcycle", experts=4, top_k=1, drop_fraction=0.25)
+    plan = load_plan(tmp_path / "moe")
+    mask = plan.layers[0].reinit
+    assert mask.shape == (4, 48) and (mask.sum(axis=1) == 12).all()
+    assert not (mask[0] == mask[1]).all()  # each copy drops its own neurons
+    moe = load_file(str(tmp_path / "moe" / "model.safetensors"))
+    dense = load_file(str(tiny_llama / "model.safetensors"))
+    w1 = moe["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    gate = dense["model.layers.0.mlp.gate_proj.weight"]
+    kept = torch.from_numpy(~mask[0])
+    assert torch.equal(w1[kept], gate[kept]) and not torch.allclose(w1[~kept], gate[~kept])
+    # every neuron that was copied still reproduces the dense model exactly
+    assert api.verify(tmp_path / "moe", str(tiny_llama)).max_abs_dlogits < 1e-4
+    with pytest.raises(MoefyError, match="upcycle only"):
+        build(tiny_llama, tmp_path / "x", corpus, method="random", drop_fraction=0.1)

@@ -56,3 +56,19 @@ def test_smollm2_carve_qwen2_moe_exactness(tmp_path):
     assert report.check == "uniform" and report.max_abs_dlogits < 1e-3, report
     # routers fitted on calibration activations: far better than noise even training-free
     assert report.built_moe_ppl < 20 * report.dense_ppl
+
+
+@pytest.mark.parametrize("fields,check", [
+    ({"method": "coactivation", "experts": 8, "top_k": 2}, "uniform"),
+    ({"method": "importance", "importance": "inter", "experts": 4, "top_k": 1, "shared_fraction": 0.25}, "uniform"),
+    ({"method": "upcycle", "experts": 4, "top_k": 1}, "per-expert"),
+])
+def test_smollm2_other_methods_exactness(tmp_path, fields, check):
+    from moefy.data.demo_corpus import build_demo_corpus
+
+    build_demo_corpus(tmp_path / "corpus")
+    recipe = validate_recipe(BuildRecipe, {"model": "smollm2-135m", "calib": str(tmp_path / "corpus" / "calib"),
+                                           "profile": {"tokens_per_domain": 256, "sample_tokens": 256}, **fields})
+    api.build(recipe, tmp_path / "moe")
+    report = api.verify(tmp_path / "moe", "smollm2-135m")
+    assert report.check == check and report.max_abs_dlogits < 1e-3, report

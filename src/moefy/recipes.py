@@ -59,6 +59,9 @@ class BuildRecipe(Frozen):
     # Always-on shared neurons (carve, importance-inter); None: the method's default (0.125 for carve, else 0).
     shared_fraction: float | None = Field(None, ge=0.0, lt=1.0)
     importance: Literal["independent", "inner", "inter"] = "independent"
+    # Drop-upcycling: in each full-FFN copy, re-initialise this fraction of neurons (seeded, per expert), so that
+    # copies can diverge in training. Only for method upcycle.
+    drop_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024**2)
 
     @model_validator(mode="after")

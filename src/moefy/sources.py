@@ -36,7 +36,7 @@ class ModelSource:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MOEFY_CACHE", Path.home() / ".cache" / "moefy"))
+    return Path(os.environ.get("MOEFY_CACHE", Path.home() / ".cache" / "moefy")).resolve()
 
 
 def resolve_model(spec: str) -> ModelSource:

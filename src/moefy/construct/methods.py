@@ -110,3 +110,11 @@ def _greedy_unique(scores: np.ndarray, ids: np.ndarray, sizes: list[int]) -> lis
             taken[j] = True
             groups[e].append(j)
     return [ids[np.array(g, dtype=np.int64)] for g in groups]
+
+
+def drop_upcycle_slots(width: int, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Drop-Upcycling: per expert copy, a seeded random drop_fraction of its neurons to re-initialise."""
+    if not recipe.drop_fraction:
+        return None
+    k = int(round(recipe.drop_fraction * width))
+    return [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(recipe.experts)]

@@ -59,6 +59,8 @@ class LayerPlan:
     router: torch.Tensor  # float32 [N, hidden]
     scale: float
     shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [shared_size]
+    # bool [N, expert_size]: slots whose neuron is re-initialised at export (drop-upcycling), not copied
+    reinit: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,9 @@ class MoEPlan:
                 real = row[row != PAD]
                 if len(np.unique(real)) != len(real):
                     raise MoefyError(f"invalid plan: layer {i} expert {e} lists a neuron twice")
+            if lp.reinit is not None and (lp.reinit.shape != idx.shape or m.coverage != "overlap"):
+                raise MoefyError(f"invalid plan: layer {i} re-initialised neurons need overlapping experts "
+                                 f"and a mask of shape {idx.shape}")
             used = np.concatenate([idx.ravel(), lp.shared])
             counts = np.bincount(used[used != PAD], minlength=m.ffn_width)
             if m.coverage == "partition" and not (counts == 1).all():
@@ -104,6 +109,8 @@ class MoEPlan:
             tensors[f"layers.{i}.experts"] = torch.from_numpy(np.ascontiguousarray(lp.experts, dtype=np.int64))
             tensors[f"layers.{i}.router"] = lp.router.to(torch.float32).contiguous()
             tensors[f"layers.{i}.shared"] = torch.from_numpy(np.ascontiguousarray(lp.shared, dtype=np.int64))
+            if lp.reinit is not None:
+                tensors[f"layers.{i}.reinit"] = torch.from_numpy(lp.reinit.astype(np.uint8))
         save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": "moefy-plan"})
 
 
@@ -120,7 +127,9 @@ def load_plan(directory: Path) -> MoEPlan:
         raise MoefyError(f"corrupt plan in {directory}: {str(exc).splitlines()[0]}") from exc
     try:
         layers = {i: LayerPlan(tensors[f"layers.{i}.experts"].numpy(), tensors[f"layers.{i}.router"], s,
-                               tensors[f"layers.{i}.shared"].numpy())
+                               tensors[f"layers.{i}.shared"].numpy(),
+                               tensors[f"layers.{i}.reinit"].numpy().astype(bool)
+                               if f"layers.{i}.reinit" in tensors else None)
                   for i, s in zip(meta.moe_layers, meta.scales)}
     except KeyError as exc:
         raise MoefyError(f"corrupt plan in {directory}: missing tensor {exc}") from exc

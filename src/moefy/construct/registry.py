@@ -27,6 +27,7 @@ class Split:
     routed: list[np.ndarray]
     shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     overlap: bool = False  # experts may share neurons (then the partition exactness test does not apply)
+    reinit: list[np.ndarray] | None = None  # per expert: positions in its group to re-initialise (drop-upcycling)
 
 
 @dataclass
@@ -64,7 +65,8 @@ METHODS: dict[str, Method] = {
     "coactivation": lambda layer, r, rng: Split(methods.coactivation_split(layer.stats("coactivation"), r, rng)),
     "carve": lambda layer, r, rng: Split(*methods.carve_split(layer.stats("carve"), r, rng)),
     "importance": lambda layer, r, rng: Split(*methods.importance_split(layer.stats("importance"), r)),
-    "upcycle": lambda layer, r, rng: Split([np.arange(layer.width)] * r.experts, overlap=True),
+    "upcycle": lambda layer, r, rng: Split([np.arange(layer.width)] * r.experts, overlap=True,
+                                           reinit=methods.drop_upcycle_slots(layer.width, r, rng)),
 }
 # Methods whose natural output scale is not N/k: copies of the full FFN are already the dense FFN each.
 DEFAULT_SCALE = {"upcycle": 1.0}
@@ -84,6 +86,17 @@ def resolve_defaults(recipe: BuildRecipe) -> BuildRecipe:
     return recipe.model_copy(update=update)
 
 
+def _reinit_mask(split: Split, size: int) -> np.ndarray | None:
+    if split.reinit is None:
+        return None
+    mask = np.zeros((len(split.routed), size), dtype=bool)
+    for e, positions in enumerate(split.reinit):
+        # pad_groups sorts each group, so map group positions to the sorted slots
+        order = np.argsort(split.routed[e], kind="stable")
+        mask[e, np.searchsorted(split.routed[e][order], split.routed[e][positions])] = True
+    return mask
+
+
 def layer_rng(seed: int, layer: int, stream: str) -> np.random.Generator:
     """Independent, reproducible randomness per (seed, layer, purpose)."""
     return np.random.default_rng([seed, layer, sum(map(ord, stream))])
@@ -94,6 +107,8 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
     if recipe.method not in METHODS:
         raise MoefyError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     width, hidden, n_layers = int(config["intermediate_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])
+    if recipe.drop_fraction and recipe.method != "upcycle":
+        raise MoefyError("drop_fraction (drop-upcycling) applies to method upcycle only")
     if recipe.experts > width:
         raise MoefyError(f"cannot make {recipe.experts} experts from an FFN of width {width}: "
                          "each expert needs at least one neuron")
@@ -109,8 +124,8 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
     largest = max(len(g) for s in splits.values() for g in s.routed)
     size = -(-largest // EXPERT_SIZE_MULTIPLE) * EXPERT_SIZE_MULTIPLE
     shared_size = max(len(s.shared) for s in splits.values())
-    layers = {i: LayerPlan(pad_groups(s.routed, size), routers[i], scales[i], pad_to(s.shared, shared_size))
-              for i, s in splits.items()}
+    layers = {i: LayerPlan(pad_groups(s.routed, size), routers[i], scales[i], pad_to(s.shared, shared_size),
+                           _reinit_mask(s, size)) for i, s in splits.items()}
     overlap = any(s.overlap for s in splits.values())
     meta = PlanMeta(source=recipe.model, family=family.model_type, method=recipe.method, num_layers=n_layers,
                     num_experts=recipe.experts, top_k=recipe.top_k, ffn_width=width, hidden_size=hidden,

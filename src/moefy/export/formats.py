@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from moefy.construct.plan import EXPERT_SIZE_MULTIPLE, PAD, LayerPlan, PlanMeta, pad_to
@@ -28,6 +29,18 @@ def gather_neurons(weight: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.T
     out = weight.new_zeros(shape)
     out.index_copy_(dim, real.nonzero().squeeze(1), weight.index_select(dim, idx[real]))
     return out
+
+
+def _reinitialise(w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, slots: torch.Tensor,
+                  seed: tuple[int, int, int]) -> None:
+    """Drop-Upcycling: fresh normal weights for the chosen neurons, with each matrix's own mean and std."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    for w, dim in ((w_gate, 0), (w_up, 0), (w_down, 1)):
+        fresh = torch.randn(w.shape, generator=gen) * w.std() + w.mean()
+        if dim == 0:
+            w[slots] = fresh[slots]
+        else:
+            w[:, slots] = fresh[:, slots]
 
 
 class OutputFormat:
@@ -85,9 +98,12 @@ class OutputFormat:
         g, d, u = self.expert_keys
         yield p + "gate.weight", lp.router
         for e, row in enumerate(torch.from_numpy(lp.experts)):
-            yield f"{p}experts.{e}.{g}", gather_neurons(gate, row, 0)
-            yield f"{p}experts.{e}.{d}", gather_neurons(down, row, 1).mul_(lp.scale)
-            yield f"{p}experts.{e}.{u}", gather_neurons(up, row, 0)
+            w_gate, w_down, w_up = gather_neurons(gate, row, 0), gather_neurons(down, row, 1), gather_neurons(up, row, 0)
+            if lp.reinit is not None and lp.reinit[e].any():
+                _reinitialise(w_gate, w_down, w_up, torch.from_numpy(lp.reinit[e]), (meta.seed, layer, e))
+            yield f"{p}experts.{e}.{g}", w_gate
+            yield f"{p}experts.{e}.{d}", w_down.mul_(lp.scale)
+            yield f"{p}experts.{e}.{u}", w_up
         if self.shared_size(meta):
             row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], self.shared_size(meta)))
             yield p + "shared_expert.gate_proj.weight", gather_neurons(gate, row, 0)

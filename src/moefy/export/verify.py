@@ -144,8 +144,12 @@ def _per_expert_delta(moe, dense_model, plan, batch) -> tuple[float, float]:
         _force_expert(moe, plan.meta, e)
         with torch.no_grad():
             for i, lp in plan.layers.items():
+                copied = lp.experts[e] != PAD
+                if lp.reinit is not None:  # re-initialised neurons are new by design: check all the others
+                    copied &= ~lp.reinit[e]
+                    moe.model.layers[i].mlp.experts.down_proj[e][:, torch.from_numpy(lp.reinit[e])] = 0
                 mask = torch.zeros(plan.meta.ffn_width)
-                neurons = lp.experts[e][lp.experts[e] != PAD]
+                neurons = lp.experts[e][copied]
                 mask[torch.from_numpy(neurons)] = lp.scale
                 mask[torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
                 dense_model.model.layers[i].mlp.down_proj.weight.copy_(originals[i] * mask)
