@@ -53,6 +53,18 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe(tiny_llama, tmp_path_factory) -> Path:
+    """A 4-expert top-2 Mixtral built from tiny_llama (read-only for the tests that share it)."""
+    from moefy import api
+    from moefy.recipes import BuildRecipe, validate_recipe
+
+    out = tmp_path_factory.mktemp("moe") / "moe"
+    recipe = validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "cluster"})
+    api.build(recipe, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_sharded(tmp_path_factory) -> Path:
     """FFN width 50 (not divisible by 4 or 8) and several safetensors shards."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "sharded", intermediate=50, layers=3,
@@ -60,3 +72,18 @@ def tiny_sharded(tmp_path_factory) -> Path:
 
 # Files a person may want to look at after a test run (e.g. the rendered analyze report).
 ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
+
+
+def write_domain_corpus(path: Path, alphabets: dict[str, str], docs: dict[str, int], chars: dict[str, int],
+                        seed: int) -> Path:
+    """A JSONL corpus of random texts, each domain drawn from its own alphabet (so domains are distinguishable)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for domain, alphabet in alphabets.items():
+            for _ in range(docs[domain]):
+                text = "".join(rng.choice(alphabet) for _ in range(chars[domain]))
+                fh.write(json.dumps({"text": text, "domain": domain}) + "\n")
+    return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from moefy.construct.plan import PAD, load_plan
 from moefy.data.corpus import load_corpus
 from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe, validate_recipe
+from conftest import write_domain_corpus
 
 TINY_PROFILE = {"seq_len": 16, "tokens_per_domain": 512, "sample_tokens": 128, "batch_size": 4}
 DOMAINS = {"alpha": "abcdefgh ", "digits": "0123456789 ", "punct": "!?.,;:-+ ", "upper": "ABCDEFGH "}
@@ -27,13 +27,8 @@ def private_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "calib.jsonl"
-    rng = random.Random(0)
-    with open(path, "w") as fh:
-        for domain, alphabet in DOMAINS.items():
-            for _ in range(12):
-                fh.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(120)), "domain": domain}) + "\n")
-    return path
+    return write_domain_corpus(tmp_path_factory.mktemp("corpus") / "calib.jsonl", DOMAINS, dict.fromkeys(DOMAINS, 12),
+                               dict.fromkeys(DOMAINS, 120), seed=0)
 
 
 def build(model, out, corpus, **fields):

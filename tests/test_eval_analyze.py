@@ -14,29 +14,15 @@ from moefy import api, cli
 from moefy.evaluate.perplexity import windows
 from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe, validate_recipe
+from conftest import write_domain_corpus
 
 DOMAINS = {"alpha": "abcdefgh ", "digits": "0123456789 ", "punct": "!?.,;:-+ "}
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
-    import random
-
-    rng = random.Random(1)
-    path = tmp_path_factory.mktemp("held") / "held.jsonl"
-    with open(path, "w") as fh:
-        for domain, alphabet in DOMAINS.items():
-            for _ in range(6):
-                fh.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(100)), "domain": domain}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_moe(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe") / "moe"
-    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "cluster"}),
-              out)
-    return out
+    return write_domain_corpus(tmp_path_factory.mktemp("held") / "held.jsonl", DOMAINS, dict.fromkeys(DOMAINS, 6),
+                               dict.fromkeys(DOMAINS, 100), seed=1)
 
 
 @pytest.mark.parametrize("n,seq_len,stride", [(100, 16, 15), (100, 16, 5), (17, 16, 4), (40, 16, 1), (16, 16, 15)])

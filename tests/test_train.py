@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,28 +18,17 @@ from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Mixture
+from conftest import write_domain_corpus
 
 DOMAINS = {"alpha": "ab ", "digits": "0123 ", "punct": "!?. "}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng = random.Random(2)
-    path = tmp_path_factory.mktemp("train") / "train.jsonl"
-    with open(path, "w") as fh:
-        for domain, alphabet in DOMAINS.items():
-            n_docs, chars = (10, 150) if domain != "punct" else (1, 100)  # punct is tiny: it must cycle, not stop the run
-            for _ in range(n_docs):
-                fh.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(chars)), "domain": domain}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def moe(tiny_llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("moe") / "moe"
-    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "cluster"}),
-              out)
-    return out
+    # punct is tiny: it must cycle, not stop the run
+    return write_domain_corpus(tmp_path_factory.mktemp("train") / "train.jsonl", DOMAINS,
+                               {"alpha": 10, "digits": 10, "punct": 1}, {"alpha": 150, "digits": 150, "punct": 100},
+                               seed=2)
 
 
 def write_recipe(path, stages, **extra):
@@ -52,7 +40,7 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_stages_gating_and_export(moe, corpus, tmp_path):
+def test_stages_gating_and_export(tiny_moe, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
     recipe = write_recipe(tmp_path / "r.yaml", [
@@ -61,10 +49,10 @@ def test_stages_gating_and_export(moe, corpus, tmp_path):
         {"name": "sparse", "trainable": "experts", "tokens": 5 * 4 * 32, "seq_len": 32, "lr": 1e-3,
          "gating": {"noise": 1.0, "balance": "cv", "z_loss_coef": 1e-3, "bias_update_rate": 1e-3}},
     ], checkpoint_every=4)
-    final = api.train(moe, str(corpus), recipe, tmp_path / "run")
+    final = api.train(tiny_moe, str(corpus), recipe, tmp_path / "run")
     model = AutoModelForCausalLM.from_pretrained(final)
     assert isinstance(model, MixtralForCausalLM)
-    before = AutoModelForCausalLM.from_pretrained(moe)
+    before = AutoModelForCausalLM.from_pretrained(tiny_moe)
     assert not torch.equal(model.model.layers[0].mlp.gate.weight, before.model.layers[0].mlp.gate.weight)
     assert torch.equal(model.model.embed_tokens.weight, before.model.embed_tokens.weight)  # not in a trainable set
     recs = records(tmp_path / "run")
@@ -76,48 +64,54 @@ def test_stages_gating_and_export(moe, corpus, tmp_path):
     assert not hasattr(model.model.layers[0].mlp.gate, "forward") or "forward" not in vars(model.model.layers[0].mlp.gate)
 
 
-def test_training_lowers_the_loss(moe, corpus, tmp_path):
+def test_training_lowers_the_loss(tiny_moe, corpus, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", [{"trainable": "all", "tokens": 30 * 4 * 32, "seq_len": 32,
                                                  "lr": 3e-3, "warmup_steps": 2}])
-    api.train(moe, str(corpus), recipe, tmp_path / "run")
+    api.train(tiny_moe, str(corpus), recipe, tmp_path / "run")
     losses = [r["loss"] for r in records(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
 
 
-def test_killed_run_resumes_exactly(moe, corpus, tmp_path):
+def test_killed_run_resumes_exactly(tiny_moe, corpus, tmp_path):
     stages = [{"name": "a", "trainable": "router+norm", "tokens": 6 * 2 * 32, "seq_len": 32, "batch_size": 2,
                "lr": 1e-2, "gating": {"noise": 0.5}},
               {"name": "b", "trainable": "experts", "tokens": 8 * 2 * 32, "seq_len": 32, "batch_size": 2,
-               "grad_accum": 2, "lr": 1e-3, "gating": {"balance": "switch", "bias_update_rate": 1e-2}}]
+               "grad_accum": 2, "lr": 1e-3, "gating": {"balance": "switch", "bias_update_rate": 1e-2}},
+              # a long cheap tail, so the child is certainly still running when it is killed after step 9
+              {"name": "c", "trainable": "router", "tokens": 60 * 1 * 32, "seq_len": 32, "batch_size": 1}]
     recipe = write_recipe(tmp_path / "r.yaml", stages, checkpoint_every=3, keep_last=5)
-    api.train(moe, str(corpus), recipe, tmp_path / "straight")
+    api.train(tiny_moe, str(corpus), recipe, tmp_path / "straight")
     # Same run in a child process, SIGKILLed once it has checkpointed mid-way through stage b, then resumed.
     env = {**os.environ, "MOEFY_QUIET": "1"}
-    cmd = [sys.executable, "-m", "moefy", "train", str(moe), "--data", str(corpus), "--recipe", str(recipe),
+    cmd = [sys.executable, "-m", "moefy", "train", str(tiny_moe), "--data", str(corpus), "--recipe", str(recipe),
            "--out", str(tmp_path / "killed")]
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = tmp_path / "killed" / "checkpoints" / "step-0000009"
+    checkpoints = tmp_path / "killed" / "checkpoints"
+
+    def past_stage_a() -> bool:  # a checkpoint inside stage b or later (keep_last may already have dropped step 9)
+        return checkpoints.is_dir() and any(int(p.name.split("-")[1]) >= 9 for p in checkpoints.glob("step-*"))
+
     deadline = time.time() + 300
-    while not target.is_dir() and child.poll() is None and time.time() < deadline:
+    while not past_stage_a() and child.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert target.is_dir(), "the child never reached the mid-run checkpoint"
+    assert past_stage_a(), "the child never reached a mid-run checkpoint"
     assert not (tmp_path / "killed" / "final").exists()
     assert cli.main(["train", "--resume", str(tmp_path / "killed")]) == 0
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "killed")
-    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 11))  # 6 + 4 steps
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 71))  # 6 + 4 + 60 steps
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
         assert a["weights"] == b["weights"]
 
 
-def test_dynamic_mixture_moves_weights(moe, corpus, tmp_path, tiny_llama):
+def test_dynamic_mixture_moves_weights(tiny_moe, corpus, tmp_path, tiny_llama):
     recipe = write_recipe(tmp_path / "r.yaml", [{
         "trainable": "router", "tokens": 6 * 4 * 32, "seq_len": 32, "lr": 1e-2,
         "mixture": {"dynamic": True, "eval_every": 2, "eta": 5.0, "eval_tokens_per_domain": 64}}])
     # The MoE's plan names its dense source, whose held-out losses are the reference (measured, cached in the run).
-    api.train(moe, str(corpus), recipe, tmp_path / "run")
+    api.train(tiny_moe, str(corpus), recipe, tmp_path / "run")
     recs = records(tmp_path / "run")
     assert (tmp_path / "run" / "reference_loss_32.json").is_file()
     assert recs[0]["weights"] == pytest.approx({d: 1 / 3 for d in DOMAINS})
@@ -134,9 +128,9 @@ def test_mixture_functions():
     assert w["a"] > w["b"] and sum(w.values()) == pytest.approx(1.0)
 
 
-def test_train_errors(capsys, moe, corpus, tmp_path, tiny_llama):
+def test_train_errors(capsys, tiny_moe, corpus, tmp_path, tiny_llama):
     bad = write_recipe(tmp_path / "bad.yaml", [{"tokens": 10, "optimizer": "sgd"}])
-    assert cli.main(["train", str(moe), "--data", str(corpus), "--recipe", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert cli.main(["train", str(tiny_moe), "--data", str(corpus), "--recipe", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "optimizer: Extra inputs are not permitted" in capsys.readouterr().err
     dense_recipe = write_recipe(tmp_path / "d.yaml", [{"tokens": 64, "seq_len": 32}])
     assert cli.main(["train", str(tiny_llama), "--data", str(corpus), "--recipe", str(dense_recipe),

@@ -6,7 +6,7 @@ neurons those tokens activate most (a min-cost matching), so router row e really
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -18,10 +18,13 @@ from moefy.construct.router_fit import fit_router
 from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe
 
+if TYPE_CHECKING:  # registry imports this module, so the type is named for checkers only
+    from moefy.construct.registry import LayerInput
+
 
 @dataclass(frozen=True)
 class RouterContext:
-    layer: "object"  # registry.LayerInput
+    layer: "LayerInput"
     recipe: BuildRecipe
     groups: list[np.ndarray]
     shared: np.ndarray
