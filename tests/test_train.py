@@ -138,3 +138,16 @@ def test_train_errors(capsys, tiny_moe, corpus, tmp_path, tiny_llama):
     assert "matches no parameter" in capsys.readouterr().err
     assert cli.main(["train", "--resume", str(tmp_path)]) == 2
     assert "is not a moefy training run" in capsys.readouterr().err
+
+
+def test_trainable_sets_select_by_name(tiny_moe):
+    from transformers import AutoModelForCausalLM
+
+    from moefy.train.trainable import select_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe)
+    names = {n for n, _ in select_trainable(model, "norm")}
+    assert names and all(n.endswith("norm.weight") for n in names)
+    router = {n for n, _ in select_trainable(model, "router")}
+    assert router == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n not in router)

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from moefy.recipes import Frozen
 
-Trainable = Literal["router", "router+norm", "experts", "all"]
+Trainable = Literal["norm", "router", "router+norm", "experts", "all"]
 
 # Static domain-weight presets (DESIGN §5). They name RedPajama's domains, so they apply to corpora that use them.
 PRESETS: dict[str, dict[str, float]] = {

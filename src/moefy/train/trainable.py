@@ -10,6 +10,7 @@ _ROUTER = r"\.mlp\.gate\.weight$"
 _NORM = r"norm\.weight$"
 _EXPERTS = r"\.mlp\.(experts|shared_expert)\.|\.mlp\.shared_expert_gate\."
 TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
+    "norm": (_NORM,),
     "router": (_ROUTER,),
     "router+norm": (_ROUTER, _NORM),
     "experts": (_ROUTER, _NORM, _EXPERTS),
