@@ -13,7 +13,6 @@ import torch
 from moefy import api, cli
 from moefy.evaluate.perplexity import windows
 from moefy.errors import MoefyError
-from moefy.recipes import BuildRecipe, validate_recipe
 from conftest import write_domain_corpus
 
 DOMAINS = {"alpha": "abcdefgh ", "digits": "0123456789 ", "punct": "!?.,;:-+ "}

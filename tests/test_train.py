@@ -15,7 +15,6 @@ import yaml
 
 from moefy import api, cli
 from moefy.errors import MoefyError
-from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Mixture
 from conftest import write_domain_corpus

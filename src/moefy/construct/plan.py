@@ -5,7 +5,6 @@ so a plan can be inspected, edited and re-exported without re-running constructi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
