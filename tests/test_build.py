@@ -36,15 +36,13 @@ def test_all_experts_uniform_router_reproduce_dense(tiny_sharded, tmp_path, meth
 def test_verify_detects_a_broken_expert(tiny_llama, tmp_path):
     out = tmp_path / "moe"
     build(tiny_llama, out, experts=4, top_k=2)
-    plan_tensors = out / "moefy_plan.safetensors"
     from safetensors.torch import load_file, save_file
-    t = load_file(str(plan_tensors))
+
     # Corrupt the weights (not the plan): swap two experts' w1 rows in the checkpoint.
     weights = load_file(str(out / "model.safetensors"))
     key = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
     weights[key] = weights[key].flip(0).contiguous()
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    assert t  # plan untouched
     assert api.verify(out, str(tiny_llama)).max_abs_dlogits > 1e-3
 
 

@@ -101,7 +101,6 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
     dense_model = load_causal_lm(resolve_model(dense).directory, storage).float()
     dense_logits, dense_loss = _run(dense_model, batch)
     dense_params = sum(p.numel() for p in dense_model.parameters())
-    del dense_model
     moe = load_causal_lm(moe_dir, storage).float()
     _, built_loss = _run(moe, batch)
     total = sum(p.numel() for p in moe.parameters())
@@ -111,8 +110,7 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         moe_logits, uniform_loss = _run(moe, batch)
         delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
     else:
-        check = "per-expert"
-        dense_model = load_causal_lm(resolve_model(dense).directory, storage).float()
+        check = "per-expert"  # reuses the loaded dense model, restricting its FFN to one expert at a time
         delta, uniform_loss = _per_expert_delta(moe, dense_model, plan, batch)
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
                         plan.meta.active_params(total), dense_params, tolerance)
