@@ -23,6 +23,9 @@ from moefy.export.verify import load_causal_lm
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
 
+sys.path.insert(0, str(Path(__file__).parent))
+from docs_sections import replace_section  # noqa: E402
+
 MODEL = "smollm2-135m"
 FIT = {"kind": "fit"}
 # (label, recipe fields) per budget. SmolLM2's FFN has 1536 neurons: 25% = 384 active, 50% = 768.
@@ -121,7 +124,7 @@ def main() -> None:
 def write_table(out: Path, rows: dict, dense, tokens_per_domain: int) -> None:
     domains = list(dense.per_domain)
     lines = [
-        "# Training-free quality (SmolLM2-135M, demo corpus)",
+        "## Training-free quality (SmolLM2-135M, demo corpus)",
         "",
         "Command: `make results` (= `.venv/bin/python bench/bench_quality.py`). Calibration on the demo corpus's "
         f"`calib/` split, held-out perplexity on `heldout/` ({tokens_per_domain} tokens per domain, context 256, "
@@ -142,7 +145,7 @@ def write_table(out: Path, rows: dict, dense, tokens_per_domain: int) -> None:
         label = name.split(" ", 1)[1]
         fmt = info[0] if info else "(dense + per-token mask)"
         lines.append(f"| {budget} | {label} | {active:.0%} | " + " | ".join(cells) + f" | {fmt} |")
-    out.write_text("\n".join(lines) + "\n")
+    replace_section(out, "construction", "\n".join(lines))
 
 
 if __name__ == "__main__":

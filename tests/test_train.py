@@ -74,8 +74,8 @@ def test_training_lowers_the_loss(tiny_moe, corpus, tmp_path):
 def test_killed_run_resumes_exactly(tiny_moe, corpus, tmp_path):
     stages = [{"name": "a", "trainable": "router+norm", "tokens": 6 * 2 * 32, "seq_len": 32, "batch_size": 2,
                "lr": 1e-2, "gating": {"noise": 0.5}},
-              {"name": "b", "trainable": "experts", "tokens": 8 * 2 * 32, "seq_len": 32, "batch_size": 2,
-               "grad_accum": 2, "lr": 1e-3, "gating": {"balance": "switch", "bias_update_rate": 1e-2}},
+              {"name": "b", "trainable": "experts-lora", "tokens": 8 * 2 * 32, "seq_len": 32, "batch_size": 2,
+               "grad_accum": 2, "lr": 1e-2, "gating": {"balance": "switch", "bias_update_rate": 1e-2}},
               # a long cheap tail, so the child is certainly still running when it is killed after step 9
               {"name": "c", "trainable": "router", "tokens": 60 * 1 * 32, "seq_len": 32, "batch_size": 1}]
     recipe = write_recipe(tmp_path / "r.yaml", stages, checkpoint_every=3, keep_last=5)
@@ -131,7 +131,12 @@ def test_train_errors(capsys, tiny_moe, corpus, tmp_path, tiny_llama):
     bad = write_recipe(tmp_path / "bad.yaml", [{"tokens": 10, "optimizer": "sgd"}])
     assert cli.main(["train", str(tiny_moe), "--data", str(corpus), "--recipe", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "optimizer: Extra inputs are not permitted" in capsys.readouterr().err
-    dense_recipe = write_recipe(tmp_path / "d.yaml", [{"tokens": 64, "seq_len": 32}])
+    small = write_recipe(tmp_path / "s.yaml", [{"tokens": 64, "seq_len": 32}])
+    assert cli.main(["train", str(tiny_moe), "--data", str(corpus), "--recipe", str(small), "--out", str(tmp_path / "r")]) == 2
+    assert "token budget 64 is smaller than one optimizer step" in capsys.readouterr().err
+    assert cli.main(["train", str(tiny_moe), "--data", str(corpus), "--recipe", "nosuch", "--out", str(tmp_path / "r")]) == 2
+    assert "recipe file not found: nosuch" in capsys.readouterr().err
+    dense_recipe = write_recipe(tmp_path / "d.yaml", [{"tokens": 128, "seq_len": 32}])
     assert cli.main(["train", str(tiny_llama), "--data", str(corpus), "--recipe", str(dense_recipe),
                      "--out", str(tmp_path / "r2")]) == 2
     assert "matches no parameter" in capsys.readouterr().err
@@ -150,3 +155,13 @@ def test_trainable_sets_select_by_name(tiny_moe):
     router = {n for n, _ in select_trainable(model, "router")}
     assert router == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
     assert all(not p.requires_grad for n, p in model.named_parameters() if n not in router)
+
+
+def test_corrupt_checkpoint_on_resume(capsys, tiny_moe, corpus, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", [{"tokens": 4 * 4 * 32, "seq_len": 32}], checkpoint_every=2)
+    api.train(tiny_moe, str(corpus), recipe, tmp_path / "run")
+    latest = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    (latest / "trainable.safetensors").write_bytes(b"\x00" * 20)
+    assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moefy: error: corrupt checkpoint") and err.count("\n") == 1

@@ -27,7 +27,7 @@ from moefy.export.verify import VerifyReport, load_causal_lm, verify
 from moefy.families import family_for
 from moefy.profile.runner import profile_cached
 from moefy.progress import progress
-from moefy.recipes import BuildRecipe, dump_recipe
+from moefy.recipes import BuildRecipe, dump_recipe, load_recipe, validate_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
@@ -165,6 +165,16 @@ def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_dom
     return {k: out / p.name for k, p in paths.items()}
 
 
+def load_train_recipe(recipe: Path | str) -> "TrainRecipe":
+    """A training recipe from a YAML file, or a built-in preset by name (e.g. `dive`)."""
+    from moefy.train.presets import PRESETS
+    from moefy.train.recipe import TrainRecipe
+
+    if str(recipe) in PRESETS and not Path(recipe).exists():
+        return validate_recipe(TrainRecipe, {"preset": str(recipe)})
+    return load_recipe(TrainRecipe, Path(recipe), {})
+
+
 def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out: Path, heldout: str | None = None,
           resume: bool = False, overwrite: bool = False) -> Path:
     """Train a built MoE through the recipe's stages; returns the exported checkpoint (out/final).
@@ -173,19 +183,16 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
     from moefy.train.loop import train as run_training
     from moefy.train.plots import plot_run
     from moefy.train.recipe import TrainRecipe
-    from moefy.recipes import load_recipe
+
+    from accelerate import PartialState
 
     out = Path(out)
-    if resume:
-        if not (out / RUN_JSON).is_file():
-            raise MoefyError(f"{out} is not a moefy training run (no {RUN_JSON}); nothing to resume")
-        spec = json.loads((out / RUN_JSON).read_text())
-        recipe = load_recipe(TrainRecipe, out / "moefy_train.yaml", {})
-    else:
+    process = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of a torchrun/accelerate launch
+    if not resume and process.is_main_process:  # only the main process creates the run directory
         if moe_dir is None or data is None or recipe_path is None:
             raise MoefyError("train needs MOE_DIR, --data and --recipe (or --resume RUN_DIR)")
         check_output(out, overwrite)
-        recipe = load_recipe(TrainRecipe, recipe_path, {})
+        recipe = load_train_recipe(recipe_path)
         plan_json = Path(moe_dir) / "moefy_plan.json"
         source = json.loads(plan_json.read_text())["source"] if plan_json.is_file() else None
         spec = {"moe_dir": str(Path(moe_dir).resolve()), "data": str(data), "heldout": str(heldout or data),
@@ -195,8 +202,14 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
         out.mkdir(parents=True)
         (out / RUN_JSON).write_text(json.dumps(spec, indent=2))
         dump_recipe(recipe, out / "moefy_train.yaml")
+    process.wait_for_everyone()
+    if not (out / RUN_JSON).is_file():
+        raise MoefyError(f"{out} is not a moefy training run (no {RUN_JSON}); nothing to resume")
+    spec = json.loads((out / RUN_JSON).read_text())
+    recipe = load_recipe(TrainRecipe, out / "moefy_train.yaml", {})
     moe = resolve_model(spec["moe_dir"]).directory
     dense = resolve_model(spec["dense"]).directory if spec["dense"] else None
     final = run_training(moe, recipe, load_corpus(spec["data"]), load_corpus(spec["heldout"]), out, dense, resume)
-    plot_run(out)
+    if process.is_main_process:
+        plot_run(out)
     return final

@@ -41,7 +41,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("moe_dir", nargs="?", type=Path)
     t.add_argument("--data", help="training corpus (domains = streams)")
     t.add_argument("--heldout", help="held-out corpus for dynamic mixtures (default: --data)")
-    t.add_argument("--recipe", type=Path, help="training recipe YAML (stages)")
+    t.add_argument("--recipe", help="training recipe YAML (stages), or a preset name: dive")
     t.add_argument("--out", type=Path, help="run directory")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true")

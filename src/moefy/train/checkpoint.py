@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moefy.atomic import atomic_output
@@ -20,7 +21,7 @@ CKPT_DIR = "checkpoints"
 
 
 def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, model_state: dict, gating_state: dict,
-                    optimizer, scheduler, sampler_state: dict, keep_last: int) -> Path:
+                    optimizer, scheduler, sampler_state: dict, touched: list[str], keep_last: int) -> Path:
     target = run / CKPT_DIR / f"step-{step:07d}"
     with atomic_output(target, overwrite=True) as tmp:
         save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "trainable.safetensors"))
@@ -29,7 +30,7 @@ def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, model_
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({
-            "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state,
+            "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state, "touched": touched,
             "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False)}, default=_jsonable))
     for old in sorted((run / CKPT_DIR).glob("step-*"))[:-keep_last]:
         shutil.rmtree(old)
@@ -47,7 +48,7 @@ def load_checkpoint(path: Path) -> dict:
         blob = torch.load(path / "optimizer.pt", weights_only=True)
         weights = load_file(str(path / "trainable.safetensors"))
         gating = load_file(str(path / "gating.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise MoefyError(f"corrupt checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     gating.pop("_", None)
     return {**state, **blob, "weights": weights, "gating": gating}

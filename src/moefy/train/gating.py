@@ -29,6 +29,8 @@ class GatingWrapper:
             if gating.noise > 0:
                 noise = torch.nn.Linear(router.weight.shape[1], router.weight.shape[0], bias=False)
                 torch.nn.init.zeros_(noise.weight)  # starts as plain top-k; learns where noise helps exploration
+                # A submodule of the router, so DDP/FSDP see and synchronise it; `remove` takes it off again.
+                router.moefy_noise = noise
                 self.noise.append(noise)
             router.forward = self._forward(router, noise, i)
 
@@ -76,10 +78,12 @@ class GatingWrapper:
         self.records.clear()
         return total
 
-    def end_step(self) -> dict[str, float]:
-        """After the optimizer step: update aux-free biases from this step's load; report the load imbalance."""
+    def end_step(self, reduce=lambda load: load) -> dict[str, float]:
+        """After the optimizer step: update aux-free biases from this step's load (summed over processes by
+        `reduce`, so every rank moves its biases identically); report the load imbalance."""
         imbalance = []
         for i, load in self.loads.items():
+            load = reduce(load)
             imbalance.append(float(_cv2(load).sqrt()))
             if self.gating.bias_update_rate > 0:  # raise the bias of under-loaded experts, lower the over-loaded
                 self.bias[i] += self.gating.bias_update_rate * torch.sign(load.mean() - load)
@@ -101,6 +105,8 @@ class GatingWrapper:
     def remove(self) -> None:
         for router in self.routers:
             del router.forward  # back to the class's stock forward
+            if hasattr(router, "moefy_noise"):
+                del router.moefy_noise
 
 
 def _cv2(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,11 @@
 """The training loop. It reads top to bottom in a fixed order (torchtune/nanoGPT style): load the MoE and the data,
-then for each stage: choose what trains, wrap the gates, build optimizer and schedule, and step; evaluate and update
-domain weights every `eval_every` steps; checkpoint every `checkpoint_every` steps. A resumed run restores every
-piece of state and continues the exact same sequence of batches and losses."""
+then for each stage: attach LoRA if the stage asks for it, choose what trains, wrap the gates, build optimizer and
+schedule, hand model and optimizer to accelerate (DDP/FSDP/DeepSpeed across processes, as is for one), and step;
+evaluate and update domain weights every `eval_every` steps; checkpoint every `checkpoint_every` steps; merge LoRA
+at the end of its stage. A resumed run restores every piece of state and continues the same batches and losses.
+
+Data parallelism keeps the global batch of the recipe: every process draws the same global micro-batch (same
+sampler, same seed) and trains on its own rows of it, so N processes reproduce one process to rounding."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,11 +29,12 @@ from moefy.sources import SIDE_FILES
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
 from moefy.train.gating import GatingWrapper
+from moefy.train.lora import add_lora, merge, stable_name
+from moefy.train.logs import RunLog
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Stage, TrainRecipe
-from moefy.train.trainable import select_trainable
+from moefy.train.trainable import matching, select_trainable
 
-METRICS = "metrics.jsonl"
 MOE_SIDE_FILES = ("moefy_plan.json", "moefy_plan.safetensors", "moefy.yaml")
 
 
@@ -51,35 +57,56 @@ def reference_losses(dense_dir: Path, tokenizer, heldout: Corpus, stage: Stage, 
     return ppl.per_domain
 
 
+def make_accelerator(recipe: TrainRecipe):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one state per process; a second run in the same process (the Python API, the tests) may ask
+    # for another precision. The process group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
+    gpu = torch.cuda.is_available()
+    precision = recipe.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    return Accelerator(cpu=not gpu, mixed_precision=precision)
+
+
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
           resume: bool = False) -> Path:
     from transformers import AutoTokenizer
 
+    acc = make_accelerator(recipe)
     tokenizer = AutoTokenizer.from_pretrained(moe_dir)
-    model = load_causal_lm(moe_dir)
+    model = load_causal_lm(moe_dir).to(acc.device)
+    if model._can_set_experts_implementation():
+        # grouped_mm by name: transformers then raises rather than silently falling back (batched_mm computes every
+        # expert for every token, which training would pay in forward and backward).
+        model.set_experts_implementation("grouped_mm")
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     torch.manual_seed(recipe.seed)
-    metrics = run / METRICS
     ckpt = load_checkpoint(latest_checkpoint(run)) if resume and latest_checkpoint(run) else None
-    if ckpt:
-        model.load_state_dict(ckpt["weights"], strict=False)
-        # A run killed after its last checkpoint logged steps that will now be redone: drop them.
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= ckpt["step"]]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    elif metrics.exists():
-        metrics.unlink()
+    log = RunLog(run, ckpt["step"] if ckpt else None) if acc.is_main_process else None
     step = ckpt["step"] if ckpt else 0
+    touched: set[str] = set(ckpt["touched"]) if ckpt else set()  # weights changed by finished stages
     for s_idx, stage in enumerate(recipe.stages):
         if ckpt and s_idx < ckpt["stage"]:
             continue
+        if stage.batch_size % acc.num_processes:
+            raise MoefyError(f"stage {stage.name}: batch_size {stage.batch_size} must be a multiple of the "
+                             f"{acc.num_processes} processes (the global batch is split across them)")
         sampler = DomainSampler(corpus, tokenizer, stage.seq_len, initial_weights(stage.mixture, corpus.domains()),
                                 recipe.seed + s_idx)
-        params = [p for _, p in select_trainable(model, stage.trainable)]
+        lora = add_lora(model, stage.lora) if stage.trainable == "experts-lora" else None
+        chosen = select_trainable(model, stage.trainable)
         gating = GatingWrapper(model, stage.gating)
-        optimizer = torch.optim.AdamW(params + gating.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+        optimizer = torch.optim.AdamW([p for _, p in chosen] + gating.parameters(), lr=stage.lr,
+                                      weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(stage))
         start = 0
         if ckpt and s_idx == ckpt["stage"]:
+            load_weights(model, ckpt["weights"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             sampler.load_state(ckpt["sampler"])
@@ -92,29 +119,37 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
             if dense_dir is None:
                 raise MoefyError("a dynamic mixture needs the dense source model for reference losses")
             ref = reference_losses(dense_dir, tokenizer, heldout, stage, run / f"reference_loss_{stage.seq_len}.json")
-        for stage_step in progress(range(start, stage.steps), f"stage {stage.name} ({stage.trainable})",
-                                   total=stage.steps - start):
+        # Only the model and optimizer go through accelerate: a prepared scheduler would step once per process.
+        wrapped, optimizer = acc.prepare(model, optimizer)
+        status: dict[str, str] = {}
+        steps = range(start, stage.steps)
+        if acc.is_main_process:
+            steps = progress(steps, f"stage {stage.name} ({stage.trainable})", status=status)
+        for stage_step in steps:
             t0 = time.perf_counter()
-            lm_total = aux_total = 0.0
-            for _ in range(stage.grad_accum):
+            totals = torch.zeros(2)  # lm loss, aux loss: means over micro-batches
+            for micro in range(stage.grad_accum):
                 ids, _domains = sampler.next_batch(stage.batch_size)
-                lm = model(input_ids=ids, labels=ids).loss
-                aux = gating.aux_loss()
-                ((lm + aux) / stage.grad_accum).backward()
-                lm_total += lm.item() / stage.grad_accum
-                aux_total += float(aux.detach()) / stage.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, stage.clip)
+                ids = ids[acc.process_index::acc.num_processes].to(acc.device)
+                last = micro == stage.grad_accum - 1
+                with nullcontext() if last else acc.no_sync(wrapped):  # gradients are all-reduced once per step
+                    lm = wrapped(input_ids=ids, labels=ids).loss
+                    aux = gating.aux_loss()
+                    acc.backward((lm + aux) / stage.grad_accum)
+                totals += torch.stack([lm.detach().float().cpu(), aux.detach().float().cpu()]) / stage.grad_accum
+            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            gate_stats = gating.end_step()
+            gate_stats = gating.end_step(lambda load: acc.reduce(load.to(acc.device), "sum").cpu())
+            lm_loss, aux_loss = acc.reduce(totals.to(acc.device), "mean").tolist()
             step += 1
-            record = {"step": step, "stage": stage.name, "loss": lm_total, "aux_loss": aux_total,
+            record = {"step": step, "stage": stage.name, "loss": lm_loss, "aux_loss": aux_loss,
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "tokens_per_s": stage.tokens_per_step / (time.perf_counter() - t0),
                       "weights": dict(sampler.weights), "domain_epochs": dict(sampler.epochs), **gate_stats}
             if ref is not None and (stage_step + 1) % stage.mixture.eval_every == 0:
-                model.eval()
+                model.eval()  # every process evaluates the same data, so every process moves its weights the same
                 current = heldout_perplexity(model, tokenizer, heldout, stage.seq_len,
                                              stage.mixture.eval_tokens_per_domain).per_domain
                 gating.records.clear()
@@ -122,15 +157,40 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
                 sampler.weights = sheared_llama_update(sampler.weights, current, ref, stage.mixture.eta,
                                                        stage.mixture.smoothing)
                 record["eval_loss"] = current
-            with open(metrics, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            status.update(loss=f"{lm_loss:.3f}", aux=f"{aux_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if log:
+                log.write(record)
             if step % recipe.checkpoint_every == 0:
-                trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-                save_checkpoint(run, step, stage=s_idx, stage_step=stage_step + 1, model_state=trainable,
-                                gating_state=gating.state(), optimizer=optimizer, scheduler=scheduler,
-                                sampler_state=sampler.state(), keep_last=recipe.keep_last)
+                if acc.is_main_process:
+                    weights = {stable_name(n): p for n, p in model.named_parameters()
+                               if (p.requires_grad or stable_name(n) in touched) and "moefy_noise" not in n}
+                    save_checkpoint(run, step, stage=s_idx, stage_step=stage_step + 1, model_state=weights,
+                                    gating_state=gating.state(), optimizer=optimizer, scheduler=scheduler,
+                                    sampler_state=sampler.state(), touched=sorted(touched),
+                                    keep_last=recipe.keep_last)
+                acc.wait_for_everyone()
+        model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        acc.free_memory()
         gating.remove()
-    return export(model, moe_dir, run, recipe)
+        touched |= {stable_name(n) for n, _ in chosen if "lora_" not in n}
+        if lora is not None:
+            model = merge(lora)
+            touched |= set(matching(model, "experts"))  # the merged deltas changed the expert weights
+    if log:
+        log.close()
+    final = export(model, moe_dir, run, recipe) if acc.is_main_process else run / "final"
+    acc.wait_for_everyone()
+    return final
+
+
+def load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = {stable_name(n): p for n, p in model.named_parameters()}
+    missing = sorted(set(tensors) - set(params))
+    if missing:
+        raise MoefyError(f"checkpoint does not match this model: no parameter {missing[0]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
 
 
 def export(model, moe_dir: Path, run: Path, recipe: TrainRecipe) -> Path:

@@ -10,9 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from moefy.train.logs import METRICS  # noqa: E402
+
 
 def plot_run(run: Path) -> list[Path]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / METRICS).read_text().splitlines()]
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(steps, [r["loss"] for r in records], label="LM loss")

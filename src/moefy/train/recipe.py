@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from moefy.recipes import Frozen
 
-Trainable = Literal["norm", "router", "router+norm", "experts", "all"]
+Trainable = Literal["norm", "router", "router+norm", "experts-lora", "experts", "all"]
 
 # Static domain-weight presets (DESIGN §5). They name RedPajama's domains, so they apply to corpora that use them.
 PRESETS: dict[str, dict[str, float]] = {
@@ -47,6 +47,14 @@ class Gating(Frozen):
     soft_temperature: float | None = Field(None, gt=0)  # DIVE stage 0: every expert, weights softmax(logits / T)
 
 
+class Lora(Frozen):
+    """LoRA on the expert projections (peft), used by the `experts-lora` set and merged into the weights at the end
+    of its stage."""
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
 class Stage(Frozen):
     name: str = "stage"
     trainable: Trainable = "router"
@@ -61,6 +69,14 @@ class Stage(Frozen):
     clip: float = Field(1.0, gt=0)
     gating: Gating = Gating()
     mixture: Mixture = Mixture()
+    lora: Lora = Lora()
+
+    @model_validator(mode="after")
+    def _one_step(self) -> "Stage":
+        if self.tokens < self.tokens_per_step:
+            raise ValueError(f"token budget {self.tokens} is smaller than one optimizer step "
+                             f"(seq_len × batch_size × grad_accum = {self.tokens_per_step})")
+        return self
 
     @property
     def tokens_per_step(self) -> int:
@@ -68,7 +84,7 @@ class Stage(Frozen):
 
     @property
     def steps(self) -> int:
-        return max(1, self.tokens // self.tokens_per_step)
+        return self.tokens // self.tokens_per_step
 
 
 class TrainRecipe(Frozen):
@@ -76,3 +92,16 @@ class TrainRecipe(Frozen):
     seed: int = 0
     checkpoint_every: int = Field(10, ge=1)  # optimizer steps
     keep_last: int = Field(2, ge=1)
+    # auto: bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU bf16 autocast is slower than fp32 here)
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data):
+        """`preset: NAME` (or `--recipe NAME`) expands to that preset's stages; its other keys are the preset's."""
+        if isinstance(data, dict) and "preset" in data:
+            from moefy.train.presets import expand_preset
+
+            return expand_preset(data)
+        return data

@@ -9,20 +9,29 @@ from moefy.errors import MoefyError
 _ROUTER = r"\.mlp\.gate\.weight$"
 _NORM = r"norm\.weight$"
 _EXPERTS = r"\.mlp\.(experts|shared_expert)\.|\.mlp\.shared_expert_gate\."
+_LORA = r"\.lora_[AB]\."  # adapters that moefy.train.lora attached
 TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
     "norm": (_NORM,),
     "router": (_ROUTER,),
     "router+norm": (_ROUTER, _NORM),
+    "experts-lora": (_ROUTER, _NORM, _LORA),
     "experts": (_ROUTER, _NORM, _EXPERTS),
     "all": (r".",),
 }
 
 
-def select_trainable(model, name: str) -> list:
+def matching(model, name: str) -> list[str]:
+    """Names of the parameters in trainable set `name`."""
     patterns = [re.compile(p) for p in TRAINABLE_SETS[name]]
+    return [pname for pname, _ in model.named_parameters() if any(p.search(pname) for p in patterns)]
+
+
+def select_trainable(model, name: str) -> list:
+    """Make exactly set `name` trainable; returns its (name, parameter) pairs."""
+    names = set(matching(model, name))
     chosen = []
     for pname, param in model.named_parameters():
-        param.requires_grad_(any(p.search(pname) for p in patterns))
+        param.requires_grad_(pname in names)
         if param.requires_grad:
             chosen.append((pname, param))
     if not chosen:

@@ -1,0 +1,39 @@
+"""LoRA on the expert projections through peft, for the `experts-lora` trainable set.
+
+transformers 5 stores each layer's experts as fused 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]),
+so they are targeted with peft's `target_parameters` (one low-rank delta per expert). A Qwen2-MoE shared expert
+is a plain MLP and is targeted as modules. peft injects its wrappers into the model in place, so the model keeps
+being called directly; `merge` folds the deltas into the weights and restores the stock module tree for export."""
+
+from __future__ import annotations
+
+import re
+
+from moefy.train.recipe import Lora
+
+EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+SHARED_EXPERT_MODULES = r".*\.mlp\.shared_expert\.(gate_proj|up_proj|down_proj)"
+LORA_PARAMETER = re.compile(r"\.lora_[AB]\.")
+
+
+def add_lora(model, options: Lora):
+    """Wrap `model`'s experts with fresh LoRA adapters (B = 0, so the function is unchanged); returns the peft
+    wrapper, which `merge` needs."""
+    from peft import LoraConfig, get_peft_model
+
+    has_shared = any(re.fullmatch(SHARED_EXPERT_MODULES, name) for name, _ in model.named_modules())
+    config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules=SHARED_EXPERT_MODULES if has_shared else [],
+                        target_parameters=list(EXPERT_PARAMETERS))
+    return get_peft_model(model, config)
+
+
+def merge(peft_model):
+    """Fold the adapters into the expert weights; returns the stock model."""
+    return peft_model.merge_and_unload()
+
+
+def stable_name(name: str) -> str:
+    """A parameter's name as the unwrapped model spells it, so checkpoints of merged weights load whether or not
+    LoRA is attached. Adapter names keep peft's spelling: stripping theirs would collide."""
+    return name if LORA_PARAMETER.search(name) else name.replace(".base_layer", "")
