@@ -62,6 +62,9 @@ def test_smollm2_carve_qwen2_moe_exactness(tmp_path):
     ({"method": "coactivation", "experts": 8, "top_k": 2}, "uniform"),
     ({"method": "importance", "importance": "inter", "experts": 4, "top_k": 1, "shared_fraction": 0.25}, "uniform"),
     ({"method": "upcycle", "experts": 4, "top_k": 1}, "per-expert"),
+    # DIVE: overlapping pruned FFNs; each expert alone equals the dense model restricted to its neurons
+    ({"method": "dive", "experts": 3, "top_k": 1, "keep": 0.25,
+      "dive": {"affinity": "iou", "affinity_tokens_per_domain": 64}}, "per-expert"),
 ])
 def test_smollm2_other_methods_exactness(tmp_path, fields, check):
     from moefy.data.demo_corpus import build_demo_corpus
@@ -71,4 +74,5 @@ def test_smollm2_other_methods_exactness(tmp_path, fields, check):
                                            "profile": {"tokens_per_domain": 256, "sample_tokens": 256}, **fields})
     api.build(recipe, tmp_path / "moe")
     report = api.verify(tmp_path / "moe", "smollm2-135m")
-    assert report.check == check and report.max_abs_dlogits < 1e-3, report
+    assert report.check == check and report.passed, report
+    assert report.max_abs_dlogits < 1e-4 * max(report.logit_scale, 10), report  # fp32 rounding, nothing more

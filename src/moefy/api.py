@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from moefy.atomic import atomic_output, check_output
+from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
+from moefy.construct.placement import moe_layers
 from moefy.construct.plan import MoEPlan
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
@@ -60,15 +62,25 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
     missing = [k for k in (family.ffn_key(0, w) for w in ("gate", "up", "down")) if k not in reader]
     if missing:
         raise MoefyError(f"{source.directory} does not hold the {family.model_type} FFN weights (missing {missing[0]})")
-    stats = None
+    stats, mining, extra = None, None, None
+    if recipe.method == "dive" and recipe.calib is None:
+        raise MoefyError("dive prunes on calibration domains: pass --calib CORPUS")
     if recipe.calib is not None:
         options = recipe.profile
-        if recipe.method == "importance" and not options.taylor:
-            options = options.model_copy(update={"taylor": True})  # the method is defined by the Taylor score
+        if (recipe.method == "importance" or recipe.dive.score == "taylor") and not options.taylor:
+            options = options.model_copy(update={"taylor": True})  # these scores are defined by the Taylor term
         corpus = load_corpus(recipe.calib)  # read now, so a bad corpus fails before any work
+        domains = None
+        if recipe.method == "dive":  # labelled, discovered or split domains; some documents held out for affinity
+            domains = settle_domains(recipe, source, corpus)
+            corpus = domains.prune
         # Profiled on first use only: methods and router inits that never read stats skip the calibration pass.
         stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed))
-    plan = make_plan(recipe, family, config, reader, stats)
+        if domains is not None:
+            layers = moe_layers(recipe.layers, int(config["num_hidden_layers"]))
+            mining = mine(recipe, source, family, reader, stats(), domains, layers)
+            extra = {"groups": mining.groups, "group_names": mining.group_names()}
+    plan = make_plan(recipe, family, config, reader, stats, extra)
     fmt = choose_format(family.formats, plan.meta, config)
     dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
     with atomic_output(out, overwrite) as tmp:
@@ -80,6 +92,8 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
             if (source.directory / name).is_file():
                 shutil.copy2(source.directory / name, tmp / name)
         plan.save(tmp)
+        if mining is not None:
+            mining.save(tmp / MINING_DIR, plan)
         dump_recipe(recipe, tmp / RECIPE_NAME)
         architecture = model_config["architectures"][0]
         write_card(tmp, plan.meta, source.description, architecture, total, dense_params)

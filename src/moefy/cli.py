@@ -21,7 +21,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--experts", type=int, help="number of experts N (default 8)")
     b.add_argument("--top-k", type=int, dest="top_k", help="experts active per token k (default 2)")
     b.add_argument("--method", help="construction method: random, sequential, cluster, coactivation, carve, "
-                                    "importance, upcycle (default random)")
+                                    "importance, upcycle, dive (default random)")
     b.add_argument("--calib", help="calibration corpus (.jsonl/.parquet/.txt or a directory) for data-driven methods")
     b.add_argument("--layers", help="MoE layers: all, every_other, last:N, or a comma list (others stay dense)")
     b.add_argument("--shared-fraction", type=float, dest="shared_fraction",
@@ -35,6 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--router-init", dest="router_init",
                    help="router init: random, zero, centroid, hidden-kmeans, domain, representative, fit")
     b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
+    b.add_argument("--keep", type=float, help="dive: fraction of FFN neurons each expert keeps (default 1/N)")
+    b.add_argument("--discover-domains", type=int, dest="discover_domains", metavar="M",
+                   help="dive: cluster the calibration documents into M pseudo-domains (automatic when unlabelled)")
+    b.add_argument("--prune-score", dest="prune_score", help="dive: neuron score flap (default), wanda or taylor")
     b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
 
     t = sub.add_parser("train", help="train a built MoE through the stages of a recipe (or --resume a run)")
@@ -74,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
     v.add_argument("moe_dir", type=Path)
     v.add_argument("--dense", required=True, help="the dense source model (same forms as build)")
-    v.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogits| allowed (default 1e-3)")
+    v.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogits| allowed per 10 units of logit magnitude (default 1e-3)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -83,12 +87,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from moefy import api
     from moefy.recipes import BuildRecipe, load_recipe
 
-    keys = ("model", "experts", "top_k", "method", "seed", "scale", "dtype", "calib", "shared_fraction", "importance")
+    keys = ("model", "experts", "top_k", "method", "seed", "scale", "dtype", "calib", "shared_fraction", "importance",
+            "keep")
     overrides = {k: getattr(args, k) for k in keys}
     if args.layers is not None:
         overrides["layers"] = [int(i) for i in args.layers.split(",")] if args.layers[:1].isdigit() else args.layers
     nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows},
-              "profile": {"tokens_per_domain": args.tokens_per_domain, "seq_len": args.seq_len}}
+              "profile": {"tokens_per_domain": args.tokens_per_domain, "seq_len": args.seq_len},
+              "dive": {"discover_domains": args.discover_domains, "score": args.prune_score}}
     for key, fields in nested.items():
         given = {k: v for k, v in fields.items() if v is not None}
         if given:
@@ -126,7 +132,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _print_verify(report)
     if not report.passed:
         print(f"moefy: error: exactness check failed: max |Δlogits| {report.max_abs_dlogits:.3g} "
-              f">= tolerance {report.tolerance:g}", file=sys.stderr)
+              f">= allowed {report.allowed:.3g} (tolerance {report.tolerance:g} per 10 of logit scale "
+              f"{report.logit_scale:.3g})", file=sys.stderr)
         return 1
     return 0
 
@@ -138,7 +145,7 @@ def _print_verify(r) -> None:
     table = Table(title="moefy verify", show_header=False)
     what = "all experts, uniform router" if r.check == "uniform" else "each expert alone vs dense restricted to it"
     for k, v in [(f"exactness: max |Δlogits| ({what})",
-                  f"{r.max_abs_dlogits:.2e} ({'PASS' if r.passed else 'FAIL'} < {r.tolerance:g})"),
+                  f"{r.max_abs_dlogits:.2e} ({'PASS' if r.passed else 'FAIL'} < {r.allowed:.2g})"),
                  ("loss: dense / checked MoE", f"{r.dense_loss:.4f} / {r.uniform_moe_loss:.4f}"),
                  ("probe perplexity: dense / MoE as built", f"{r.dense_ppl:.2f} / {r.built_moe_ppl:.4g}"),
                  ("probe tokens", str(r.tokens)),

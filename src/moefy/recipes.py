@@ -42,6 +42,16 @@ class ProfileOptions(Frozen):
     batch_size: int = Field(8, ge=1)
 
 
+class DiveOptions(Frozen):
+    """DIVE (DESIGN §4): per-domain pruning, affinity mining, one expert per domain group."""
+    score: Literal["flap", "wanda", "taylor"] = "flap"  # structured neuron score from the profiler's moments
+    affinity: Literal["both", "iou", "loss"] = "both"  # mask IoU, cross-domain loss, or their mean
+    discover_domains: int | None = Field(None, ge=2)  # cluster documents into M pseudo-domains (also when unlabelled)
+    affinity_fraction: float = Field(0.2, gt=0, lt=1)  # share of each domain's documents held out for the loss
+    affinity_tokens_per_domain: int = Field(1024, ge=16)
+    embed_tokens: int = Field(256, ge=8)  # tokens of each document mean-pooled for its embedding
+
+
 class BuildRecipe(Frozen):
     model: str
     experts: int = 8
@@ -63,6 +73,9 @@ class BuildRecipe(Frozen):
     # copies can diverge in training. Only for method upcycle.
     drop_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_shard_bytes: int = Field(2 * 1024**3, ge=1024**2)
+    # dive: fraction of FFN neurons each expert keeps; None resolves to 1/N, so k active experts are k/N of the FFN
+    keep: float | None = Field(None, gt=0, le=1)
+    dive: DiveOptions = DiveOptions()
 
     @model_validator(mode="after")
     def _counts(self) -> "BuildRecipe":

@@ -60,3 +60,19 @@ def per_layer_lines(layers: list[LayerRouting], domains: list[str], field: str, 
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def dendrogram_plot(affinity: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Average-linkage dendrogram of 1 − affinity (the grouping DIVE cuts into experts)."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    from moefy.construct.dive import dendrogram_linkage
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 2), 3.5))
+    if len(labels) > 1:
+        dendrogram(dendrogram_linkage(affinity), labels=labels, ax=ax, leaf_rotation=45)
+    ax.set_ylabel("1 − affinity (average linkage)")
+    ax.set_title("domain grouping")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

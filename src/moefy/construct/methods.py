@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from moefy.construct.cluster import balanced_kmeans
+from moefy.construct.dive import group_moments, keep_top, neuron_scores
 from moefy.construct.plan import balanced_sizes
 from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe
@@ -118,3 +119,10 @@ def drop_upcycle_slots(width: int, recipe: BuildRecipe, rng: np.random.Generator
         return None
     k = int(round(recipe.drop_fraction * width))
     return [np.sort(rng.choice(width, size=k, replace=False)) for _ in range(recipe.experts)]
+
+
+def dive_experts(stats: dict[str, torch.Tensor], w_down: torch.Tensor, groups: list[list[int]],
+                 recipe: BuildRecipe) -> list[np.ndarray]:
+    """DIVE: expert e keeps the top `keep` neurons of the FFN pruned on group e's mixed calibration data."""
+    return [keep_top(neuron_scores(group_moments(stats, g), w_down, recipe.dive.score), recipe.keep)
+            for g in groups]

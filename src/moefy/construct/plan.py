@@ -41,6 +41,7 @@ class PlanMeta(BaseModel):
     # "partition": every dense neuron in exactly one expert; "overlap": experts may share neurons.
     coverage: Literal["partition", "overlap"] = "partition"
     seed: int = 0
+    domain_groups: list[list[str]] | None = None  # dive: the calibration domains behind each expert
 
     @property
     def expert_params(self) -> int:

@@ -28,6 +28,7 @@ class Split:
     shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     overlap: bool = False  # experts may share neurons (then the partition exactness test does not apply)
     reinit: list[np.ndarray] | None = None  # per expert: positions in its group to re-initialise (drop-upcycling)
+    domain_groups: list[list[int]] | None = None  # per expert: the calibration domains it was built from (dive)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class LayerInput:
     width: int
     _read: Callable[[str], torch.Tensor]
     _stats: Callable[[], NeuronStats] | None  # profiles on first call (cached)
+    extra: dict = field(default_factory=dict)  # decisions made before the per-layer loop (dive's domain groups)
     _cache: dict = field(default_factory=dict)
 
     def weight(self, which: str) -> torch.Tensor:  # "gate" | "up" | "down"
@@ -67,12 +69,17 @@ METHODS: dict[str, Method] = {
     "importance": lambda layer, r, rng: Split(*methods.importance_split(layer.stats("importance"), r)),
     "upcycle": lambda layer, r, rng: Split([np.arange(layer.width)] * r.experts, overlap=True,
                                            reinit=methods.drop_upcycle_slots(layer.width, r, rng)),
+    "dive": lambda layer, r, rng: Split(methods.dive_experts(layer.stats("dive"), layer.weight("down"),
+                                                             layer.extra["groups"], r),
+                                        overlap=True, domain_groups=layer.extra["groups"]),
 }
-# Methods whose natural output scale is not N/k: copies of the full FFN are already the dense FFN each.
-DEFAULT_SCALE = {"upcycle": 1.0}
+# Methods whose natural output scale is not N/k: copies of the full FFN, and DIVE's pruned FFNs, each stand for
+# the whole dense FFN already.
+DEFAULT_SCALE = {"upcycle": 1.0, "dive": 1.0}
 # carve's defaults are the best training-free setting we measured on SmolLM2 (docs/results.md): a shared block of
-# 1/8 of the FFN and routers fitted on calibration activations.
-METHOD_DEFAULTS: dict[str, dict] = {"carve": {"shared_fraction": 0.125, "router_kind": "fit"}}
+# 1/8 of the FFN and routers fitted on calibration activations. dive's router rows are its groups' hidden centroids.
+METHOD_DEFAULTS: dict[str, dict] = {"carve": {"shared_fraction": 0.125, "router_kind": "fit"},
+                                    "dive": {"router_kind": "domain"}}
 
 
 def resolve_defaults(recipe: BuildRecipe) -> BuildRecipe:
@@ -83,6 +90,8 @@ def resolve_defaults(recipe: BuildRecipe) -> BuildRecipe:
         update["shared_fraction"] = defaults.get("shared_fraction", 0.0)
     if recipe.router.kind is None:
         update["router"] = recipe.router.model_copy(update={"kind": defaults.get("router_kind", "random")})
+    if recipe.keep is None and recipe.method == "dive":
+        update["keep"] = 1 / recipe.experts
     return recipe.model_copy(update=update)
 
 
@@ -103,7 +112,7 @@ def layer_rng(seed: int, layer: int, stream: str) -> np.random.Generator:
 
 
 def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyCheckpoint,
-              stats: Callable[[], NeuronStats] | None = None) -> MoEPlan:
+              stats: Callable[[], NeuronStats] | None = None, extra: dict | None = None) -> MoEPlan:
     if recipe.method not in METHODS:
         raise MoefyError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     width, hidden, n_layers = int(config["intermediate_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])
@@ -116,9 +125,10 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
     scale = recipe.scale if recipe.scale is not None else DEFAULT_SCALE.get(recipe.method, recipe.resolved_scale)
     splits, routers, scales = {}, {}, {}
     for i in progress(chosen, f"planning ({recipe.method}, router {recipe.router.kind})"):
-        layer = LayerInput(i, width, lambda which, i=i: reader.get(family.ffn_key(i, which)), stats)
+        layer = LayerInput(i, width, lambda which, i=i: reader.get(family.ffn_key(i, which)), stats, extra or {})
         split = METHODS[recipe.method](layer, recipe, layer_rng(recipe.seed, i, "method"))
-        ctx = RouterContext(layer, recipe, split.routed, split.shared, scale, layer_rng(recipe.seed, i, "router"))
+        ctx = RouterContext(layer, recipe, split.routed, split.shared, scale, layer_rng(recipe.seed, i, "router"),
+                            split.domain_groups)
         routers[i], scales[i] = ROUTER_INITS[recipe.router.kind](ctx)
         splits[i] = split
     largest = max(len(g) for s in splits.values() for g in s.routed)
@@ -130,7 +140,8 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
     meta = PlanMeta(source=recipe.model, family=family.model_type, method=recipe.method, num_layers=n_layers,
                     num_experts=recipe.experts, top_k=recipe.top_k, ffn_width=width, hidden_size=hidden,
                     expert_size=size, moe_layers=chosen, scales=[scales[i] for i in chosen], shared_size=shared_size,
-                    coverage="overlap" if overlap else "partition", seed=recipe.seed)
+                    coverage="overlap" if overlap else "partition", seed=recipe.seed,
+                    domain_groups=(extra or {}).get("group_names"))
     plan = MoEPlan(meta, layers)
     plan.validate()
     return plan

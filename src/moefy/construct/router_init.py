@@ -30,6 +30,7 @@ class RouterContext:
     shared: np.ndarray
     scale: float
     rng: np.random.Generator
+    domain_groups: list[list[int]] | None = None  # per expert: the domains it was built from (dive)
 
     def stats(self) -> dict:
         return self.layer.stats(f"router init {self.recipe.router.kind!r}")
@@ -80,9 +81,13 @@ def _hidden_kmeans(ctx: RouterContext):
 
 
 def _domain(ctx: RouterContext):
-    """DIVE / mergekit 'hidden': the mean hidden state of each calibration domain."""
+    """DIVE / mergekit 'hidden': the mean hidden state of each calibration domain. An expert built from a group of
+    domains (dive) gets its group's centroid directly: no matching, the expert is that group's pruned FFN."""
     stats = ctx.stats()
     domains = stats["sample_domain"]
+    if ctx.domain_groups is not None:
+        in_group = [torch.isin(domains, torch.tensor(g)) for g in ctx.domain_groups]
+        return torch.stack([stats["hidden"][m].float().mean(0) for m in in_group]), ctx.scale
     n_domains = int(domains.max()) + 1
     if n_domains != len(ctx.groups):
         raise MoefyError(f"router init 'domain' needs one expert per calibration domain: {n_domains} domains, "

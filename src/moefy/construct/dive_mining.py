@@ -1,0 +1,181 @@
+"""DIVE's global steps, run before the per-layer plan: settle the calibration domains (labels, discovered
+pseudo-domains, or labels with the largest domains split), mine their affinity, group them into one group per
+expert, and measure what dropping FLAP's bias compensation costs. Everything it decides is saved next to the
+output (dive/mining.json, affinity.png, dendrogram.png) and the groups go into the plan."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moefy.analyze.plots import dendrogram_plot, distance_heatmap
+from moefy.construct.dive import group_domains, loss_affinity, mask_iou, overlap_stats
+from moefy.construct.domains import (cluster_documents, describe_clusters, embed_documents, holdout_split, relabel,
+                                     split_largest)
+from moefy.construct.methods import dive_experts
+from moefy.construct.plan import MoEPlan
+from moefy.data.corpus import Corpus
+from moefy.errors import MoefyError
+from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.export.verify import load_causal_lm
+from moefy.families import Family
+from moefy.profile.stats import NeuronStats
+from moefy.recipes import BuildRecipe
+from moefy.sources import ModelSource
+from moefy.tensor_io import LazyCheckpoint
+
+MINING_DIR = "dive"
+
+
+@dataclass(frozen=True)
+class DiveDomains:
+    prune: Corpus  # documents whose activations score the neurons
+    heldout: Corpus  # documents for the cross-domain loss
+    discovery: dict | None  # how pseudo-domains were made, with descriptions; None when the labels were used as is
+
+
+@dataclass(frozen=True)
+class DiveMining:
+    domains: list[str]
+    groups: list[list[int]]
+    iou: np.ndarray
+    cross_loss: np.ndarray | None  # [pruned on i, evaluated on j]
+    affinity: np.ndarray
+    compensation: dict[str, dict[str, float]] | None  # domain -> held-out loss: dense, pruned, pruned + FLAP bias
+    discovery: dict | None
+
+    def group_names(self) -> list[list[str]]:
+        return [[self.domains[d] for d in g] for g in self.groups]
+
+    def save(self, directory: Path, plan: MoEPlan) -> None:
+        """mining.json (domains, groups, affinities, bias-compensation cost, discovery, expert overlap per layer),
+        affinity.png and dendrogram.png."""
+        directory.mkdir(parents=True, exist_ok=True)
+        overlap = {i: overlap_stats([row[row >= 0] for row in layer.experts], plan.meta.ffn_width)
+                   for i, layer in plan.layers.items()}
+        (directory / "mining.json").write_text(json.dumps({
+            "expert_overlap": {"mean": {k: float(np.mean([o[k] for o in overlap.values()])) for k in
+                                        next(iter(overlap.values()))}, "per_layer": overlap},
+            "domains": self.domains, "groups": self.group_names(), "affinity": self.affinity.tolist(),
+            "mask_iou": self.iou.tolist(),
+            "cross_domain_loss": None if self.cross_loss is None else self.cross_loss.tolist(),
+            "bias_compensation": self.compensation, "discovery": self.discovery}, indent=2))
+        distance_heatmap(self.affinity, self.domains, "domain affinity (DIVE)", directory / "affinity.png")
+        dendrogram_plot(self.affinity, self.domains, directory / "dendrogram.png")
+
+
+def settle_domains(recipe: BuildRecipe, source: ModelSource, corpus: Corpus) -> DiveDomains:
+    from transformers import AutoTokenizer
+
+    opts, labels = recipe.dive, [d.domain for d in corpus.docs]
+    discovery = None
+    unlabelled = len(set(labels)) == 1
+    if opts.discover_domains or unlabelled or len(set(labels)) < recipe.experts:
+        model, tok = load_causal_lm(source.directory), AutoTokenizer.from_pretrained(source.directory)
+        texts = [d.text for d in corpus.docs]
+        embeddings = embed_documents(model, tok, texts, opts.embed_tokens)
+        discovery = {"embedding": f"mean of the dense model's last hidden state over each document's first "
+                                  f"{opts.embed_tokens} tokens"}
+        try:
+            if opts.discover_domains or unlabelled:
+                m = opts.discover_domains or recipe.experts
+                ids = cluster_documents(embeddings, m, recipe.seed)
+                labels = [f"pseudo-{c}" for c in ids]
+                discovery["pseudo_domains"] = m
+            if len(set(labels)) < recipe.experts:  # fewer domains than experts: split the largest ones
+                labels, origin = split_largest(labels, embeddings, recipe.experts, recipe.seed)
+                discovery["split"] = origin
+        except ValueError as exc:
+            raise MoefyError(f"dive: {exc}") from exc
+        names = sorted(set(labels))
+        index = np.array([names.index(lab) for lab in labels])
+        discovery["clusters"] = describe_clusters(texts, index, embeddings, tok, names)
+        discovery["assignment"] = labels
+    prune, heldout = holdout_split(relabel(corpus, labels), opts.affinity_fraction)
+    return DiveDomains(prune, heldout, discovery)
+
+
+def domain_masks(stats: NeuronStats, reader: LazyCheckpoint, family: Family, layers: list[int], recipe: BuildRecipe
+                 ) -> dict[int, list[np.ndarray]]:
+    """Per MoE layer: each domain's kept neurons when pruned on that domain alone."""
+    singletons = [[d] for d in range(len(stats.meta.domains))]
+    return {i: dive_experts(layer_stats(stats, i), reader.get(family.ffn_key(i, "down")).float(), singletons, recipe)
+            for i in layers}
+
+
+def layer_stats(stats: NeuronStats, i: int) -> dict[str, torch.Tensor]:
+    out = dict(stats.layer(i))
+    out["domain_tokens"] = torch.tensor(stats.meta.tokens, dtype=torch.float64)
+    return out
+
+
+@contextmanager
+def pruned(model, kept: dict[int, np.ndarray], fill: dict[int, torch.Tensor] | None = None):
+    """The dense model with each listed layer's FFN restricted to the kept neurons; with `fill`, pruned neurons
+    output their mean instead of 0 (FLAP's bias compensation, W_down·E[a] of the pruned neurons)."""
+    hooks = []
+    for i, idx in kept.items():
+        mlp = model.model.layers[i].mlp
+        mask = torch.zeros(mlp.down_proj.in_features, dtype=torch.bool)
+        mask[torch.from_numpy(idx)] = True
+        const = None if fill is None else torch.where(mask, 0.0, fill[i].float())
+
+        def hook(module, args, mask=mask, const=const):
+            a = args[0] * mask.to(args[0].dtype)
+            return (a if const is None else a + const.to(a.dtype),)
+
+        hooks.append(mlp.down_proj.register_forward_pre_hook(hook))
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def mine(recipe: BuildRecipe, source: ModelSource, family: Family, reader: LazyCheckpoint, stats: NeuronStats,
+         domains: DiveDomains, layers: list[int]) -> DiveMining:
+    names = stats.meta.domains
+    masks = domain_masks(stats, reader, family, layers, recipe)
+    width = stats.meta.ffn_width
+    iou = mask_iou([masks[i] for i in layers], width)
+    cross = compensation = None
+    if recipe.dive.affinity in ("loss", "both"):
+        cross, compensation = _cross_losses(recipe, source, stats, domains.heldout, masks, names)
+    affinity = {"iou": iou, "loss": None if cross is None else loss_affinity(cross)}.get(recipe.dive.affinity)
+    if affinity is None:
+        affinity = (iou + loss_affinity(cross)) / 2
+    try:
+        groups = group_domains(affinity, recipe.experts)
+    except ValueError as exc:
+        raise MoefyError(f"dive: {exc}") from exc
+    return DiveMining(names, groups, iou, cross, affinity, compensation, domains.discovery)
+
+
+def _cross_losses(recipe, source, stats, heldout: Corpus, masks, names):
+    from transformers import AutoTokenizer
+
+    model, tok = load_causal_lm(source.directory), AutoTokenizer.from_pretrained(source.directory)
+    opts, seq_len = recipe.dive, recipe.profile.seq_len
+
+    def losses(corpus):
+        return heldout_perplexity(model, tok, corpus, seq_len, opts.affinity_tokens_per_domain).per_domain
+
+    dense = losses(heldout)
+    cross = np.zeros((len(names), len(names)))
+    compensation = {}
+    for d, name in enumerate(names):
+        kept = {i: m[d] for i, m in masks.items()}
+        with pruned(model, kept):
+            row = losses(heldout)
+        cross[d] = [row[n] for n in names]
+        own = replace(heldout, docs=tuple(doc for doc in heldout.docs if doc.domain == name))
+        means = {i: stats.layer(i)["mean"][d] for i in masks}
+        with pruned(model, kept, fill=means):
+            compensated = losses(own)[name]
+        compensation[name] = {"dense": dense[name], "pruned": row[name], "pruned_with_bias": compensated}
+    return cross, compensation
