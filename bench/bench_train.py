@@ -6,13 +6,11 @@ recovery: from the best training-free 25% build (carve defaults), train a fixed 
   `router`, `router+norm` and `experts-lora` (and `norm`, the demo's set); held-out perplexity per domain before
   and after, and the fraction of the log-perplexity gap to dense that was recovered.
 
-Usage: python bench/bench_train.py [--part throughput|recovery|all] [--tokens 200000]"""
+Usage: python bench/bench_train.py [--part throughput|recovery|all] [--tokens 30000]"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import statistics
 import sys
 import tempfile
@@ -20,22 +18,17 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from moefy import api
-from moefy.data.corpus import load_corpus
-from moefy.data.demo_corpus import build_demo_corpus
-from moefy.evaluate.perplexity import heldout_perplexity
 from moefy.evaluate.speed import matmul_params
 from moefy.export.verify import load_causal_lm
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_TOKENS, MODEL, ratio_cells, setup  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
-MODEL = "smollm2-135m"
-EVAL_TOKENS = 2048
 RECOVERY_SETS = {
     "norm": {"lr": 2e-3},
     "router": {"lr": 1e-4},
@@ -87,68 +80,46 @@ def throughput(work: Path, batch: int = 4, seq_len: int = 256, repeats: int = 5)
 
 
 def recovery(work: Path, tokens: int) -> str:
-    from transformers import AutoTokenizer
-
-    corpus = work / "corpus"
-    build_demo_corpus(corpus)
-    held = load_corpus(corpus / "heldout")
-    source = resolve_model(MODEL)
-    tok = AutoTokenizer.from_pretrained(source.directory)
-
-    def evaluate(path):
-        return heldout_perplexity(load_causal_lm(path), tok, held, seq_len=256, tokens_per_domain=EVAL_TOKENS)
-
-    recipe = validate_recipe(BuildRecipe, {"model": MODEL, "experts": 56, "top_k": 8, "method": "carve",
-                                           "calib": str(corpus / "calib"), "profile": {"tokens_per_domain": 4096}})
-    api.build(recipe, work / "carve25", overwrite=True)
-    dense, before = evaluate(source.directory), evaluate(work / "carve25")
+    bench = setup(work)
+    moe = bench.build("carve25", method="carve", experts=56, top_k=8)
+    before = bench.evaluate(moe)
     rows = {}
     for name, fields in RECOVERY_SETS.items():
         stage = {"name": name, "trainable": name, "tokens": tokens, "seq_len": 256, "batch_size": 4,
-                 "warmup_steps": 10, **fields}
-        path = work / f"recipe-{name}.yaml"
-        path.write_text(yaml.safe_dump({"stages": [stage], "checkpoint_every": 10_000}))
+                 "warmup_steps": 3, **fields}
         t0 = time.perf_counter()
-        final = api.train(work / "carve25", str(corpus / "calib"), path, work / f"run-{name}", overwrite=True)
-        seconds = time.perf_counter() - t0
-        rows[name] = (fields, evaluate(final), seconds)
-        print(f"{name}: ×{rows[name][1].ppl() / dense.ppl():.2f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
-    domains = list(dense.per_domain)
-
-    def gap(ppl, d=None) -> float:  # fraction of the log-ppl gap to dense recovered
-        return 1 - (math.log(ppl.ppl(d)) - math.log(dense.ppl(d))) / (math.log(before.ppl(d)) - math.log(dense.ppl(d)))
-
+        final = bench.train(moe, name, {"stages": [stage], "checkpoint_every": 10_000})
+        rows[name] = (fields, bench.evaluate(final), time.perf_counter() - t0)
+        print(f"{name}: ×{rows[name][1].ppl() / bench.dense.ppl():.2f}", file=sys.stderr, flush=True)
+    domains = list(bench.dense.per_domain)
     lines = [
         "## Recovery training at 25% FFN active (`moefy train`)",
         "",
         f"Command: `.venv/bin/python bench/bench_train.py --part recovery --tokens {tokens}`. Start: the best "
         "training-free 25% build (carve defaults: shared 1/8 + 8 of 56 routed, fit routers, 16k calibration tokens). "
         f"Each trainable set trains {tokens:,} tokens on the demo corpus's `calib/` split (seq 256, batch 4, AdamW, "
-        "cosine to 10%, 10 warm-up steps); held-out perplexity on `heldout/` "
+        "cosine to 10%, 3 warm-up steps); held-out perplexity on `heldout/` "
         f"({EVAL_TOKENS} tokens per domain). Cells: perplexity / dense; 'gap recovered' = 1 − log(ppl/dense) after "
         "÷ before.",
         "",
-        "| model | lr | " + " | ".join(domains) + " | overall | gap recovered | train time / norm's |",
+        "| model | lr | " + " | ".join(domains) + " | overall | gap recovered | wall time / `norm`'s |",
         "|---|---|" + "---|" * len(domains) + "---|---|---|",
-        "| dense (absolute ppl) | | " + " | ".join(f"{dense.ppl(d):.2f}" for d in domains) + f" | {dense.ppl():.2f} | | |",
-        "| carve 25%, training-free | | " + " | ".join(f"×{before.ppl(d) / dense.ppl(d):.2f}" for d in domains)
-        + f" | **×{before.ppl() / dense.ppl():.2f}** | 0% | |",
+        "| dense (absolute ppl) | | " + " | ".join(f"{bench.dense.ppl(d):.2f}" for d in domains)
+        + f" | {bench.dense.ppl():.2f} | | |",
+        "| carve 25%, training-free | | " + " | ".join(ratio_cells(before, bench.dense)) + " | 0% | |",
     ]
     base_time = rows["norm"][2]
     for name, (fields, ppl, seconds) in rows.items():
         extra = f", LoRA r={fields['lora']['rank']}" if "lora" in fields else ""
-        lines.append(f"| + `{name}`{extra} | {fields['lr']:g} | "
-                     + " | ".join(f"×{ppl.ppl(d) / dense.ppl(d):.2f}" for d in domains)
-                     + f" | **×{ppl.ppl() / dense.ppl():.2f}** | {gap(ppl):.0%} | {seconds / base_time:.2f}× |")
-    (work / "recovery.json").write_text(json.dumps(
-        {"dense": dense.per_domain, "before": before.per_domain, **{k: v[1].per_domain for k, v in rows.items()}}))
+        lines.append(f"| + `{name}`{extra} | {fields['lr']:g} | " + " | ".join(ratio_cells(ppl, bench.dense))
+                     + f" | {bench.gap_recovered(before, ppl):.0%} | {seconds / base_time:.2f}× |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["throughput", "recovery", "all"], default="all")
-    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--tokens", type=int, default=30_000)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moefy-train-bench-"))
     if args.part in ("throughput", "all"):

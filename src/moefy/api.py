@@ -35,7 +35,8 @@ from moefy.tensor_io import LazyCheckpoint
 
 RECIPE_NAME = "moefy.yaml"
 
-__all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train"]
+__all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
+           "filter_corpus"]
 RUN_JSON = "run.json"
 
 
@@ -179,7 +180,17 @@ def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_dom
     return {k: out / p.name for k, p in paths.items()}
 
 
-def load_train_recipe(recipe: Path | str) -> "TrainRecipe":
+def filter_corpus(corpus: str | Path, recipe_path: Path | None, overrides: dict, out: Path,
+                  overwrite: bool = False) -> dict:
+    """Score and filter a corpus (fluency, advertisements); writes the kept corpus, dropped.jsonl and a report."""
+    from moefy.data.filtering import FilterRecipe
+    from moefy.data.filtering import filter_corpus as run_filter
+
+    recipe = load_recipe(FilterRecipe, recipe_path, overrides)
+    return run_filter(Path(corpus), recipe, Path(out), overwrite)
+
+
+def load_train_recipe(recipe: Path | str):
     """A training recipe from a YAML file, or a built-in preset by name (e.g. `dive`)."""
     from moefy.train.presets import PRESETS
     from moefy.train.recipe import TrainRecipe
@@ -221,9 +232,17 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
         raise MoefyError(f"{out} is not a moefy training run (no {RUN_JSON}); nothing to resume")
     spec = json.loads((out / RUN_JSON).read_text())
     recipe = load_recipe(TrainRecipe, out / "moefy_train.yaml", {})
+    data = spec["data"]
+    if recipe.filter is not None:  # the recipe's filter stage: run once, reused on resume
+        from moefy.data.filtering import filter_corpus as run_filter
+
+        if process.is_main_process and not (out / "filtered" / "report" / "report.json").is_file():
+            run_filter(Path(data), recipe.filter, out / "filtered", overwrite=True)
+        process.wait_for_everyone()
+        data = str(out / "filtered")
     moe = resolve_model(spec["moe_dir"]).directory
     dense = resolve_model(spec["dense"]).directory if spec["dense"] else None
-    final = run_training(moe, recipe, load_corpus(spec["data"]), load_corpus(spec["heldout"]), out, dense, resume)
+    final = run_training(moe, recipe, load_corpus(data), load_corpus(spec["heldout"]), out, dense, resume)
     if process.is_main_process:
         plot_run(out)
     return final

@@ -55,6 +55,27 @@ def _build_parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/ and heldout/)")
     dc.add_argument("out", type=Path)
     dc.add_argument("--overwrite", action="store_true")
+    df = dsub.add_parser("filter", help="drop disfluent and advertisement-like documents; kept corpus + report")
+    df.add_argument("corpus", help=".jsonl/.parquet/.txt file or a directory of them")
+    df.add_argument("--out", type=Path, required=True, help="output directory (data/, dropped.jsonl, report/)")
+    df.add_argument("--overwrite", action="store_true")
+    df.add_argument("--recipe", type=Path, help="YAML filter recipe; the options below override its fields")
+    df.add_argument("--fluency", help="reference LM for perplexity (default smollm2-135m), or 'none'")
+    df.add_argument("--ads", help="'heuristic' (default), a classifier dir from train-classifier, or 'none'")
+    df.add_argument("--domains", help="comma list of domains to filter (default: all); others pass through")
+    df.add_argument("--drop-quantile", dest="drop_quantile", metavar="SCORE=Q,...",
+                    help="per domain, drop this top fraction by score, e.g. fluency=0.15,ads=0.5")
+    df.add_argument("--threshold", metavar="SCORE=V,...", help="drop documents scoring above V, e.g. ads=0.5")
+    df.add_argument("--cache", help="fluency score cache file (resumable)")
+    tc = dsub.add_parser("train-classifier", help="train a fastText ad/quality classifier from labelled JSONL")
+    tc.add_argument("labelled", type=Path, help="JSONL with 'text' and 'label' fields")
+    tc.add_argument("--out", type=Path, required=True, help="classifier directory (model.bin, report.json)")
+    tc.add_argument("--positive", default="ad", help="the label to score (default 'ad')")
+    tc.add_argument("--label-field", default="label", dest="label_field")
+    tc.add_argument("--heldout", type=float, default=0.2, help="held-out fraction for the quality report")
+    tc.add_argument("--epochs", type=int, default=25)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--overwrite", action="store_true")
 
     e = sub.add_parser("eval", help="held-out perplexity per domain (dense and MoE side by side), optionally speed")
     e.add_argument("models", nargs="+", help="models to compare (dirs, .gguf, hub ids, aliases)")
@@ -158,10 +179,62 @@ def _print_verify(r) -> None:
 def _cmd_data(args: argparse.Namespace) -> int:
     from moefy.data.demo_corpus import build_demo_corpus
 
+    if args.data_verb == "filter":
+        return _cmd_filter(args)
+    if args.data_verb == "train-classifier":
+        return _cmd_train_classifier(args)
     counts = build_demo_corpus(args.out, overwrite=args.overwrite)
     for domain, c in counts.items():
         print(f"{domain:10s} calib {c['calib']:4d} docs   heldout {c['heldout']:4d} docs")
     print(f"wrote {args.out}/calib and {args.out}/heldout")
+    return 0
+
+
+def _pairs(text: str | None, flag: str) -> dict[str, float] | None:
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise MoefyError(f"{flag} takes SCORE=NUMBER pairs, e.g. fluency=0.15 (got {item!r})") from None
+        if not sep:
+            raise MoefyError(f"{flag} takes SCORE=NUMBER pairs, e.g. fluency=0.15 (got {item!r})")
+    return out
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from moefy import api
+
+    overrides: dict = {"drop_quantile": _pairs(args.drop_quantile, "--drop-quantile"),
+                       "threshold": _pairs(args.threshold, "--threshold"),
+                       "domains": args.domains.split(",") if args.domains else None}
+    if args.fluency is not None:
+        overrides["fluency"] = "none" if args.fluency == "none" else {"model": args.fluency, "cache": args.cache}
+    elif args.cache is not None:
+        overrides["fluency"] = {"cache": args.cache}
+    if args.ads is not None:
+        overrides["ads"] = args.ads if args.ads == "none" else {"scorer": args.ads}
+    summary = api.filter_corpus(args.corpus, args.recipe, overrides, args.out, overwrite=args.overwrite)
+    for domain, c in summary["per_domain"].items():
+        print(f"{domain:16s} kept {c['kept']:6d}   dropped {c['dropped']:6d}")
+    if summary["malformed"]:
+        print("malformed records (dropped, in dropped.jsonl): "
+              + ", ".join(f"{n} {why}" for why, n in summary["malformed"].items()))
+    print(f"kept corpus in {args.out / 'data'}; dropped in {args.out / 'dropped.jsonl'}; "
+          f"report {args.out / 'report' / 'report.md'}")
+    return 0
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    from moefy.data.scoring.classifier import train_classifier
+
+    r = train_classifier(args.labelled, args.out, args.positive, args.label_field, heldout=args.heldout,
+                         epochs=args.epochs, seed=args.seed, overwrite=args.overwrite)
+    print(f"classifier {args.out}: held-out ({r.heldout_examples} examples, '{r.positive}' at p ≥ {r.threshold}): "
+          f"precision {r.precision:.3f}  recall {r.recall:.3f}  F1 {r.f1:.3f}  accuracy {r.accuracy:.3f}")
     return 0
 
 

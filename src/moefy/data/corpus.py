@@ -39,9 +39,13 @@ class Corpus:
 
 
 def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = "domain") -> Corpus:
+    from moefy.data.filtering import kept_corpus_path
+
     path = Path(path)
     if not path.exists():
         raise MoefyError(f"corpus not found: {path}")
+    if path.is_dir() and kept_corpus_path(path) is not None:  # a `moefy data filter` output: its kept corpus
+        path = kept_corpus_path(path)
     skipped: Counter = Counter()
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
         docs = _read_hf_dataset(path, text_field, domain_field)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from moefy.data.filtering import FilterRecipe
 from moefy.recipes import Frozen
 
 Trainable = Literal["norm", "router", "router+norm", "experts-lora", "experts", "all"]
@@ -95,6 +96,8 @@ class TrainRecipe(Frozen):
     # auto: bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU bf16 autocast is slower than fp32 here)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
+    # A data-filter stage before training (fluency / advertisements); the kept corpus is written to RUN/filtered.
+    filter: FilterRecipe | None = None
 
     @model_validator(mode="before")
     @classmethod

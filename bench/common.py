@@ -1,0 +1,69 @@
+"""What the quality benchmarks share: the demo corpus and SmolLM2, held-out perplexity per domain, a build, and a
+training run from a list of stages."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from moefy import api
+from moefy.data.corpus import Corpus, load_corpus
+from moefy.data.demo_corpus import build_demo_corpus
+from moefy.evaluate.perplexity import Perplexity, heldout_perplexity
+from moefy.export.verify import load_causal_lm
+from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.sources import resolve_model
+
+MODEL = "smollm2-135m"
+EVAL_TOKENS = 2048  # held-out tokens per domain
+CALIB = {"tokens_per_domain": 4096}  # 16k calibration tokens over the 4 demo domains
+
+
+@dataclass
+class Bench:
+    work: Path
+    held: Corpus
+    tokenizer: object
+    dense: Perplexity
+
+    @property
+    def calib(self) -> str:
+        return str(self.work / "corpus" / "calib")
+
+    def evaluate(self, model_dir: Path) -> Perplexity:
+        return heldout_perplexity(load_causal_lm(model_dir), self.tokenizer, self.held, seq_len=256,
+                                  tokens_per_domain=EVAL_TOKENS)
+
+    def build(self, name: str, **fields) -> Path:
+        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": self.calib, "profile": CALIB, **fields})
+        api.build(recipe, self.work / name, overwrite=True)
+        return self.work / name
+
+    def train(self, moe: Path, name: str, recipe: dict) -> Path:
+        path = self.work / f"recipe-{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return api.train(moe, self.calib, path, self.work / f"run-{name}", overwrite=True)
+
+    def gap_recovered(self, before: Perplexity, after: Perplexity, domain: str | None = None) -> float:
+        """1 − log(after/dense) ÷ log(before/dense): the share of the log-perplexity gap that training closed."""
+        dense = math.log(self.dense.ppl(domain))
+        return 1 - (math.log(after.ppl(domain)) - dense) / (math.log(before.ppl(domain)) - dense)
+
+
+def setup(work: Path) -> Bench:
+    from transformers import AutoTokenizer
+
+    build_demo_corpus(work / "corpus")
+    source = resolve_model(MODEL)
+    tok = AutoTokenizer.from_pretrained(source.directory)
+    held = load_corpus(work / "corpus" / "heldout")
+    bench = Bench(work, held, tok, None)
+    bench.dense = bench.evaluate(source.directory)
+    return bench
+
+
+def ratio_cells(ppl: Perplexity, dense: Perplexity) -> list[str]:
+    return [f"×{ppl.ppl(d) / dense.ppl(d):.3g}" for d in dense.per_domain] + [f"**×{ppl.ppl() / dense.ppl():.3g}**"]
