@@ -183,8 +183,18 @@ def test_filter_as_a_training_stage(corpus, tmp_path, tiny_moe):
     import yaml
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"filter": {"fluency": "none", "domains": ["cc"]},
+    # no fluency model named: the MoE's dense source (tiny_llama) scores fluency
+    recipe.write_text(yaml.safe_dump({"filter": {"domains": ["cc"], "fluency": {"cache": str(tmp_path / "c.jsonl")}},
                                       "stages": [{"tokens": 2 * 4 * 32, "seq_len": 32}]}))
     api.train(tiny_moe, str(corpus), recipe, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "filtered" / "report" / "report.json").read_text())
-    assert report["reasons"]["ads"] > 0 and (tmp_path / "run" / "final" / "config.json").is_file()
+    assert report["reasons"]["ads"] > 0 and report["reasons"]["fluency"] > 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    from moefy.data.scoring.fluency import doc_key
+    from moefy.sources import resolve_model
+
+    first_cc = next(json.loads(line)["text"] for line in corpus.read_text().splitlines()[1:]
+                    if line.startswith("{\"text") and json.loads(line)["domain"] == "cc")
+    dense_id = str(resolve_model(json.loads((tiny_moe / "moefy_plan.json").read_text())["source"]).directory.resolve())
+    keys = {json.loads(line)["key"] for line in (tmp_path / "c.jsonl").read_text().splitlines()}
+    assert doc_key(dense_id, 256, first_cc) in keys

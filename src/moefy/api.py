@@ -234,10 +234,12 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
     recipe = load_recipe(TrainRecipe, out / "moefy_train.yaml", {})
     data = spec["data"]
     if recipe.filter is not None:  # the recipe's filter stage: run once, reused on resume
+        from moefy.data.filtering import SMALL_SCORER
         from moefy.data.filtering import filter_corpus as run_filter
 
         if process.is_main_process and not (out / "filtered" / "report" / "report.json").is_file():
-            run_filter(Path(data), recipe.filter, out / "filtered", overwrite=True)
+            run_filter(Path(data), recipe.filter, out / "filtered", overwrite=True,
+                       default_model=spec["dense"] or SMALL_SCORER)  # fluency under the MoE's own dense source
         process.wait_for_everyone()
         data = str(out / "filtered")
     moe = resolve_model(spec["moe_dir"]).directory

@@ -31,7 +31,9 @@ DEFAULT_CUTS = {"drop_quantile": {"fluency": 0.15}, "threshold": {"ads": 0.5}}
 
 
 class FluencyOptions(Frozen):
-    model: str = "smollm2-135m"  # any causal LM moefy can load; the small SmolLM2 by default, for speed
+    # any causal LM moefy can load. None: as a training stage, the MoE's dense source model; standalone, the small
+    # SmolLM2-135M (fast, and fluency ranks documents; it need not be the model being trained)
+    model: str | None = None
     max_tokens: int = Field(256, ge=2)  # tokens scored per document (its opening)
     batch_size: int = Field(8, ge=1)
     cache: str | None = None  # score cache (JSONL); None: <MOEFY_CACHE>/fluency-scores.jsonl
@@ -106,8 +108,13 @@ def decide(records: list[Record], scores: dict[str, list[float | None]], recipe:
     return reasons
 
 
-def filter_corpus(corpus: Path, recipe: FilterRecipe, out: Path, overwrite: bool = False) -> dict:
-    """Run the filter; returns the summary written to report/report.json."""
+SMALL_SCORER = "smollm2-135m"
+
+
+def filter_corpus(corpus: Path, recipe: FilterRecipe, out: Path, overwrite: bool = False,
+                  default_model: str = SMALL_SCORER) -> dict:
+    """Run the filter; returns the summary written to report/report.json. `default_model` scores fluency when the
+    recipe names no model."""
     from moefy.data.filter_report import write_report
 
     corpus, out = Path(corpus), Path(out)
@@ -121,6 +128,8 @@ def filter_corpus(corpus: Path, recipe: FilterRecipe, out: Path, overwrite: bool
         if unknown:
             known = ", ".join(sorted({r.domain for r in valid}))
             raise MoefyError(f"unknown domain {unknown[0]!r} in --domains (the corpus has: {known})")
+    if recipe.fluency is not None and recipe.fluency.model is None:
+        recipe = recipe.model_copy(update={"fluency": recipe.fluency.model_copy(update={"model": default_model})})
     scores = score_records(records, recipe)
     reasons = decide(records, scores, recipe)
     with atomic_output(out, overwrite) as tmp:
