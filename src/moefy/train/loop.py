@@ -124,7 +124,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
         status: dict[str, str] = {}
         steps = range(start, stage.steps)
         if acc.is_main_process:
-            steps = progress(steps, f"stage {stage.name} ({stage.trainable})", status=status)
+            steps = progress(steps, f"{stage.name} ({stage.trainable})", status=status)
         for stage_step in steps:
             t0 = time.perf_counter()
             totals = torch.zeros(2)  # lm loss, aux loss: means over micro-batches

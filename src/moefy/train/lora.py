@@ -8,6 +8,7 @@ being called directly; `merge` folds the deltas into the weights and restores th
 from __future__ import annotations
 
 import re
+import warnings
 
 from moefy.train.recipe import Lora
 
@@ -25,7 +26,9 @@ def add_lora(model, options: Lora):
     config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
                         target_modules=SHARED_EXPERT_MODULES if has_shared else [],
                         target_parameters=list(EXPERT_PARAMETERS))
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; nothing for the user to do
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(model, config)
 
 
 def merge(peft_model):
