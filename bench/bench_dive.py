@@ -94,7 +94,7 @@ def report(bench, rows, mining: dict, tokens: int) -> str:
         f"LoRA r={LORA['rank']} on experts + routers + norms, sparse top-1, lr 1e-3). carve and random train one "
         "`experts-lora` stage (same LoRA, routers and norms, lr 1e-3) for the whole budget.",
         "",
-        head[:-1] + " gap recovered |", rule + "---|",
+        head + " gap recovered |", rule + "---|",
     ]
     for b, label, free, trained in rows:
         if trained is not None:
