@@ -148,3 +148,21 @@ def test_bias_update_uses_the_load_summed_over_processes(tiny_moe):
     other = torch.tensor([0.0, 0.0, 4.0, 0.0])  # the other process's, arriving through the all-reduce
     gating.end_step(lambda load: load + other)
     assert torch.equal(gating.bias[0], torch.tensor([-0.1, 0.1, -0.1, 0.1]))  # from [3, 1, 4, 0], mean 2
+
+
+def test_router_lr_ratio_scales_each_router_by_its_own_size(tiny_moe):
+    from transformers import AutoModelForCausalLM
+
+    from moefy.train.loop import param_groups
+    from moefy.train.recipe import Stage
+    from moefy.train.trainable import select_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_moe)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.weight.mul_(100)
+    chosen = select_trainable(model, "router+norm")
+    groups = param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8, lr=1e-3, router_lr_ratio=0.01))
+    assert len(groups) == 3 and len(groups[0]["params"]) == len(chosen) - 2  # norms at lr; one group per router
+    rms = [float(model.model.layers[i].mlp.gate.weight.pow(2).mean().sqrt()) for i in (0, 1)]
+    assert [g["lr"] for g in groups[1:]] == pytest.approx([0.01 * r for r in rms])
+    assert len(param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8))) == 1

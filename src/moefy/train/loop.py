@@ -33,7 +33,7 @@ from moefy.train.lora import add_lora, merge, stable_name
 from moefy.train.logs import RunLog
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Stage, TrainRecipe
-from moefy.train.trainable import matching, select_trainable
+from moefy.train.trainable import matching, matching_names, select_trainable
 
 MOE_SIDE_FILES = ("moefy_plan.json", "moefy_plan.safetensors", "moefy.yaml")
 
@@ -101,7 +101,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
         lora = add_lora(model, stage.lora) if stage.trainable == "experts-lora" else None
         chosen = select_trainable(model, stage.trainable)
         gating = GatingWrapper(model, stage.gating)
-        optimizer = torch.optim.AdamW([p for _, p in chosen] + gating.parameters(), lr=stage.lr,
+        optimizer = torch.optim.AdamW(param_groups(chosen, gating.parameters(), stage), lr=stage.lr,
                                       weight_decay=stage.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(stage))
         start = 0
@@ -181,6 +181,20 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     final = export(model, moe_dir, run, recipe) if acc.is_main_process else run / "final"
     acc.wait_for_everyone()
     return final
+
+
+def param_groups(chosen: list, extra: list, stage: Stage) -> list[dict]:
+    """One group at the stage's lr; with `router_lr_ratio`, each router is its own group whose lr is that fraction
+    of its weights' RMS. Adam's steps are about lr per element whatever the weight's size, so a fitted router
+    (RMS ~5e-4 on SmolLM2) is scrambled by any lr that suits norms or LoRA; a relative lr moves every router by
+    the same share of itself."""
+    routers = set(matching_names([n for n, _ in chosen], "router")) if stage.router_lr_ratio else set()
+    groups = [{"params": [p for n, p in chosen if n not in routers] + extra}]
+    for n, p in chosen:
+        if n in routers:
+            rms = float(p.detach().float().pow(2).mean().sqrt())
+            groups.append({"params": [p], "lr": stage.router_lr_ratio * max(rms, 1e-8)})
+    return groups
 
 
 def load_weights(model, tensors: dict[str, torch.Tensor]) -> None:

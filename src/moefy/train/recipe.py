@@ -64,6 +64,9 @@ class Stage(Frozen):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
+    # routers step by this fraction of their own weights' RMS instead of at `lr` (see loop.param_groups); for
+    # fitted routers (carve), whose weights are far smaller than any lr that suits the rest
+    router_lr_ratio: float | None = Field(None, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor (LLaMA-MoE used 0.1)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -20,10 +20,15 @@ TRAINABLE_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def matching(model, name: str) -> list[str]:
-    """Names of the parameters in trainable set `name`."""
+def matching_names(names: list[str], name: str) -> list[str]:
+    """The names, of those given, in trainable set `name`."""
     patterns = [re.compile(p) for p in TRAINABLE_SETS[name]]
-    return [pname for pname, _ in model.named_parameters() if any(p.search(pname) for p in patterns)]
+    return [n for n in names if any(p.search(n) for p in patterns)]
+
+
+def matching(model, name: str) -> list[str]:
+    """Names of the model's parameters in trainable set `name`."""
+    return matching_names([n for n, _ in model.named_parameters()], name)
 
 
 def select_trainable(model, name: str) -> list:
