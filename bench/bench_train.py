@@ -89,9 +89,8 @@ def recovery(work: Path, tokens: int) -> str:
     for name, fields in RECOVERY_SETS.items():
         stage = {"name": name, "trainable": name, "tokens": tokens, "seq_len": 256, "batch_size": 4,
                  "warmup_steps": 3, **fields}
-        t0 = time.perf_counter()
         final = bench.train(moe, name, {"stages": [stage], "checkpoint_every": 10_000})
-        rows[name] = (fields, bench.evaluate(final), time.perf_counter() - t0)
+        rows[name] = (fields, bench.evaluate(final))
         print(f"{name}: ×{rows[name][1].ppl() / bench.dense.ppl():.2f}", file=sys.stderr, flush=True)
     domains = list(bench.dense.per_domain)
     lines = [
@@ -104,19 +103,18 @@ def recovery(work: Path, tokens: int) -> str:
         f"({EVAL_TOKENS} tokens per domain). Cells: perplexity / dense; 'gap recovered' = 1 − log(ppl/dense) after "
         "÷ before.",
         "",
-        "| model | lr | " + " | ".join(domains) + " | overall | gap recovered | wall time / `norm`'s |",
-        "|---|---|" + "---|" * len(domains) + "---|---|---|",
+        "| model | lr | " + " | ".join(domains) + " | overall | gap recovered |",
+        "|---|---|" + "---|" * len(domains) + "---|---|",
         "| dense (absolute ppl) | | " + " | ".join(f"{bench.dense.ppl(d):.2f}" for d in domains)
-        + f" | {bench.dense.ppl():.2f} | | |",
-        "| carve 25%, training-free | | " + " | ".join(ratio_cells(before, bench.dense)) + " | 0% | |",
+        + f" | {bench.dense.ppl():.2f} | |",
+        "| carve 25%, training-free | | " + " | ".join(ratio_cells(before, bench.dense)) + " | 0% |",
     ]
-    base_time = rows["norm"][2]
-    for name, (fields, ppl, seconds) in rows.items():
+    for name, (fields, ppl) in rows.items():
         extra = f", LoRA r={fields['lora']['rank']}" if "lora" in fields else ""
         if "router_lr_ratio" in fields:
             extra += f", routers at {fields['router_lr_ratio']:g}×RMS"
         lines.append(f"| + `{name}`{extra} | {fields['lr']:g} | " + " | ".join(ratio_cells(ppl, bench.dense))
-                     + f" | {bench.gap_recovered(before, ppl):.0%} | {seconds / base_time:.2f}× |")
+                     + f" | {bench.gap_recovered(before, ppl):.0%} |")
     return "\n".join(lines)
 
 
