@@ -163,6 +163,6 @@ def test_router_lr_ratio_scales_each_router_by_its_own_size(tiny_moe):
     chosen = select_trainable(model, "router+norm")
     groups = param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8, lr=1e-3, router_lr_ratio=0.01))
     assert len(groups) == 3 and len(groups[0]["params"]) == len(chosen) - 2  # norms at lr; one group per router
-    rms = [float(model.model.layers[i].mlp.gate.weight.pow(2).mean().sqrt()) for i in (0, 1)]
+    rms = [float(model.model.layers[i].mlp.gate.weight.detach().pow(2).mean().sqrt()) for i in (0, 1)]
     assert [g["lr"] for g in groups[1:]] == pytest.approx([0.01 * r for r in rms])
     assert len(param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8))) == 1
