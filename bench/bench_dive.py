@@ -101,6 +101,12 @@ def report(bench, rows, mining: dict, tokens: int) -> str:
         if trained is not None:
             lines.append(f"| {b} | {label} | " + " | ".join(ratio_cells(trained, bench.dense))
                          + f" | {bench.gap_recovered(free, trained):.0%} |")
+    trained = {label.split()[0]: t for b, label, _, t in rows if t is not None}
+    overall = {k: t.ppl() / bench.dense.ppl() for k, t in trained.items()}
+    lines += ["", f"Verdict at this budget: DIVE {'beats' if overall['DIVE'] < overall['random'] else 'does not beat'} "
+              f"the random split (×{overall['DIVE']:.3g} vs ×{overall['random']:.3g}) and "
+              f"{'beats' if overall['DIVE'] < overall['carve'] else 'does not beat'} carve, the best training-free "
+              f"method (×{overall['DIVE']:.3g} vs ×{overall['carve']:.3g})."]
     comp = mining["bias_compensation"]
     lines += [
         "",
