@@ -144,7 +144,7 @@ def main() -> None:
         "(links, short lines) are where its false positives are. That is why cuts are per domain and `--domains` "
         "names the domains to filter; with labels, the classifier is the better scorer.",
         "- Throughput is dominated by the fluency forward pass (each document's first 256 tokens through "
-        "SmolLM2-135M on 2 CPU cores); the ad scorers take milliseconds. Measured while other jobs shared the machine.",
+        "SmolLM2-135M on 2 CPU cores); the ad scorers take milliseconds.",
         "",
         f"Training on filtered vs unfiltered data (same DIVE 4 × 25% MoE, `experts-lora`, {args.tokens:,} tokens, "
         "same seed):",
