@@ -30,7 +30,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_build.py
 	$(BIN)/python bench/bench_profile.py
+	$(BIN)/python bench/bench_train.py --part throughput
 
+# The construction table. The training, DIVE and filter benchmarks take 20-40 minutes each on a 2-core CPU; their
+# commands are in docs/results.md, next to their numbers.
 results: $(STAMP)
 	$(BIN)/python bench/bench_quality.py
 

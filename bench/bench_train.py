@@ -73,7 +73,7 @@ def throughput(work: Path, batch: int = 4, seq_len: int = 256, repeats: int = 5)
     return "\n".join([
         "## Training throughput (`moefy train`)",
         "",
-        "Command: `.venv/bin/python bench/bench_train.py --part throughput`. SmolLM2-135M vs an 8-expert top-2 random "
+        "Command: `.venv/bin/python bench/bench_train.py --part throughput` (part of `make bench`). SmolLM2-135M vs an 8-expert top-2 random "
         f"split of it (Mixtral, `grouped_mm` experts), batch {batch} × {seq_len} tokens, every parameter training "
         f"(forward + backward + AdamW step), fp32 on CPU, median of {repeats} interleaved steps after one warm-up.",
         "",
