@@ -195,13 +195,11 @@ def _pairs(text: str | None, flag: str) -> dict[str, float] | None:
         return None
     out = {}
     for item in text.split(","):
-        key, sep, value = item.partition("=")
+        key, _, value = item.partition("=")
         try:
-            out[key.strip()] = float(value)
+            out[key.strip()] = float(value)  # no "=" leaves value empty, which float() refuses too
         except ValueError:
             raise MoefyError(f"{flag} takes SCORE=NUMBER pairs, e.g. fluency=0.15 (got {item!r})") from None
-        if not sep:
-            raise MoefyError(f"{flag} takes SCORE=NUMBER pairs, e.g. fluency=0.15 (got {item!r})")
     return out
 
 

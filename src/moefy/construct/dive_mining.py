@@ -146,8 +146,11 @@ def mine(recipe: BuildRecipe, source: ModelSource, family: Family, reader: LazyC
     cross = compensation = None
     if recipe.dive.affinity in ("loss", "both"):
         cross, compensation = _cross_losses(recipe, source, stats, domains.heldout, masks, names)
-    affinity = {"iou": iou, "loss": None if cross is None else loss_affinity(cross)}.get(recipe.dive.affinity)
-    if affinity is None:
+    if recipe.dive.affinity == "iou":
+        affinity = iou
+    elif recipe.dive.affinity == "loss":
+        affinity = loss_affinity(cross)
+    else:
         affinity = (iou + loss_affinity(cross)) / 2
     try:
         groups = group_domains(affinity, recipe.experts)
@@ -166,6 +169,7 @@ def _cross_losses(recipe, source, stats, heldout: Corpus, masks, names):
         return heldout_perplexity(model, tok, corpus, seq_len, opts.affinity_tokens_per_domain).per_domain
 
     dense = losses(heldout)
+    layer_means = {i: stats.layer(i)["mean"] for i in masks}  # [D, I] per layer, read once (layers hold samples too)
     cross = np.zeros((len(names), len(names)))
     compensation = {}
     for d, name in enumerate(names):
@@ -174,8 +178,7 @@ def _cross_losses(recipe, source, stats, heldout: Corpus, masks, names):
             row = losses(heldout)
         cross[d] = [row[n] for n in names]
         own = replace(heldout, docs=tuple(doc for doc in heldout.docs if doc.domain == name))
-        means = {i: stats.layer(i)["mean"][d] for i in masks}
-        with pruned(model, kept, fill=means):
+        with pruned(model, kept, fill={i: m[d] for i, m in layer_means.items()}):
             compensated = losses(own)[name]
         compensation[name] = {"dense": dense[name], "pruned": row[name], "pruned_with_bias": compensated}
     return cross, compensation

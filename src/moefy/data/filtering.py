@@ -155,12 +155,15 @@ def score_records(records: list[Record], recipe: FilterRecipe) -> dict[str, list
 
     texts = [r.text for r in records if r.text is not None]
     index = [i for i, r in enumerate(records) if r.text is not None]
+    # Load both scorers before scoring anything: a bad classifier fails in seconds, not after the fluency pass.
+    ads = None if recipe.ads is None else (
+        ad_score if recipe.ads.scorer == "heuristic" else AdClassifier(Path(recipe.ads.scorer)).score)
+    fluency = None if recipe.fluency is None else fluency_scorer(recipe.fluency)
     out: dict[str, list[float | None]] = {}
-    if recipe.fluency is not None:
-        out["fluency"] = _spread(fluency_scorer(recipe.fluency).score(texts), index, len(records))
-    if recipe.ads is not None:
-        score = ad_score if recipe.ads.scorer == "heuristic" else AdClassifier(Path(recipe.ads.scorer)).score
-        out["ads"] = _spread([score(t) for t in texts], index, len(records))
+    if fluency is not None:
+        out["fluency"] = _spread(fluency.score(texts), index, len(records))
+    if ads is not None:
+        out["ads"] = _spread([ads(t) for t in texts], index, len(records))
     return out
 
 
