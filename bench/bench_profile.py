@@ -23,15 +23,14 @@ TOKENS_PER_DOMAIN = 4096
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moefy-profile-bench-"))
-    from transformers import AutoTokenizer
 
     from moefy import api
     from moefy.construct.registry import make_plan, resolve_defaults
     from moefy.data.corpus import load_corpus
     from moefy.data.demo_corpus import build_demo_corpus
     from moefy.data.tokens import token_blocks
-    from moefy.export.verify import load_causal_lm
     from moefy.families import family_for
+    from moefy.models import load_causal_lm, load_tokenizer
     from moefy.profile.runner import profile
     from moefy.recipes import BuildRecipe, ProfileOptions
     from moefy.sources import resolve_model
@@ -45,7 +44,7 @@ def main() -> None:
     opts = ProfileOptions(tokens_per_domain=TOKENS_PER_DOMAIN)
 
     model = load_causal_lm(source.directory)
-    blocks = token_blocks(corpus, AutoTokenizer.from_pretrained(source.directory), opts.seq_len,
+    blocks = token_blocks(corpus, load_tokenizer(source.directory), opts.seq_len,
                           opts.tokens_per_domain, 0)
     t0 = time.perf_counter()
     with torch.no_grad():

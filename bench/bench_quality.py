@@ -19,7 +19,7 @@ from moefy import api
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.evaluate.perplexity import heldout_perplexity
-from moefy.export.verify import load_causal_lm
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
 
@@ -89,9 +89,8 @@ def main() -> None:
     build_demo_corpus(work / "corpus")
     calib, held = str(work / "corpus" / "calib"), load_corpus(work / "corpus" / "heldout")
     source = resolve_model(MODEL)
-    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source.directory)
+    tok = load_tokenizer(source.directory)
 
     def evaluate(model):
         return heldout_perplexity(model, tok, held, seq_len=256, tokens_per_domain=args.tokens_per_domain)

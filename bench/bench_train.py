@@ -21,7 +21,7 @@ import torch
 
 from moefy import api
 from moefy.evaluate.speed import matmul_params
-from moefy.export.verify import load_causal_lm
+from moefy.models import load_causal_lm
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
 

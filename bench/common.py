@@ -13,7 +13,7 @@ from moefy import api
 from moefy.data.corpus import Corpus, load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.evaluate.perplexity import Perplexity, heldout_perplexity
-from moefy.export.verify import load_causal_lm
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
 
@@ -54,11 +54,10 @@ class Bench:
 
 
 def setup(work: Path) -> Bench:
-    from transformers import AutoTokenizer
 
     build_demo_corpus(work / "corpus")
     source = resolve_model(MODEL)
-    tok = AutoTokenizer.from_pretrained(source.directory)
+    tok = load_tokenizer(source.directory)
     held = load_corpus(work / "corpus" / "heldout")
     bench = Bench(work, held, tok, None)
     bench.dense = bench.evaluate(source.directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from moefy.atomic import atomic_output, check_output
+from moefy.atomic import atomic_output, check_not_input, check_output, claim, swap_into_place
 from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
 from moefy.construct.placement import moe_layers
-from moefy.construct.plan import MoEPlan
+from moefy.construct.plan import PLAN_JSON, MoEPlan
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.tokens import token_blocks
@@ -25,8 +26,9 @@ from moefy.evaluate.speed import measure as measure_speed
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
-from moefy.export.verify import VerifyReport, load_causal_lm, verify
+from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.runner import profile_cached
 from moefy.progress import progress
 from moefy.recipes import BuildRecipe, dump_recipe, load_recipe, validate_recipe
@@ -38,6 +40,7 @@ RECIPE_NAME = "moefy.yaml"
 __all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
            "filter_corpus"]
 RUN_JSON = "run.json"
+TRAIN_RECIPE = "moefy_train.yaml"
 
 
 @dataclass(frozen=True)
@@ -53,38 +56,45 @@ class BuildResult:
 def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResult:
     """Split a dense checkpoint's FFNs into experts and write a standard HF MoE checkpoint to `out`."""
     out = Path(out)
-    check_output(out, overwrite)  # fail before any expensive work
-    recipe = resolve_defaults(recipe)
-    source = resolve_model(recipe.model)
-    config = source.config()
-    family = family_for(config)
-    reader = LazyCheckpoint(source.directory)
-    family.check(config, reader.names())
-    missing = [k for k in (family.ffn_key(0, w) for w in ("gate", "up", "down")) if k not in reader]
-    if missing:
-        raise MoefyError(f"{source.directory} does not hold the {family.model_type} FFN weights (missing {missing[0]})")
-    stats, mining, extra = None, None, None
-    if recipe.method == "dive" and recipe.calib is None:
-        raise MoefyError("dive prunes on calibration domains: pass --calib CORPUS")
-    if recipe.calib is not None:
-        options = recipe.profile
-        if (recipe.method == "importance" or recipe.dive.score == "taylor") and not options.taylor:
-            options = options.model_copy(update={"taylor": True})  # these scores are defined by the Taylor term
-        corpus = load_corpus(recipe.calib)  # read now, so a bad corpus fails before any work
-        domains = None
-        if recipe.method == "dive":  # labelled, discovered or split domains; some documents held out for affinity
-            domains = settle_domains(recipe, source, corpus)
-            corpus = domains.prune
-        # Profiled on first use only: methods and router inits that never read stats skip the calibration pass.
-        stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed))
-        if domains is not None:
-            layers = moe_layers(recipe.layers, int(config["num_hidden_layers"]))
-            mining = mine(recipe, source, family, reader, stats(), domains, layers)
-            extra = {"groups": mining.groups, "group_names": mining.group_names()}
-    plan = make_plan(recipe, family, config, reader, stats, extra)
-    fmt = choose_format(family.formats, plan.meta, config)
-    dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
-    with atomic_output(out, overwrite) as tmp:
+    # Local paths are stored absolute, so the plan and the recipe still name the source from another directory.
+    recipe = resolve_defaults(recipe).model_copy(update={"model": _absolute(recipe.model)})
+    # The temp dir and the output lock come first, so a bad or busy --out fails before any expensive work; the
+    # user's existing output is replaced only by the final rename.
+    with atomic_output(out, overwrite, inputs=(recipe.model, recipe.calib)) as tmp:
+        source = resolve_model(recipe.model)
+        check_not_input(out, [source.directory])  # an alias or hub id resolves to a directory too
+        config = source.config()
+        family = family_for(config)
+        reader = LazyCheckpoint(source.directory)
+        family.check(config, reader.names())
+        missing = [k for k in (family.ffn_key(0, w) for w in ("gate", "up", "down")) if k not in reader]
+        if missing:
+            raise MoefyError(f"{source.directory} does not hold the {family.model_type} FFN weights "
+                             f"(missing {missing[0]})")
+        stats, mining, extra, calibration = None, None, None, None
+        if recipe.method == "dive" and recipe.calib is None:
+            raise MoefyError("dive prunes on calibration domains: pass --calib CORPUS")
+        if recipe.calib is not None:
+            options = recipe.profile
+            if (recipe.method == "importance" or recipe.dive.score == "taylor") and not options.taylor:
+                options = options.model_copy(update={"taylor": True})  # these scores are defined by the Taylor term
+            corpus = load_corpus(recipe.calib)  # read now, so a bad corpus fails before any work
+            calibration = corpus.summary()
+            domains = None
+            if recipe.method == "dive":  # labelled, discovered or split domains; some documents held out for affinity
+                domains = settle_domains(recipe, source, corpus)
+                corpus = domains.prune
+            # Profiled on first use only: methods and router inits that never read stats skip the calibration pass.
+            stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed))
+            if domains is not None:
+                layers = moe_layers(recipe.layers, int(config["num_hidden_layers"]))
+                mining = mine(recipe, source, family, reader, stats(), domains, layers)
+                extra = {"groups": mining.groups, "group_names": mining.group_names()}
+        plan = make_plan(recipe, family, config, reader, stats, extra)
+        if calibration is not None:  # saved with the plan: what was read, and what was skipped
+            plan = MoEPlan(plan.meta.model_copy(update={"calibration": calibration}), plan.layers)
+        fmt = choose_format(family.formats, plan.meta, config)
+        dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
         total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
         dtype = recipe.dtype if recipe.dtype != "source" else str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
         model_config = fmt.config(config, plan.meta, dtype)
@@ -101,6 +111,12 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params)
 
 
+def _check_at_least(minimum: int, **values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            raise MoefyError(f"--{name.replace('_', '-')} must be at least {minimum} (got {value})")
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -113,23 +129,25 @@ class EvalResult:
     perplexity: dict[str, Perplexity]  # model spec -> per-domain perplexity
     speed: dict[str, Speed]  # model spec (and its dense source) -> speed, when asked for
     tasks: dict[str, dict]  # model spec -> {task: {metric: value}}, when asked for
+    corpus: dict  # the held-out corpus as read (documents, records skipped and why)
 
     def to_dict(self) -> dict:
         return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
-                "speed": {m: s.to_dict() for m, s in self.speed.items()}, "tasks": self.tasks}
+                "speed": {m: s.to_dict() for m, s in self.speed.items()}, "tasks": self.tasks, "corpus": self.corpus}
 
 
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
              tokens_per_domain: int | None = 4096, speed: bool = False, tasks: list[str] | None = None,
              task_limit: int | None = None) -> EvalResult:
     """Held-out perplexity per domain for each model (dense or MoE), and optionally speed against the dense source."""
-    from transformers import AutoTokenizer
+    _check_at_least(2, seq_len=seq_len)  # a window needs a token to predict from and one to score
+    _check_at_least(1, stride=stride, tokens_per_domain=tokens_per_domain, task_limit=task_limit)
 
     corpus = load_corpus(data)
     loaded = {spec: load_causal_lm(resolve_model(spec).directory) for spec in models}
     results, task_scores = {}, {}
     for spec, model in loaded.items():
-        tok = AutoTokenizer.from_pretrained(resolve_model(spec).directory)
+        tok = load_tokenizer(resolve_model(spec).directory)
         results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
         if tasks:
             task_scores[spec] = run_tasks(model, tok, tasks, limit=task_limit)
@@ -137,33 +155,36 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     if speed:
         timed = dict(loaded)
         for spec in models:  # each MoE is timed against the dense model it was built from, in the same run
-            plan_json = resolve_model(spec).directory / "moefy_plan.json"
+            plan_json = resolve_model(spec).directory / PLAN_JSON
             if plan_json.is_file():
                 source = json.loads(plan_json.read_text())["source"]
                 timed.setdefault(source, load_causal_lm(resolve_model(source).directory))
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
-    return EvalResult(results, speeds, task_scores)
+    return EvalResult(results, speeds, task_scores, corpus.summary())
 
 
 def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_domain: int | None = 2048,
             overwrite: bool = False) -> dict[str, Path]:
     """Routing statistics per layer × domain from one forward pass with router-logit capture."""
-    from transformers import AutoTokenizer
+    _check_at_least(2, seq_len=seq_len)
+    _check_at_least(1, tokens_per_domain=tokens_per_domain)
 
-    from moefy.analyze.report import write_report  # matplotlib: imported only when a report is written
+    from moefy.analyze.report import (
+        write_report,  # matplotlib: imported only when a report is written
+    )
     from moefy.analyze.routing import layer_routing
 
     out = Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(model, data))
     directory = resolve_model(model).directory
     moe = load_causal_lm(directory)
     moe_layers = [i for i, layer in enumerate(moe.model.layers) if hasattr(layer.mlp, "gate")]
     if not moe_layers:
         raise MoefyError(f"{model} has no routers to analyse (model_type {moe.config.model_type!r}); "
                          "analyze takes an MoE such as a moefy build output")
-    blocks = token_blocks(load_corpus(data), AutoTokenizer.from_pretrained(directory), seq_len, tokens_per_domain, 0)
+    blocks = token_blocks(load_corpus(data), load_tokenizer(directory), seq_len, tokens_per_domain, 0)
     logits: dict[int, dict[str, list]] = {i: {d: [] for d in blocks.domains} for i in moe_layers}
     with torch.no_grad():
         for d in progress(blocks.domains, "routing"):
@@ -205,46 +226,86 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
     """Train a built MoE through the recipe's stages; returns the exported checkpoint (out/final).
 
     With resume=True only `out` is needed: the run directory records the MoE, the data and the recipe."""
-    from moefy.train.loop import train as run_training
-    from moefy.train.plots import plot_run
-    from moefy.train.recipe import TrainRecipe
-
     from accelerate import PartialState
 
     out = Path(out)
     process = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of a torchrun/accelerate launch
-    if not resume and process.is_main_process:  # only the main process creates the run directory
+    if not resume and process.is_main_process:  # only the main process checks inputs and creates the run
         if moe_dir is None or data is None or recipe_path is None:
             raise MoefyError("train needs MOE_DIR, --data and --recipe (or --resume RUN_DIR)")
-        check_output(out, overwrite)
+        # Every input is checked before the run directory is touched.
+        check_output(out, overwrite, inputs=(moe_dir, data, heldout))
         recipe = load_train_recipe(recipe_path)
-        plan_json = Path(moe_dir) / "moefy_plan.json"
+        moe_source = resolve_model(str(moe_dir))
+        # Read now, so a bad corpus fails before the run directory is touched; what was skipped goes in run.json.
+        read = {"data": load_corpus(data).summary(), "heldout": load_corpus(heldout or data).summary()}
+        plan_json = moe_source.directory / PLAN_JSON
         source = json.loads(plan_json.read_text())["source"] if plan_json.is_file() else None
-        spec = {"moe_dir": str(Path(moe_dir).resolve()), "data": str(data), "heldout": str(heldout or data),
-                "dense": source}
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        (out / RUN_JSON).write_text(json.dumps(spec, indent=2))
-        dump_recipe(recipe, out / "moefy_train.yaml")
-    process.wait_for_everyone()
-    if not (out / RUN_JSON).is_file():
-        raise MoefyError(f"{out} is not a moefy training run (no {RUN_JSON}); nothing to resume")
-    spec = json.loads((out / RUN_JSON).read_text())
-    recipe = load_recipe(TrainRecipe, out / "moefy_train.yaml", {})
+        # Absolute paths: a run resumed from another directory must find the same model and data.
+        spec = {"moe_dir": str(moe_source.directory.resolve()), "data": _absolute(data),
+                "heldout": _absolute(heldout or data), "dense": source, "read": read}
+    with claim(out) if process.is_main_process else contextlib.nullcontext():
+        if not resume and process.is_main_process:
+            check_output(out, overwrite)  # again: the claim may have put back an interrupted old output
+            # A replaced run trains beside the old one, which stays until the new one is complete.
+            run = _staging(out) if out.exists() else out
+            if run.exists():  # a killed earlier replacement of this run: this fresh run supersedes it
+                shutil.rmtree(run)
+            run.mkdir(parents=True)
+            (run / RUN_JSON).write_text(json.dumps(spec, indent=2))
+            dump_recipe(recipe, run / TRAIN_RECIPE)
+        process.wait_for_everyone()
+        run = _resumable_run(out)
+        final = _run_training(run, process, resume)
+        if run != out and process.is_main_process:
+            swap_into_place(run, out, overwrite=True)
+            final = out / final.name
+        process.wait_for_everyone()
+    return out / final.name
+
+
+def _absolute(spec: str) -> str:
+    """A local path as an absolute path; anything else (an alias, a hub id) as given."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.moefy-next"
+
+
+def _resumable_run(out: Path) -> Path:
+    """The run to resume: an unfinished replacement of `out` if there is one, else `out` itself."""
+    for run in (_staging(out), out):
+        if (run / RUN_JSON).is_file():
+            return run
+    raise MoefyError(f"{out} is not a moefy training run (no {RUN_JSON}); nothing to resume")
+
+
+def _run_training(run: Path, process, resume: bool) -> Path:
+    from moefy.train.loop import train as run_training
+    from moefy.train.plots import plot_run
+    from moefy.train.recipe import TrainRecipe
+
+    try:
+        spec = json.loads((run / RUN_JSON).read_text())
+    except (ValueError, OSError) as exc:
+        raise MoefyError(f"corrupt {run / RUN_JSON}: {exc}") from exc
+    recipe = load_recipe(TrainRecipe, run / TRAIN_RECIPE, {})
     data = spec["data"]
     if recipe.filter is not None:  # the recipe's filter stage: run once, reused on resume
         from moefy.data.filtering import SMALL_SCORER
         from moefy.data.filtering import filter_corpus as run_filter
 
-        if process.is_main_process and not (out / "filtered" / "report" / "report.json").is_file():
-            run_filter(Path(data), recipe.filter, out / "filtered", overwrite=True,
+        if process.is_main_process and not (run / "filtered" / "report" / "report.json").is_file():
+            run_filter(Path(data), recipe.filter, run / "filtered", overwrite=True,
                        default_model=spec["dense"] or SMALL_SCORER)  # fluency under the MoE's own dense source
         process.wait_for_everyone()
-        data = str(out / "filtered")
+        data = str(run / "filtered")
     moe = resolve_model(spec["moe_dir"]).directory
     dense = resolve_model(spec["dense"]).directory if spec["dense"] else None
-    final = run_training(moe, recipe, load_corpus(data), load_corpus(spec["heldout"]), out, dense, resume)
+    final = run_training(moe, recipe, load_corpus(data), load_corpus(spec["heldout"]), run, dense,
+                         resume)
     if process.is_main_process:
-        plot_run(out)
+        plot_run(run)
     return final

@@ -9,9 +9,17 @@ from pathlib import Path
 from moefy.errors import MoefyError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 like every other moefy error."""
+
+    def error(self, message: str):
+        print(f"moefy: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moefy", description="Turn a dense LLaMA-family LLM into an MoE.")
-    sub = parser.add_subparsers(dest="verb", required=True)
+    parser = _Parser(prog="moefy", description="Turn a dense LLaMA-family LLM into an MoE.")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
 
     b = sub.add_parser("build", help="split a dense checkpoint's FFNs into experts (Mixtral or Qwen2-MoE output)")
     b.add_argument("model", nargs="?", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
@@ -51,7 +59,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
 
     d = sub.add_parser("data", help="corpus tools")
-    dsub = d.add_subparsers(dest="data_verb", required=True)
+    dsub = d.add_subparsers(dest="data_verb", required=True, parser_class=_Parser)
     dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/ and heldout/)")
     dc.add_argument("out", type=Path)
     dc.add_argument("--overwrite", action="store_true")
@@ -112,7 +120,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             "keep")
     overrides = {k: getattr(args, k) for k in keys}
     if args.layers is not None:
-        overrides["layers"] = [int(i) for i in args.layers.split(",")] if args.layers[:1].isdigit() else args.layers
+        overrides["layers"] = _layers(args.layers)
     nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows},
               "profile": {"tokens_per_domain": args.tokens_per_domain, "seq_len": args.seq_len},
               "dive": {"discover_domains": args.discover_domains, "score": args.prune_score}}
@@ -126,6 +134,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     result = api.build(recipe, args.out, overwrite=args.overwrite)
     _print_build(result)
     return 0
+
+
+def _layers(text: str) -> str | list[int]:
+    if not text[:1].isdigit():
+        return text  # all, every_other, last:N: checked with the recipe
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise MoefyError(f"--layers takes all, every_other, last:N or comma-separated layer numbers "
+                         f"(got {text!r})") from None
 
 
 def _print_build(result) -> None:
@@ -244,9 +262,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from moefy import api
 
+    from moefy.atomic import check_writable
+
     tasks = args.tasks.split(",") if args.tasks else None
-    result = api.evaluate(args.models, args.data, args.seq_len, args.stride, args.tokens_per_domain, args.speed,
-                          tasks, args.task_limit)
+    if args.json_out:
+        check_writable(args.json_out)  # now, not after the whole evaluation
+    result = api.evaluate(args.models, args.data, seq_len=args.seq_len, stride=args.stride,
+                          tokens_per_domain=args.tokens_per_domain, speed=args.speed, tasks=tasks,
+                          task_limit=args.task_limit)
     first = next(iter(result.perplexity.values()))
     table = Table(title=f"held-out perplexity (context {first.seq_len}, stride {first.stride})")
     table.add_column("domain")
@@ -275,6 +298,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 scores.add_row(f"{task} {metric}", *[f"{result.tasks[m][task][metric]:.4f}" for m in args.models])
         console.print(scores)
     if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result.to_dict(), indent=2))
     return 0
 
@@ -308,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.verb](args)
     except MoefyError as exc:
         print(f"moefy: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment, not a bug: a full disk, a permission, a vanished file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"moefy: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moefy: interrupted", file=sys.stderr)

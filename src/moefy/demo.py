@@ -23,7 +23,7 @@ from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.errors import MoefyError
 from moefy.evaluate.perplexity import heldout_perplexity
-from moefy.export.verify import load_causal_lm
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.recipes import BuildRecipe, dump_recipe
 from moefy.sources import resolve_model
 from moefy.train.recipe import Lora, Stage, TrainRecipe
@@ -37,7 +37,6 @@ DEMO_TRAIN = TrainRecipe(stages=[Stage(name="recovery", trainable="experts-lora"
 
 
 def run(out: Path) -> int:
-    from transformers import AutoTokenizer
 
     console = Console()
     corpus_dir, moe_dir, report_dir, run_dir = out / "corpus", out / "moe", out / "report", out / "train"
@@ -53,7 +52,7 @@ def run(out: Path) -> int:
     result = api.build(recipe, moe_dir, overwrite=(moe_dir / api.RECIPE_NAME).is_file())
     t_build = time.perf_counter() - t0
     report = api.verify(moe_dir, recipe.model)
-    tok = AutoTokenizer.from_pretrained(source.directory)
+    tok = load_tokenizer(source.directory)
     held = load_corpus(corpus_dir / "heldout")
     dense = heldout_perplexity(load_causal_lm(source.directory), tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN)
     moe = heldout_perplexity(load_causal_lm(moe_dir), tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN)

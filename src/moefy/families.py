@@ -39,12 +39,23 @@ class Family:
         return name.startswith("model.layers.") and name.endswith(suffixes)
 
     def check(self, config: dict[str, Any], tensor_names: list[str]) -> None:
+        for key in REQUIRED_CONFIG:
+            value = config.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MoefyError(f"the config's {key} must be a positive integer (found {value!r})")
+        layers = {int(m.group(1)) for n in tensor_names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+        if layers and max(layers) + 1 != config["num_hidden_layers"]:
+            raise MoefyError(f"the config says {config['num_hidden_layers']} layers but the weights hold "
+                             f"{max(layers) + 1}: config and weights do not belong together")
         for r in self.refusals:
             if r.config_key is not None and r.is_bad(config.get(r.config_key)):
                 raise MoefyError(f"cannot convert this {self.model_type} checkpoint exactly: {r.reason}")
             if r.tensor_pattern is not None and any(re.search(r.tensor_pattern, n) for n in tensor_names):
                 raise MoefyError(f"cannot convert this {self.model_type} checkpoint exactly: {r.reason}")
 
+
+# Config fields every stage reads; checked before any work so a damaged config is one line, not a KeyError.
+REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 # Mixtral's and Qwen2-MoE's attention is LLaMA's (Qwen2's q/k/v biases are written as zeros), and experts are SwiGLU.
 _LLAMA_REFUSALS = (

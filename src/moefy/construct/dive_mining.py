@@ -22,8 +22,8 @@ from moefy.construct.plan import MoEPlan
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
 from moefy.evaluate.perplexity import heldout_perplexity
-from moefy.export.verify import load_causal_lm
 from moefy.families import Family
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.stats import NeuronStats
 from moefy.recipes import BuildRecipe
 from moefy.sources import ModelSource
@@ -70,13 +70,12 @@ class DiveMining:
 
 
 def settle_domains(recipe: BuildRecipe, source: ModelSource, corpus: Corpus) -> DiveDomains:
-    from transformers import AutoTokenizer
 
     opts, labels = recipe.dive, [d.domain for d in corpus.docs]
     discovery = None
     unlabelled = len(set(labels)) == 1
     if opts.discover_domains or unlabelled or len(set(labels)) < recipe.experts:
-        model, tok = load_causal_lm(source.directory), AutoTokenizer.from_pretrained(source.directory)
+        model, tok = load_causal_lm(source.directory), load_tokenizer(source.directory)
         texts = [d.text for d in corpus.docs]
         embeddings = embed_documents(model, tok, texts, opts.embed_tokens)
         discovery = {"embedding": f"mean of the dense model's last hidden state over each document's first "
@@ -160,9 +159,8 @@ def mine(recipe: BuildRecipe, source: ModelSource, family: Family, reader: LazyC
 
 
 def _cross_losses(recipe, source, stats, heldout: Corpus, masks, names):
-    from transformers import AutoTokenizer
 
-    model, tok = load_causal_lm(source.directory), AutoTokenizer.from_pretrained(source.directory)
+    model, tok = load_causal_lm(source.directory), load_tokenizer(source.directory)
     opts, seq_len = recipe.dive, recipe.profile.seq_len
 
     def losses(corpus):

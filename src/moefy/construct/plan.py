@@ -42,6 +42,7 @@ class PlanMeta(BaseModel):
     coverage: Literal["partition", "overlap"] = "partition"
     seed: int = 0
     domain_groups: list[list[str]] | None = None  # dive: the calibration domains behind each expert
+    calibration: dict | None = None  # the calibration corpus as read: source, documents, records skipped and why
 
     @property
     def expert_params(self) -> int:

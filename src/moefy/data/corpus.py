@@ -7,6 +7,7 @@ file (one domain, documents separated by blank lines), a directory of such files
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ class Corpus:
     docs: tuple[Document, ...]
     skipped: Counter = field(default_factory=Counter)  # reason -> count of records skipped (never silently)
 
+    def summary(self) -> dict:
+        """What was read, for the outputs of every command that reads a corpus."""
+        return {"source": self.source, "documents": len(self.docs), "skipped": dict(self.skipped)}
+
     def domains(self) -> list[str]:
         return sorted({d.domain for d in self.docs})
 
@@ -47,7 +52,7 @@ def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = 
     if path.is_dir() and kept_corpus_path(path) is not None:  # a `moefy data filter` output: its kept corpus
         path = kept_corpus_path(path)
     skipped: Counter = Counter()
-    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
+    if path.is_dir() and is_saved_dataset(path):
         docs = _read_hf_dataset(path, text_field, domain_field)
     elif path.is_dir():
         docs = []
@@ -62,7 +67,15 @@ def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = 
     if not docs:
         extra = f" ({_describe(skipped)} skipped)" if skipped else ""
         raise MoefyError(f"corpus {path} has no documents with text{extra}")
+    if skipped:  # never silently: every command that reads a corpus says so, and saves the counts with its output
+        print(f"moefy: corpus {path}: skipped {_describe(skipped)}", file=sys.stderr)
     return Corpus(str(path), tuple(docs), skipped)
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A `datasets` save_to_disk directory (a Dataset has both files; a DatasetDict has dataset_dict.json)."""
+    return ((path / "dataset_info.json").is_file() and (path / "state.json").is_file()) \
+        or (path / "dataset_dict.json").is_file()
 
 
 def _describe(skipped: Counter) -> str:
@@ -120,7 +133,10 @@ def _read_parquet(path: Path, text_field: str, domain_field: str, default_domain
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise MoefyError("reading Parquet corpora needs pyarrow: pip install pyarrow") from exc
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise MoefyError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
     if text_field not in table.column_names:
         raise MoefyError(f"{path} has no '{text_field}' column (columns: {', '.join(table.column_names)})")
     texts = table.column(text_field).to_pylist()
@@ -133,7 +149,11 @@ def _read_hf_dataset(path: Path, text_field: str, domain_field: str) -> list[Doc
         from datasets import load_from_disk
     except ImportError as exc:
         raise MoefyError("reading a saved HF dataset needs the datasets package: pip install datasets") from exc
-    ds = load_from_disk(str(path))
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises assorted types for damaged or foreign directories
+        raise MoefyError(f"{path} looks like a saved HF dataset but could not be read: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     if hasattr(ds, "keys"):  # a DatasetDict: use its train split
         ds = ds["train"] if "train" in ds else ds[next(iter(ds.keys()))]
     if text_field not in ds.column_names:

@@ -118,7 +118,7 @@ def filter_corpus(corpus: Path, recipe: FilterRecipe, out: Path, overwrite: bool
     from moefy.data.filter_report import write_report
 
     corpus, out = Path(corpus), Path(out)
-    check_output(out, overwrite)
+    check_output(out, overwrite, inputs=(corpus,))
     records = read_records(corpus, recipe.text_field, recipe.domain_field)
     valid = [r for r in records if r.text is not None]
     if not valid:
@@ -168,15 +168,14 @@ def score_records(records: list[Record], recipe: FilterRecipe) -> dict[str, list
 
 
 def fluency_scorer(options: FluencyOptions):
-    from transformers import AutoTokenizer
 
     from moefy.data.scoring.fluency import FluencyScorer
-    from moefy.export.verify import load_causal_lm
+    from moefy.models import load_causal_lm, load_tokenizer
     from moefy.sources import cache_dir, resolve_model
 
     source = resolve_model(options.model)
     cache = Path(options.cache) if options.cache else cache_dir() / "fluency-scores.jsonl"
-    return FluencyScorer(load_causal_lm(source.directory), AutoTokenizer.from_pretrained(source.directory),
+    return FluencyScorer(load_causal_lm(source.directory), load_tokenizer(source.directory),
                          str(source.directory.resolve()), options.max_tokens, options.batch_size, cache)
 
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moefy.data.corpus import DEFAULT_DOMAIN
+from moefy.data.corpus import DEFAULT_DOMAIN, is_saved_dataset
 from moefy.errors import MoefyError
 
 FILE_KINDS = (".jsonl", ".parquet", ".txt")
@@ -46,7 +46,7 @@ def read_records(path: Path, text_field: str = "text", domain_field: str = "doma
         raise MoefyError(f"corpus not found: {path}")
     if path.is_file():
         return _read_file(path, path.name, text_field, domain_field, DEFAULT_DOMAIN)
-    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+    if is_saved_dataset(path):
         raise MoefyError(f"{path} is a saved HF dataset; filter reads .jsonl, .parquet or .txt corpora "
                          "(export it with dataset.to_json(...))")
     records: list[Record] = []

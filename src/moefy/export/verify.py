@@ -15,6 +15,7 @@ from moefy.data.probe import PROBE_TEXTS
 from moefy.errors import MoefyError
 from moefy.export.checkpoint import DTYPES
 from moefy.export.formats import FORMATS
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.sources import read_config, resolve_model
 
 PROBE_MAX_TOKENS = 256
@@ -61,26 +62,9 @@ class VerifyReport:
                            "dense_ppl": self.dense_ppl}, indent=2)
 
 
-def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
-    """Stock transformers loading, never with remote code."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # one bar per load is noise next to moefy's own output
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise MoefyError(f"could not load {directory} with transformers: {str(exc).splitlines()[0]}") from exc
-    return model.eval()
-
-
 def probe_batch(directory: Path, texts=PROBE_TEXTS) -> list[torch.Tensor]:
-    from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
-        raise MoefyError(f"{directory} has no usable tokenizer for the probe: {str(exc).splitlines()[0]}") from exc
+    tok = load_tokenizer(directory)
     return [tok(t, return_tensors="pt").input_ids[:, :PROBE_MAX_TOKENS] for t in texts]
 
 

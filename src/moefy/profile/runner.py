@@ -15,6 +15,7 @@ import torch
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.families import Family
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_stats
 from moefy.progress import progress
 from moefy.recipes import ProfileOptions
@@ -41,16 +42,10 @@ def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: Pr
     return load_stats(target)
 
 
-def _load_tokenizer(directory):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
 def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int, out) -> NeuronStats:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokens = token_blocks(corpus, _load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
+    tokens = token_blocks(corpus, load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
     config = AutoConfig.from_pretrained(source.directory)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -149,8 +144,6 @@ def _materialise(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str) -
 
 def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, opts: ProfileOptions) -> list[torch.Tensor]:
     """LLaMA-MoE's importance: per domain, mean over tokens of |a_j · ∂L/∂a_j| (needs the full model and backward)."""
-    from moefy.export.verify import load_causal_lm
-
     model = load_causal_lm(source.directory)
     layers = model.model.layers
     D, width = len(tokens.domains), model.config.intermediate_size

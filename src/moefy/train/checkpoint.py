@@ -5,6 +5,7 @@ the sampler state, the gating state, and the loop position."""
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -48,7 +49,8 @@ def load_checkpoint(path: Path) -> dict:
         blob = torch.load(path / "optimizer.pt", weights_only=True)
         weights = load_file(str(path / "trainable.safetensors"))
         gating = load_file(str(path / "gating.safetensors"))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+    # A damaged optimizer.pt fails inside torch's restricted unpickler (UnpicklingError, EOFError).
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         raise MoefyError(f"corrupt checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     gating.pop("_", None)
     return {**state, **blob, "weights": weights, "gating": gating}

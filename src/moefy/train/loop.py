@@ -22,15 +22,15 @@ from moefy.atomic import atomic_output
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
 from moefy.evaluate.perplexity import heldout_perplexity
-from moefy.export.verify import load_causal_lm
+from moefy.models import load_causal_lm, load_tokenizer
 from moefy.progress import progress
 from moefy.recipes import dump_recipe
 from moefy.sources import SIDE_FILES
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
 from moefy.train.gating import GatingWrapper
-from moefy.train.lora import add_lora, merge, stable_name
 from moefy.train.logs import RunLog
+from moefy.train.lora import add_lora, merge, stable_name
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Stage, TrainRecipe
 from moefy.train.trainable import matching, matching_names, select_trainable
@@ -73,10 +73,9 @@ def make_accelerator(recipe: TrainRecipe):
 
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
           resume: bool = False) -> Path:
-    from transformers import AutoTokenizer
 
     acc = make_accelerator(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(moe_dir)
+    tokenizer = load_tokenizer(moe_dir)
     model = load_causal_lm(moe_dir).to(acc.device)
     if model._can_set_experts_implementation():
         # grouped_mm by name: transformers then raises rather than silently falling back (batched_mm computes every

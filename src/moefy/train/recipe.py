@@ -93,7 +93,7 @@ class Stage(Frozen):
 
 class TrainRecipe(Frozen):
     stages: list[Stage] = Field(..., min_length=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds only
     checkpoint_every: int = Field(10, ge=1)  # optimizer steps
     keep_last: int = Field(2, ge=1)
     # auto: bf16 autocast on a GPU that supports it, fp32 elsewhere (CPU bf16 autocast is slower than fp32 here)

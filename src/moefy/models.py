@@ -1,0 +1,38 @@
+"""Loading models and tokenizers with stock transformers: the one place that does it, on the ground floor, so every
+stage gets the same refusals (pickle weights, remote code) and the same one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moefy.errors import MoefyError
+from moefy.sources import check_hf_dir
+
+
+def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
+    """A local HF directory as a causal LM in eval mode. Safetensors weights only, never remote code."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    check_hf_dir(Path(directory))  # before transformers, which would torch.load a pickle-only checkpoint
+    logging.disable_progress_bar()  # one bar per load is noise next to moefy's own output
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoefyError(f"could not load {directory} with transformers: {first}") from exc
+    return model.eval()
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MoefyError(f"{directory} has no usable tokenizer: {first}") from exc
