@@ -13,12 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from moefy import api
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.export.oracle import active_fraction, neuron_oracle
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
@@ -59,27 +58,6 @@ CONFIGS = {
 }
 
 
-class TopFractionOracle:
-    """Per token, keep only its own top fraction of FFN neurons by |a_j| in every layer (the neuron-level bound)."""
-
-    def __init__(self, model, fraction: float):
-        self.hooks = [layer.mlp.down_proj.register_forward_pre_hook(self._hook) for layer in model.model.layers]
-        self.fraction = fraction
-
-    def _hook(self, module, args):
-        a = args[0]
-        k = round(self.fraction * a.shape[-1])
-        keep = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, a.abs().topk(k, dim=-1).indices, True)
-        return (a * keep,)
-
-
-def active_fraction(result) -> float:
-    m = result.plan.meta
-    routed = sum(int((row >= 0).sum()) for row in next(iter(result.plan.layers.values())).experts[: m.top_k])
-    shared = int((next(iter(result.plan.layers.values())).shared >= 0).sum())
-    return (shared + routed) / m.ffn_width
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens-per-domain", type=int, default=2048)
@@ -99,11 +77,9 @@ def main() -> None:
     dense = evaluate(dense_model)
     rows = {"dense": ("dense", 1.0, dense, None)}
     for budget, fraction in (("25%", 0.25), ("50%", 0.5)):  # the oracle masks neurons inside the dense model
-        oracle = TopFractionOracle(dense_model, fraction)
-        rows[f"{budget} oracle: each token's own top-{budget} neurons by |a| (neuron-level bound)"] = (
-            budget, fraction, evaluate(dense_model), None)
-        for h in oracle.hooks:
-            h.remove()
+        with neuron_oracle(dense_model, fraction):
+            rows[f"{budget} oracle: each token's own top-{budget} neurons by |a| (neuron-level bound)"] = (
+                budget, fraction, evaluate(dense_model), None)
     del dense_model
     for budget, configs in CONFIGS.items():
         for label, fields in configs:
@@ -113,7 +89,7 @@ def main() -> None:
             result = api.build(recipe, work / "moe", overwrite=True)
             seconds = time.perf_counter() - t0
             ppl = evaluate(load_causal_lm(work / "moe"))
-            rows[f"{budget} {label}"] = (budget, active_fraction(result), ppl, (result.architecture, seconds))
+            rows[f"{budget} {label}"] = (budget, active_fraction(result.plan), ppl, (result.architecture, seconds))
             print(f"{budget} {label}: ×{ppl.ppl() / dense.ppl():.2f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     write_table(args.out, rows, dense, args.tokens_per_domain)
     (work / "results.json").write_text(json.dumps({k: {"per_domain_loss": v[2].per_domain} for k, v in rows.items()}))

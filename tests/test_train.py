@@ -75,7 +75,8 @@ def test_killed_run_resumes_exactly(tiny_moe, corpus, tmp_path):
     stages = [{"name": "a", "trainable": "router+norm", "tokens": 6 * 2 * 32, "seq_len": 32, "batch_size": 2,
                "lr": 1e-2, "gating": {"noise": 0.5}},
               {"name": "b", "trainable": "experts-lora", "tokens": 8 * 2 * 32, "seq_len": 32, "batch_size": 2,
-               "grad_accum": 2, "lr": 1e-2, "gating": {"balance": "switch", "bias_update_rate": 1e-2}},
+               "grad_accum": 2, "lr": 1e-2, "gating": {"balance": "switch", "bias_update_rate": 1e-2},
+               "distill": {"temperature": 2.0, "lm_weight": 0.5}},
               # a long cheap tail, so the child is certainly still running when it is killed after step 9
               {"name": "c", "trainable": "router", "tokens": 60 * 1 * 32, "seq_len": 32, "batch_size": 1}]
     recipe = write_recipe(tmp_path / "r.yaml", stages, checkpoint_every=3, keep_last=5)
@@ -102,6 +103,7 @@ def test_killed_run_resumes_exactly(tiny_moe, corpus, tmp_path):
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 71))  # 6 + 4 + 60 steps
     for a, b in zip(straight, resumed):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+        assert a.get("distill_loss", 0) == pytest.approx(b.get("distill_loss", 0), abs=1e-6), a["step"]
         assert a["weights"] == b["weights"]
 
 
@@ -165,3 +167,35 @@ def test_corrupt_checkpoint_on_resume(capsys, tiny_moe, corpus, tmp_path):
     assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moefy: error: corrupt checkpoint") and err.count("\n") == 1
+
+
+def test_distillation_from_the_dense_teacher(tiny_llama, corpus, tmp_path):
+    """An upcycled MoE (exact copies, top-1, scale 1) is the dense model: the KL to its teacher must be 0. A lossy
+    MoE starts far from its teacher and distillation brings it closer."""
+    from moefy.recipes import BuildRecipe, validate_recipe
+
+    exact = tmp_path / "upcycled"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "method": "upcycle", "experts": 2,
+                                            "top_k": 1}), exact)
+    stage = {"name": "kd", "trainable": "experts", "tokens": 8 * 4 * 32, "seq_len": 32, "lr": 3e-3,
+             "distill": {"temperature": 1.0, "hidden_weight": 0.1}}
+    api.train(exact, str(corpus), write_recipe(tmp_path / "r.yaml", [stage]), tmp_path / "exact")
+    assert records(tmp_path / "exact")[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
+
+    lossy = tmp_path / "random"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "method": "random", "experts": 4,
+                                            "top_k": 1}), lossy)
+    api.train(lossy, str(corpus), write_recipe(tmp_path / "r2.yaml", [stage]), tmp_path / "lossy")
+    kd = [r["distill_loss"] for r in records(tmp_path / "lossy")]
+    assert kd[0] > 0.01 and sum(kd[-2:]) < sum(kd[:2])
+
+
+def test_distillation_needs_a_teacher(tiny_moe, corpus, tmp_path):
+    moe = tmp_path / "moe"
+    moe.mkdir()
+    for f in tiny_moe.iterdir():
+        (moe / f.name).write_bytes(f.read_bytes())
+    (moe / "moefy_plan.json").unlink()
+    stage = {"tokens": 4 * 32, "seq_len": 32, "distill": {}}
+    with pytest.raises(MoefyError, match="needs the dense source model"):
+        api.train(moe, str(corpus), write_recipe(tmp_path / "r.yaml", [stage]), tmp_path / "run")

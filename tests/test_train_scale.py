@@ -116,7 +116,7 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path):
     stages = [{"name": "r", "trainable": "router+norm", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
                "gating": soft},
               {"name": "e", "trainable": "experts-lora", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
-               "grad_accum": 2, "batch_size": 2, "gating": soft}]
+               "grad_accum": 2, "batch_size": 2, "gating": soft, "distill": {"temperature": 2.0, "lm_weight": 0.5}}]
     final, one = run_recipe(tiny_moe, corpus, tmp_path / "one", stages)
     recipe = tmp_path / "two.yaml"
     recipe.write_text(yaml.safe_dump({"stages": stages}))
@@ -130,6 +130,7 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path):
     assert len(two) == len(one) == 8
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+        assert a.get("distill_loss", 0) == pytest.approx(b.get("distill_loss", 0), abs=1e-4), a["step"]
     from safetensors.torch import load_file
 
     w1, w2 = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "one", tmp_path / "two"))

@@ -15,6 +15,7 @@ from moefy.atomic import atomic_output, check_not_input, check_output, claim, sw
 from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
 from moefy.construct.placement import moe_layers
 from moefy.construct.plan import PLAN_JSON, MoEPlan
+from moefy.construct.reconstruct import reconstruct, save_fits
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.tokens import token_blocks
@@ -51,6 +52,7 @@ class BuildResult:
     total_params: int
     active_params: int
     dense_params: int
+    reconstruction: list | None = None  # per MoE layer: LayerFit (error before and after), when reconstructed
 
 
 def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResult:
@@ -74,6 +76,11 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         stats, mining, extra, calibration = None, None, None, None
         if recipe.method == "dive" and recipe.calib is None:
             raise MoefyError("dive prunes on calibration domains: pass --calib CORPUS")
+        if recipe.reconstruct.enabled and recipe.calib is None:
+            raise MoefyError("reconstruction fits the experts on calibration data: pass --calib CORPUS")
+        if recipe.reconstruct.enabled and recipe.drop_fraction:
+            raise MoefyError("reconstruction does not apply to drop-upcycling: its re-initialised neurons are "
+                             "meant to be trained, not fitted to the dense FFN")
         if recipe.calib is not None:
             options = recipe.profile
             if (recipe.method == "importance" or recipe.dive.score == "taylor") and not options.taylor:
@@ -93,6 +100,9 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         plan = make_plan(recipe, family, config, reader, stats, extra)
         if calibration is not None:  # saved with the plan: what was read, and what was skipped
             plan = MoEPlan(plan.meta.model_copy(update={"calibration": calibration}), plan.layers)
+        fits = None
+        if recipe.reconstruct.enabled:
+            plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed)
         fmt = choose_format(family.formats, plan.meta, config)
         dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
         total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
@@ -105,10 +115,12 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         plan.save(tmp)
         if mining is not None:
             mining.save(tmp / MINING_DIR, plan)
+        if fits is not None:
+            save_fits(tmp, fits)
         dump_recipe(recipe, tmp / RECIPE_NAME)
         architecture = model_config["architectures"][0]
         write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
-    return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params)
+    return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
 
 
 def _check_at_least(minimum: int, **values: int | None) -> None:

@@ -48,6 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="dive: cluster the calibration documents into M pseudo-domains (automatic when unlabelled)")
     b.add_argument("--prune-score", dest="prune_score", help="dive: neuron score flap (default), wanda or taylor")
     b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
+    b.add_argument("--reconstruct", action="store_const", const=True, default=None,
+                   help="fit routers and expert down projections to the dense FFN, layer by layer (needs --calib)")
 
     t = sub.add_parser("train", help="train a built MoE through the stages of a recipe (or --resume a run)")
     t.add_argument("moe_dir", nargs="?", type=Path)
@@ -123,7 +125,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         overrides["layers"] = _layers(args.layers)
     nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows},
               "profile": {"tokens_per_domain": args.tokens_per_domain, "seq_len": args.seq_len},
-              "dive": {"discover_domains": args.discover_domains, "score": args.prune_score}}
+              "dive": {"discover_domains": args.discover_domains, "score": args.prune_score},
+              "reconstruct": {"enabled": args.reconstruct}}
     for key, fields in nested.items():
         given = {k: v for k, v in fields.items() if v is not None}
         if given:
@@ -158,6 +161,12 @@ def _print_build(result) -> None:
                  ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active "
                             f"(dense {result.dense_params / 1e6:.1f}M)")]:
         table.add_row(k, v)
+    if result.reconstruction:
+        fits = result.reconstruction
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        table.add_row("reconstruction (layer nMSE)", f"mean {mean([f.before for f in fits]):.3f} → "
+                      f"{mean([f.after for f in fits]):.3f}; worst {max(f.after for f in fits):.3f} "
+                      f"(layer {max(fits, key=lambda f: f.after).layer}); per layer in reconstruction.json")
     Console().print(table)
 
 
@@ -186,7 +195,12 @@ def _print_verify(r) -> None:
     for k, v in [(f"exactness: max |Δlogits| ({what})",
                   f"{r.max_abs_dlogits:.2e} ({'PASS' if r.passed else 'FAIL'} < {r.allowed:.2g})"),
                  ("loss: dense / checked MoE", f"{r.dense_loss:.4f} / {r.uniform_moe_loss:.4f}"),
-                 ("probe perplexity: dense / MoE as built", f"{r.dense_ppl:.2f} / {r.built_moe_ppl:.4g}"),
+                 ("probe perplexity: dense / MoE as built", f"{r.dense_ppl:.2f} / {r.built_moe_ppl:.4g} "
+                                                            f"(×{r.built_moe_ppl / r.dense_ppl:.2f})"),
+                 (f"oracles at {r.active_fraction:.0%} active: experts / neurons",
+                  f"{r.expert_oracle_ppl:.4g} (×{r.expert_oracle_ppl / r.dense_ppl:.2f}) / "
+                  f"{r.neuron_oracle_ppl:.4g} (×{r.neuron_oracle_ppl / r.dense_ppl:.2f})"),
+                 ("routing decisions near-tied (< 1e-4)", f"{r.near_tie_fraction:.1%}"),
                  ("probe tokens", str(r.tokens)),
                  ("params: MoE total / active / dense",
                   f"{r.total_params / 1e6:.1f}M / {r.active_params / 1e6:.1f}M / {r.dense_params / 1e6:.1f}M")]:

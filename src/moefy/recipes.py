@@ -53,6 +53,20 @@ class DiveOptions(Frozen):
     embed_tokens: int = Field(256, ge=8)  # tokens of each document mean-pooled for its embedding
 
 
+class ReconstructOptions(Frozen):
+    """Layer-wise reconstruction after construction (construct/reconstruct.py): fit each MoE layer's router and
+    down projections to the dense FFN on inputs from the already-converted layers. Closed form; no LM loss."""
+    enabled: bool = False
+    target: Literal["ffn", "stream"] = "ffn"  # the dense FFN's output, or the dense model's own residual stream
+    rounds: int = Field(1, ge=1)  # alternations of router fit and closed-form expert fit
+    router: bool = True  # refit the router on the converted model's inputs (else keep the construction's)
+    ridge: float = Field(1e-3, ge=0.0)  # down projections' ridge penalty, relative to the mean feature energy
+    router_ridge: float = Field(1e-2, ge=0.0)
+    seq_len: int = Field(256, ge=8)
+    tokens_per_domain: int | None = Field(4096, ge=1)  # calibration tokens per domain (None: all)
+    batch_size: int = Field(8, ge=1)
+
+
 class BuildRecipe(Frozen):
     model: str
     experts: int = 8
@@ -77,6 +91,7 @@ class BuildRecipe(Frozen):
     # dive: fraction of FFN neurons each expert keeps; None resolves to 1/N, so k active experts are k/N of the FFN
     keep: float | None = Field(None, gt=0, le=1)
     dive: DiveOptions = DiveOptions()
+    reconstruct: ReconstructOptions = ReconstructOptions()
 
     @model_validator(mode="after")
     def _counts(self) -> "BuildRecipe":

@@ -62,6 +62,9 @@ class LayerPlan:
     shared: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # int64 [shared_size]
     # bool [N, expert_size]: slots whose neuron is re-initialised at export (drop-upcycling), not copied
     reinit: np.ndarray | None = None
+    # Weights fitted by reconstruction, exported instead of the dense slices: "down" float32 [N, hidden, expert_size]
+    # (output scale included) and "shared_down" [hidden, shared_size] (as computed, before Qwen2-MoE's doubling).
+    fitted: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,13 @@ class MoEPlan:
             if lp.reinit is not None and (lp.reinit.shape != idx.shape or m.coverage != "overlap"):
                 raise MoefyError(f"invalid plan: layer {i} re-initialised neurons need overlapping experts "
                                  f"and a mask of shape {idx.shape}")
+            if lp.fitted is not None:
+                want = {"down": (m.num_experts, m.hidden_size, m.expert_size),
+                        "shared_down": (m.hidden_size, m.shared_size)}
+                for key, tensor in lp.fitted.items():
+                    if key not in want or tuple(tensor.shape) != want[key] or not torch.isfinite(tensor).all():
+                        raise MoefyError(f"invalid plan: layer {i} fitted {key!r} must be a finite "
+                                         f"{want.get(key, 'known')} tensor")
             used = np.concatenate([idx.ravel(), lp.shared])
             counts = np.bincount(used[used != PAD], minlength=m.ffn_width)
             if m.coverage == "partition" and not (counts == 1).all():
@@ -112,6 +122,8 @@ class MoEPlan:
             tensors[f"layers.{i}.shared"] = torch.from_numpy(np.ascontiguousarray(lp.shared, dtype=np.int64))
             if lp.reinit is not None:
                 tensors[f"layers.{i}.reinit"] = torch.from_numpy(lp.reinit.astype(np.uint8))
+            for key, tensor in (lp.fitted or {}).items():
+                tensors[f"layers.{i}.fitted.{key}"] = tensor.to(torch.float32).contiguous()
         save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": "moefy-plan"})
 
 
@@ -130,13 +142,20 @@ def load_plan(directory: Path) -> MoEPlan:
         layers = {i: LayerPlan(tensors[f"layers.{i}.experts"].numpy(), tensors[f"layers.{i}.router"], s,
                                tensors[f"layers.{i}.shared"].numpy(),
                                tensors[f"layers.{i}.reinit"].numpy().astype(bool)
-                               if f"layers.{i}.reinit" in tensors else None)
+                               if f"layers.{i}.reinit" in tensors else None,
+                               _fitted(tensors, i))
                   for i, s in zip(meta.moe_layers, meta.scales)}
     except KeyError as exc:
         raise MoefyError(f"corrupt plan in {directory}: missing tensor {exc}") from exc
     plan = MoEPlan(meta, layers)
     plan.validate()
     return plan
+
+
+def _fitted(tensors: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor] | None:
+    prefix = f"layers.{layer}.fitted."
+    found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return found or None
 
 
 # transformers' grouped_mm experts kernel needs 16-byte aligned rows (8 neurons at bf16/fp16); an expert of

@@ -96,20 +96,24 @@ class OutputFormat:
             return
         p = self.moe_prefix(layer)
         g, d, u = self.expert_keys
+        fitted = lp.fitted or {}
         yield p + "gate.weight", lp.router
         for e, row in enumerate(torch.from_numpy(lp.experts)):
             w_gate, w_down, w_up = gather_neurons(gate, row, 0), gather_neurons(down, row, 1), gather_neurons(up, row, 0)
             if lp.reinit is not None and lp.reinit[e].any():
                 _reinitialise(w_gate, w_down, w_up, torch.from_numpy(lp.reinit[e]), (meta.seed, layer, e))
             yield f"{p}experts.{e}.{g}", w_gate
-            yield f"{p}experts.{e}.{d}", w_down.mul_(lp.scale)
+            yield f"{p}experts.{e}.{d}", fitted["down"][e] if "down" in fitted else w_down.mul_(lp.scale)
             yield f"{p}experts.{e}.{u}", w_up
         if self.shared_size(meta):
             row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], self.shared_size(meta)))
             yield p + "shared_expert.gate_proj.weight", gather_neurons(gate, row, 0)
             yield p + "shared_expert.up_proj.weight", gather_neurons(up, row, 0)
             # sigmoid(0) = 0.5 from the zero shared gate below; doubling makes the shared block exactly always-on.
-            yield p + "shared_expert.down_proj.weight", gather_neurons(down, row, 1).mul_(2.0)
+            shared_down = fitted.get("shared_down")
+            shared_down = gather_neurons(down, row, 1) if shared_down is None else \
+                gather_neurons(shared_down, torch.from_numpy(pad_to(np.flatnonzero(lp.shared != PAD), len(row))), 1)
+            yield p + "shared_expert.down_proj.weight", shared_down.mul_(2.0)
             yield p + "shared_expert_gate.weight", gate.new_zeros(1, gate.shape[1])
 
     def all_experts_uniform(self, model: torch.nn.Module, meta: PlanMeta) -> None:

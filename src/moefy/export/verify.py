@@ -15,11 +15,15 @@ from moefy.data.probe import PROBE_TEXTS
 from moefy.errors import MoefyError
 from moefy.export.checkpoint import DTYPES
 from moefy.export.formats import FORMATS
+from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.sources import read_config, resolve_model
 
 PROBE_MAX_TOKENS = 256
 
+
+# A routing decision this close is decided by float rounding: it can flip between kernels and clients.
+NEAR_TIE = 1e-4
 
 # Experts checked one at a time for plans whose experts overlap (each check is two probe forwards).
 MAX_EXPERTS_CHECKED = 8
@@ -38,6 +42,10 @@ class VerifyReport:
     dense_params: int
     tolerance: float  # on |Δlogits| per 10 units of the reference logits' magnitude (at least the absolute value)
     logit_scale: float  # max |reference logits|
+    active_fraction: float  # FFN neurons computed per token / dense FFN width
+    expert_oracle_loss: float  # the build's experts, routed by an oracle that knows their outputs (export/oracle.py)
+    neuron_oracle_loss: float  # each token's own top neurons at the same active fraction
+    near_tie_fraction: float  # token × layer routing decisions whose k-th and (k+1)-th logits differ by < NEAR_TIE
 
     @property
     def allowed(self) -> float:
@@ -57,9 +65,18 @@ class VerifyReport:
     def dense_ppl(self) -> float:
         return math.exp(self.dense_loss)
 
+    @property
+    def expert_oracle_ppl(self) -> float:
+        return math.exp(min(self.expert_oracle_loss, 700.0))
+
+    @property
+    def neuron_oracle_ppl(self) -> float:
+        return math.exp(min(self.neuron_oracle_loss, 700.0))
+
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "passed": self.passed, "built_moe_ppl": self.built_moe_ppl,
-                           "dense_ppl": self.dense_ppl}, indent=2)
+                           "dense_ppl": self.dense_ppl, "expert_oracle_ppl": self.expert_oracle_ppl,
+                           "neuron_oracle_ppl": self.neuron_oracle_ppl}, indent=2)
 
 
 def probe_batch(directory: Path, texts=PROBE_TEXTS) -> list[torch.Tensor]:
@@ -92,9 +109,16 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
     dense_model = load_causal_lm(resolve_model(dense).directory, storage).float()
     dense_logits, dense_loss = _run(dense_model, batch)
     dense_params = sum(p.numel() for p in dense_model.parameters())
+    fraction = active_fraction(plan)
+    with expert_oracle(dense_model, plan):
+        _, expert_loss = _run(dense_model, batch)
+    with neuron_oracle(dense_model, fraction):
+        _, neuron_loss = _run(dense_model, batch)
     moe = load_causal_lm(moe_dir, storage).float()
     _, built_loss = _run(moe, batch)
+    ties = _near_tie_fraction(moe, batch, plan.meta.top_k)
     total = sum(p.numel() for p in moe.parameters())
+    _restore_construction(moe, dense_model, plan)
     if plan.meta.coverage == "partition":
         check = "uniform"
         fmt.all_experts_uniform(moe, plan.meta)
@@ -105,7 +129,43 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         check = "per-expert"  # reuses the loaded dense model, restricting its FFN to one expert at a time
         delta, uniform_loss, scale = _per_expert_delta(moe, dense_model, plan, batch)
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
-                        plan.meta.active_params(total), dense_params, tolerance, scale)
+                        plan.meta.active_params(total), dense_params, tolerance, scale, fraction, expert_loss,
+                        neuron_loss, ties)
+
+
+@torch.no_grad()
+def _near_tie_fraction(moe, batch: list[torch.Tensor], top_k: int) -> float:
+    """Share of token × layer decisions where the k-th and (k+1)-th router logits are within NEAR_TIE."""
+    ties = total = 0
+    for ids in batch:
+        for logits in moe(input_ids=ids, output_router_logits=True).router_logits:
+            if logits.shape[-1] <= top_k:
+                continue  # every expert is chosen: there is no decision to flip
+            top = logits.float().topk(top_k + 1, dim=-1).values
+            ties += int((top[..., -2] - top[..., -1] < NEAR_TIE).sum())
+            total += top.shape[0]
+    return ties / max(total, 1)
+
+
+def _restore_construction(moe, dense_model, plan) -> None:
+    """A reconstructed build's fitted down projections are, by design, not the dense slices: the exactness check
+    is of the construction (partition, gate and up slices, export), so put the slices back for it. The fit itself
+    is reported as per-layer errors in reconstruction.json."""
+    from moefy.export.formats import gather_neurons
+
+    for i, lp in plan.layers.items():
+        if lp.fitted is None:
+            continue
+        mlp, dense_down = moe.model.layers[i].mlp, dense_model.model.layers[i].mlp.down_proj.weight
+        with torch.no_grad():
+            for e, row in enumerate(torch.from_numpy(lp.experts)):
+                mlp.experts.down_proj[e].copy_(gather_neurons(dense_down, row, 1) * lp.scale)
+            if "shared_down" in lp.fitted:
+                shared = mlp.shared_expert.down_proj.weight
+                row = torch.full((shared.shape[1],), -1, dtype=torch.long)
+                real = torch.from_numpy(lp.shared[lp.shared >= 0])
+                row[: len(real)] = real
+                shared.copy_(gather_neurons(dense_down, row, 1) * 2.0)
 
 
 def _force_expert(model, meta, expert: int) -> None:

@@ -52,14 +52,12 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     reader = LazyCheckpoint(source.directory)
     width, hidden_size, n_layers = config.intermediate_size, config.hidden_size, config.num_hidden_layers
     D = len(tokens.domains)
-    batches = _batches(tokens, opts.batch_size)
+    batches = domain_batches(tokens, opts.batch_size)
     picks = _sample_positions(tokens, batches, opts.sample_tokens, seed)
     embed = reader.get("model.embed_tokens.weight").float()
     hidden = [torch.nn.functional.embedding(ids, embed) for _, ids, _ in batches]
     del embed
-    rotary = type(skeleton.model.rotary_emb)(config=config)
-    positions = torch.arange(tokens.seq_len)[None]
-    rope = rotary(hidden[0], positions)
+    rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     top_k = max(1, round(opts.top_fraction * width))
 
     out_tensors: dict[str, torch.Tensor] = {}
@@ -67,7 +65,7 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     out_tensors["sample_domain"] = sample_domain
     for i in progress(range(n_layers), "profiling layers"):
         layer = skeleton.model.layers[i]
-        _materialise(layer, reader, family.layer_prefix.format(layer=i))
+        materialise_layer(layer, reader, family.layer_prefix.format(layer=i))
         acc = {k: torch.zeros(D, width, dtype=torch.float64) for k in ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")}
         count = torch.zeros(D, dtype=torch.float64)
         samples_x, samples_a = [], []
@@ -111,7 +109,13 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     return save_stats(out, meta, out_tensors)
 
 
-def _batches(tokens: TokenBlocks, batch_size: int) -> list[tuple[int, torch.Tensor, int]]:
+def rotary_embeddings(skeleton, config, sample: torch.Tensor, seq_len: int):
+    """(cos, sin) for positions 0..seq_len-1, from the model's own rotary class (built off the meta skeleton)."""
+    positions = torch.arange(seq_len)[None]
+    return type(skeleton.model.rotary_emb)(config=config)(sample, positions), positions
+
+
+def domain_batches(tokens: TokenBlocks, batch_size: int) -> list[tuple[int, torch.Tensor, int]]:
     """(domain index, ids [b, T], index of the first block within its domain); each batch holds one domain."""
     out = []
     for d, name in enumerate(tokens.domains):
@@ -135,7 +139,7 @@ def _sample_positions(tokens: TokenBlocks, batches, total: int, seed: int) -> li
     return picks
 
 
-def _materialise(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str) -> None:
+def materialise_layer(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str) -> None:
     module.to_empty(device="cpu")
     state = {k: reader.get(prefix + k).float() for k in module.state_dict()}
     module.load_state_dict(state, strict=True)

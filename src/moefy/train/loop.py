@@ -28,6 +28,7 @@ from moefy.recipes import dump_recipe
 from moefy.sources import SIDE_FILES
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
+from moefy.train.distill import distill_loss, load_teacher
 from moefy.train.gating import GatingWrapper
 from moefy.train.logs import RunLog
 from moefy.train.lora import add_lora, merge, stable_name
@@ -84,6 +85,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     if recipe.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    teacher = load_teacher(dense_dir, acc.device) if any(s.distill for s in recipe.stages) else None
     torch.manual_seed(recipe.seed)
     ckpt = load_checkpoint(latest_checkpoint(run)) if resume and latest_checkpoint(run) else None
     log = RunLog(run, ckpt["step"] if ckpt else None) if acc.is_main_process else None
@@ -126,24 +128,31 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
             steps = progress(steps, f"{stage.name} ({stage.trainable})", status=status)
         for stage_step in steps:
             t0 = time.perf_counter()
-            totals = torch.zeros(2)  # lm loss, aux loss: means over micro-batches
+            totals = torch.zeros(3)  # lm loss, aux loss, distillation loss: means over micro-batches
             for micro in range(stage.grad_accum):
                 ids, _domains = sampler.next_batch(stage.batch_size)
                 ids = ids[acc.process_index::acc.num_processes].to(acc.device)
                 last = micro == stage.grad_accum - 1
                 with nullcontext() if last else acc.no_sync(wrapped):  # gradients are all-reduced once per step
-                    lm = wrapped(input_ids=ids, labels=ids).loss
-                    aux = gating.aux_loss()
-                    acc.backward((lm + aux) / stage.grad_accum)
-                totals += torch.stack([lm.detach().float().cpu(), aux.detach().float().cpu()]) / stage.grad_accum
+                    hidden = stage.distill is not None and stage.distill.hidden_weight > 0
+                    out = wrapped(input_ids=ids, labels=ids, output_hidden_states=hidden)
+                    lm, aux, loss = out.loss, gating.aux_loss(), out.loss
+                    kd = torch.zeros(())
+                    if stage.distill is not None:  # the LM loss is still computed, for the log
+                        kd = distill_loss(teacher, ids, out, stage.distill)
+                        loss = stage.distill.lm_weight * lm + kd
+                    acc.backward((loss + aux) / stage.grad_accum)
+                parts = (lm, aux, kd)
+                totals += torch.stack([v.detach().float().cpu() for v in parts]) / stage.grad_accum
             grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             gate_stats = gating.end_step(lambda load: acc.reduce(load.to(acc.device), "sum").cpu())
-            lm_loss, aux_loss = acc.reduce(totals.to(acc.device), "mean").tolist()
+            lm_loss, aux_loss, kd_loss = acc.reduce(totals.to(acc.device), "mean").tolist()
             step += 1
             record = {"step": step, "stage": stage.name, "loss": lm_loss, "aux_loss": aux_loss,
+                      **({"distill_loss": kd_loss} if stage.distill is not None else {}),
                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                       "tokens_per_s": stage.tokens_per_step / (time.perf_counter() - t0),
                       "weights": dict(sampler.weights), "domain_epochs": dict(sampler.epochs), **gate_stats}

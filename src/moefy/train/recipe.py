@@ -56,6 +56,16 @@ class Lora(Frozen):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class Distill(Frozen):
+    """Learn from the dense source model as the teacher: KL(teacher ‖ student) on next-token distributions at a
+    temperature (scaled by T², Hinton et al.), plus optional LM loss and hidden-state matching. The teacher runs
+    without grad, per batch; its logits are never stored beyond the batch."""
+    temperature: float = Field(1.0, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    lm_weight: float = Field(0.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)  # MSE of every layer's hidden state, normalised by the teacher's energy
+
+
 class Stage(Frozen):
     name: str = "stage"
     trainable: Trainable = "router"
@@ -74,6 +84,7 @@ class Stage(Frozen):
     gating: Gating = Gating()
     mixture: Mixture = Mixture()
     lora: Lora = Lora()
+    distill: Distill | None = None  # None: LM loss only
 
     @model_validator(mode="after")
     def _one_step(self) -> "Stage":

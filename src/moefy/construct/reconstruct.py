@@ -1,0 +1,180 @@
+"""Layer-wise reconstruction: fit each MoE layer's router and expert weights to the dense FFN, in layer order, on
+the inputs the already-converted model produces (GPTQ/SparseGPT's sequential scheme), so each layer also absorbs the
+drift of the layers before it. No LM loss and no backprop through the model.
+
+Memory is one decoder layer plus the cached calibration hidden states, as in the profiler (profile/runner.py), and
+the cost grows linearly with layers. Per MoE layer (construct/refit.py has the math):
+  1. run the dense layer on the converted model's hidden states; keep the MLP inputs x and the residual stream
+     before the MLP; the target y is the dense FFN's output on x (target "ffn"), or what would bring the residual
+     stream back to the dense model's own (target "stream", which also corrects the attention's drift);
+  2. for `rounds` rounds: fit the router towards the experts that best produce y, then, for each candidate logit
+     temperature, solve all down projections at once in closed form (routing fixed, the problem is linear) and keep
+     the temperature with the lowest layer error;
+  3. the next layer's inputs come from this layer with its MoE output, as the exported model will compute them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from moefy.construct import refit
+from moefy.construct.plan import LayerPlan, MoEPlan
+from moefy.data.corpus import Corpus
+from moefy.data.tokens import token_blocks
+from moefy.families import Family
+from moefy.models import load_tokenizer
+from moefy.profile.runner import domain_batches, materialise_layer, rotary_embeddings
+from moefy.progress import progress
+from moefy.recipes import ReconstructOptions
+from moefy.sources import ModelSource
+from moefy.tensor_io import LazyCheckpoint
+
+FITS_JSON = "reconstruction.json"
+CHUNK = 4096  # tokens per block of the design matrix (bounds its memory to CHUNK × N·S floats)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    layer: int
+    before: float  # normalised error of the layer as built, on inputs from the reconstructed layers before it
+    after: float
+    temperature: float | None  # the router's chosen logit temperature (None: the router was kept)
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "nmse_before": self.before, "nmse_after": self.after,
+                "temperature": self.temperature}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer's dense FFN and its plan, as the fit sees them."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    plan: LayerPlan
+    top_k: int
+
+
+def _chunks(t: int):
+    return [slice(s, min(s + CHUNK, t)) for s in range(0, t, CHUNK)]
+
+
+def _predict(a_exp, a_sh, weights, down_exp, down_sh) -> torch.Tensor:
+    flat = torch.cat([down_exp.permute(1, 0, 2).reshape(down_exp.shape[1], -1), down_sh], dim=1)  # [H, cols]
+    return torch.cat([refit.design(a_exp[c], weights[c], a_sh[c]) @ flat.T for c in _chunks(len(a_exp))])
+
+
+def _solve(a_exp, a_sh, weights, y, n, size, ridge):
+    normal = refit.Normal(a_exp.shape[1] + a_sh.shape[1], y.shape[1])
+    for c in _chunks(len(y)):
+        normal.add(refit.design(a_exp[c], weights[c], a_sh[c]), y[c])
+    return refit.split_downs(normal.solve(ridge), n, size)
+
+
+def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructOptions
+              ) -> tuple[LayerPlan, torch.Tensor, float, float, float | None]:
+    """Fit one MoE layer to produce y from x; returns the new layer plan, its output on x, errors and temperature."""
+    lp = layer.plan
+    n, size = lp.experts.shape
+    a = refit.activations(x, layer.gate, layer.up)
+    a_exp, a_sh = refit.gather_slots(a, lp.experts), refit.gather_slots(a, lp.shared)
+    del a
+    down_exp = refit.gather_slots(layer.down, lp.experts).view(-1, n, size).permute(1, 0, 2) * lp.scale
+    down_sh = refit.gather_slots(layer.down, lp.shared)
+    router = lp.router
+    weights = refit.route(x @ router.T, layer.top_k)
+    before = refit.nmse(y, _predict(a_exp, a_sh, weights, down_exp, down_sh))
+    best = (before, router, down_exp, down_sh, None)
+    for _ in range(opts.rounds):
+        if opts.router:
+            residual = y - a_sh @ best[3].T  # what the routed experts must produce
+            base = refit.fit_router_logits(x, refit.contributions(a_exp, best[2], residual), opts.router_ridge)
+            candidates = [(base / t, t) for t in refit.TEMPERATURES]
+        else:
+            candidates = [(best[1], None)]
+        for router, t in candidates:
+            weights = refit.route(x @ router.T, layer.top_k)
+            d_exp, d_sh = _solve(a_exp, a_sh, weights, y, n, size, opts.ridge)
+            err = refit.nmse(y, _predict(a_exp, a_sh, weights, d_exp, d_sh))
+            if err < best[0]:
+                best = (err, router, d_exp, d_sh, t)
+    err, router, d_exp, d_sh, t = best
+    y_hat = _predict(a_exp, a_sh, refit.route(x @ router.T, layer.top_k), d_exp, d_sh)
+    fitted = {"down": d_exp, **({"shared_down": d_sh} if d_sh.shape[1] else {})}
+    return replace(lp, router=router.contiguous(), fitted=fitted), y_hat, before, err, t
+
+
+def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corpus, opts: ReconstructOptions,
+                seed: int) -> tuple[MoEPlan, list[LayerFit]]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokens = token_blocks(corpus, load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
+    config = AutoConfig.from_pretrained(source.directory)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    reader = LazyCheckpoint(source.directory)
+    batches = [ids for _, ids, _ in domain_batches(tokens, opts.batch_size)]
+    embed = reader.get("model.embed_tokens.weight").float()
+    hidden = [torch.nn.functional.embedding(ids, embed) for ids in batches]
+    dense_hidden = [h.clone() for h in hidden] if opts.target == "stream" else None
+    del embed
+    rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
+    h = config.hidden_size
+    layers, fits = dict(plan.layers), []
+    for i in progress(range(config.num_hidden_layers), "reconstructing layers"):
+        layer = skeleton.model.layers[i]
+        materialise_layer(layer, reader, family.layer_prefix.format(layer=i))
+        seen: dict = {}
+        hooks = [layer.mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])),
+                 layer.mlp.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out))]
+        xs, ys, mids = [], [], []
+        with torch.no_grad():
+            for b in range(len(hidden)):
+                out = layer(hidden[b], position_embeddings=rope, position_ids=positions)
+                xs.append(seen["x"].reshape(-1, h))
+                ys.append(seen["y"].reshape(-1, h))
+                mids.append(out - seen["y"])  # the residual stream before the MLP
+                hidden[b] = out
+            for hook in hooks:
+                hook.remove()
+            if dense_hidden is not None:
+                for b in range(len(dense_hidden)):
+                    dense_hidden[b] = layer(dense_hidden[b], position_embeddings=rope, position_ids=positions)
+                ys = [(d - m).reshape(-1, h) for d, m in zip(dense_hidden, mids)]
+            if i in plan.layers:
+                ffn = {w: reader.get(family.ffn_key(i, w)).float() for w in ("gate", "up", "down")}
+                x, y = torch.cat(xs), torch.cat(ys)
+                layers[i], y_hat, before, after, t = fit_layer(x, y, Layer(**ffn, plan=plan.layers[i],
+                                                                        top_k=plan.meta.top_k), opts)
+                fits.append(LayerFit(i, before, after, t))
+                for b, part in enumerate(y_hat.split([len(xb) for xb in xs])):
+                    hidden[b] = mids[b] + part.view_as(mids[b])
+        layer.to("meta")  # free this layer's weights before the next one is read
+    result = MoEPlan(plan.meta, layers)
+    result.validate()
+    return result, fits
+
+
+def save_fits(directory: Path, fits: list[LayerFit]) -> None:
+    """reconstruction.json (per-layer errors before and after) and reconstruction.png beside the checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (directory / FITS_JSON).write_text(json.dumps([f.to_dict() for f in fits], indent=2))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    layers = [f.layer for f in fits]
+    ax.semilogy(layers, [f.before for f in fits], "o-", label="as built")
+    ax.semilogy(layers, [f.after for f in fits], "o-", label="reconstructed")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("normalised MSE of the MoE layer")
+    ax.set_title("layer-wise reconstruction (calibration inputs from the converted model)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "reconstruction.png", dpi=110)
+    plt.close(fig)

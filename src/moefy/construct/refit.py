@@ -1,0 +1,98 @@
+"""The math of layer-wise reconstruction, as pure functions on one layer's cached inputs (construct/reconstruct.py
+runs them layer by layer).
+
+Notation: x [T, H] the MLP inputs, y [T, H] what the MoE layer should output, a [T, I] the dense neuron activations
+a_j = silu(g_j·x)·(u_j·x), N experts of S neuron slots (PAD slots are zero neurons), k active, and the stock gate:
+softmax over all router logits, top-k, renormalised (= softmax over the k chosen logits).
+
+With routing fixed, the MoE output is linear in every down projection at once:
+    ŷ_t = Σ_e w_te · D_e a_t[experts_e] + D_s a_t[shared] = [w_t1 a_t[e_1], …, w_tN a_t[e_N], a_t[shared]] · [D_1 … D_N D_s]ᵀ
+so all down projections (the N/k scale folded in) are one ridge regression on a [T, N·S + shared] design. The router
+is fitted towards the experts whose own outputs point furthest along what the routed block must still produce."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moefy.construct.plan import PAD
+
+# Temperatures tried for the router logits; each is judged by the layer error after the closed-form expert fit.
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0)
+
+
+def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+
+
+def gather_slots(a: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+    """a[:, slots] for a [*, S] or [N, S] slot table; PAD slots give zero columns (zero neurons)."""
+    idx = torch.from_numpy(slots).reshape(-1)
+    out = a[:, idx.clamp_min(0)]
+    return out * (idx != PAD).to(a.dtype)
+
+
+def route(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T, N] weights of the stock top-k gate: the softmax of the k largest logits, zero elsewhere."""
+    top = logits.topk(top_k, dim=1)
+    return torch.zeros_like(logits).scatter_(1, top.indices, torch.softmax(top.values, dim=1))
+
+
+def design(a_experts: torch.Tensor, weights: torch.Tensor, a_shared: torch.Tensor) -> torch.Tensor:
+    """[T, N·S + shared]: each expert's activations times its routing weight, then the always-on shared block."""
+    t, n = weights.shape
+    routed = (a_experts.view(t, n, -1) * weights[:, :, None]).reshape(t, -1)
+    return torch.cat([routed, a_shared], dim=1)
+
+
+class Normal:
+    """Running ZᵀZ and ZᵀY over token chunks (float64), so the design never needs to exist for all tokens at once."""
+
+    def __init__(self, cols: int, outputs: int):
+        self.gram = torch.zeros(cols, cols, dtype=torch.float64)
+        self.cross = torch.zeros(cols, outputs, dtype=torch.float64)
+
+    def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        self.gram += (z.T @ z).double()
+        self.cross += (z.T @ y).double()
+
+    def solve(self, ridge: float) -> torch.Tensor:
+        """Ridge solution Wᵀ [cols, outputs]; the penalty is relative to the mean feature energy, and all-zero
+        columns (PAD slots, experts no token chose) get exactly zero weights."""
+        diag = self.gram.diagonal()
+        live = diag > 0
+        solution = torch.zeros_like(self.cross)
+        if live.any():
+            g = self.gram[live][:, live]
+            penalty = ridge * diag[live].mean() * torch.eye(int(live.sum()), dtype=torch.float64)
+            solution[live] = torch.linalg.solve(g + penalty, self.cross[live])
+        return solution.float()
+
+
+def contributions(a_experts: torch.Tensor, down_experts: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """[T, N]: how far each expert's own output D_e a[e] points along the residual the routed block must produce
+    (normalised per token), computed as Σ_j a_j (D_e[:, j]·r) with no [T, N, H] tensor."""
+    t = a_experts.shape[0]
+    n = down_experts.shape[0]
+    flat = down_experts.permute(1, 0, 2).reshape(down_experts.shape[1], -1)  # [H, N·S]
+    along = (a_experts * (residual @ flat)).view(t, n, -1).sum(-1)
+    return along / residual.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def fit_router_logits(x: torch.Tensor, scores: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Router [N, H] whose logits regress each token's standardised expert scores (ridge, closed form)."""
+    target = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
+    gram = (x.T @ x).double()
+    penalty = ridge * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram + penalty, (x.T @ target).double()).T.float()
+
+
+def split_downs(solution: torch.Tensor, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stacked ridge solution as per-expert down projections [N, H, S] and the shared one [H, shared]."""
+    routed, shared = solution[: n * size], solution[n * size:]
+    return routed.T.reshape(-1, n, size).permute(1, 0, 2).contiguous(), shared.T.contiguous()
+
+
+def nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+    """Normalised squared error of a layer's output: ‖y − ŷ‖² / ‖y‖²."""
+    return float(((y - y_hat) ** 2).sum() / (y ** 2).sum().clamp_min(1e-30))

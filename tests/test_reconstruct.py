@@ -1,0 +1,114 @@
+"""Layer-wise reconstruction (construct/reconstruct.py, construct/refit.py) on tiny models: the closed form is exact
+where the dense FFN is representable, the exported model computes what the fit computed, errors drop, the
+construction still passes the exactness check, and the build is deterministic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moefy import api, cli
+from moefy.construct import refit
+from moefy.construct.plan import load_plan
+from moefy.recipes import BuildRecipe, validate_recipe
+from conftest import make_tiny_llama, write_domain_corpus
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("rec") / "llama", intermediate=64, layers=3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_domain_corpus(tmp_path_factory.mktemp("rec") / "c.jsonl", {"a": "ab ", "d": "0123 "},
+                               {"a": 8, "d": 8}, {"a": 300, "d": 300}, seed=0)
+
+
+def build(model, corpus, out, **fields):
+    recipe = validate_recipe(BuildRecipe, {"model": str(model), "calib": str(corpus), "experts": 8, "top_k": 2,
+                                           "profile": {"seq_len": SEQ},
+                                           "reconstruct": {"enabled": True, "seq_len": SEQ}, **fields})
+    return api.build(recipe, out)
+
+
+def test_closed_form_recovers_a_representable_ffn():
+    """With every expert active and a constant gate, the dense FFN is exactly an MoE: the solve must find it."""
+    g = torch.Generator().manual_seed(0)
+    t, h, width, n = 512, 16, 24, 4
+    x, gate, up, down = (torch.randn(*s, generator=g) for s in ((t, h), (width, h), (width, h), (h, width)))
+    a = refit.activations(x, gate, up)
+    y = a @ down.T
+    experts = np.arange(width).reshape(n, -1)
+    a_exp, a_sh = refit.gather_slots(a, experts), a[:, :0]
+    weights = refit.route(torch.zeros(t, n), n)  # uniform 1/N
+    normal = refit.Normal(width, h)
+    normal.add(refit.design(a_exp, weights, a_sh), y)
+    d_exp, _ = refit.split_downs(normal.solve(ridge=0.0), n, width // n)
+    assert torch.allclose(d_exp, down.view(h, n, -1).permute(1, 0, 2) * n, atol=1e-3)
+
+
+def test_pad_slots_and_unused_experts_get_zero_weights():
+    normal = refit.Normal(3, 2)
+    z = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 1.0], [0.5, 0.0, 0.5]])
+    normal.add(z, torch.randn(3, 2))
+    assert (normal.solve(1e-3)[1] == 0).all()
+
+
+@pytest.mark.parametrize("method,architecture", [("carve", "Qwen2MoeForCausalLM"), ("random", "MixtralForCausalLM")])
+def test_exported_model_computes_what_the_fit_computed(model, corpus, tmp_path, method, architecture):
+    """Layer 0 sees the same inputs in the dense and the converted model, so the exported MoE layer's error there
+    must equal the fit's reported error: fitted weights, scale, shared doubling and routing all land as fitted."""
+    from moefy.data.corpus import load_corpus
+    from moefy.data.tokens import token_blocks
+    from moefy.models import load_causal_lm, load_tokenizer
+
+    result = build(model, corpus, tmp_path / "moe", method=method)
+    assert result.architecture == architecture
+    assert all(f.after < f.before for f in result.reconstruction)
+    blocks = token_blocks(load_corpus(corpus), load_tokenizer(model), SEQ, 4096, 0)
+    ids = torch.cat([blocks.blocks[d] for d in blocks.domains])
+    dense, moe = load_causal_lm(model), load_causal_lm(tmp_path / "moe")
+    seen = {}
+    dense.model.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    with torch.no_grad():
+        dense(input_ids=ids)
+        y_hat = moe.model.layers[0].mlp(seen["x"])
+    assert refit.nmse(seen["y"], y_hat) == pytest.approx(result.reconstruction[0].after, rel=1e-3)
+
+
+def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpus, tmp_path):
+    argv = ["build", str(model), "--method", "carve", "--experts", "8", "--top-k", "2", "--calib", str(corpus),
+            "--seq-len", str(SEQ), "--reconstruct", "--recipe"]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"reconstruct: {{seq_len: {SEQ}}}\n")
+    assert cli.main([*argv, str(recipe), "--out", str(tmp_path / "a")]) == 0
+    assert "reconstruction (layer nMSE)" in capsys.readouterr().out
+    fits = json.loads((tmp_path / "a" / "reconstruction.json").read_text())
+    assert [f["layer"] for f in fits] == [0, 1, 2] and all(f["nmse_after"] < f["nmse_before"] for f in fits)
+    assert (tmp_path / "a" / "reconstruction.png").is_file()
+    report = api.verify(tmp_path / "a", str(model))  # the construction under the fitted weights is still exact
+    assert report.passed and report.check == "uniform"
+    assert cli.main([*argv, str(recipe), "--out", str(tmp_path / "b")]) == 0
+    a, b = load_plan(tmp_path / "a"), load_plan(tmp_path / "b")
+    for i in a.layers:
+        assert torch.equal(a.layers[i].fitted["down"], b.layers[i].fitted["down"])
+        assert torch.equal(a.layers[i].router, b.layers[i].router)
+
+
+def test_dense_layers_pass_through_and_the_stream_target(model, corpus, tmp_path):
+    result = build(model, corpus, tmp_path / "moe", method="carve", layers=[0, 2],
+                   reconstruct={"enabled": True, "seq_len": SEQ, "target": "stream", "rounds": 2})
+    assert [f.layer for f in result.reconstruction] == [0, 2]
+    assert api.verify(tmp_path / "moe", str(model)).passed
+
+
+def test_reconstruction_needs_calibration_data(capsys, model, tmp_path):
+    code = cli.main(["build", str(model), "--reconstruct", "--out", str(tmp_path / "moe")])
+    err = capsys.readouterr().err
+    assert code == 2 and "pass --calib" in err and not (tmp_path / "moe").exists()
