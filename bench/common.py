@@ -53,6 +53,21 @@ class Bench:
         return 1 - (math.log(after.ppl(domain)) - dense) / (math.log(before.ppl(domain)) - dense)
 
 
+def unseen_corpus(path: Path) -> Path:
+    """A corpus that construction never sees: the long descriptions (READMEs, in Markdown or reST) of the Python
+    packages installed in this environment, one domain. It depends on what is installed, so it is a check of
+    generalisation beside the demo corpus, not a fixed benchmark."""
+    import json
+    from importlib.metadata import distributions
+
+    with open(path, "w") as fh:
+        for dist in sorted(distributions(), key=lambda d: d.metadata["Name"].lower()):
+            body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+            if len(body) > 1000:
+                fh.write(json.dumps({"text": body, "domain": "package-docs"}) + "\n")
+    return path
+
+
 def setup(work: Path) -> Bench:
 
     build_demo_corpus(work / "corpus")

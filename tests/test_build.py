@@ -156,3 +156,24 @@ def test_mistral_family_builds(tmp_path):
     src = make_tiny_llama(tmp_path / "mistral", model_type="mistral", sliding_window=None)
     build(src, tmp_path / "moe", experts=4, top_k=2)
     assert api.verify(tmp_path / "moe", str(src)).passed
+
+
+@pytest.mark.parametrize("fields", [dict(method="random", experts=4, top_k=4),
+                                    dict(method="random", experts=4, top_k=4, shared_fraction=0.25),
+                                    dict(method="upcycle", experts=3, top_k=3)])
+def test_oracles_with_every_expert_active_are_dense(tiny_llama, tmp_path, fields):
+    """At 100% active, each oracle keeps the whole FFN (upcycle: the mean of identical copies), so both equal dense."""
+    build(tiny_llama, tmp_path / "moe", **fields)
+    r = api.verify(tmp_path / "moe", str(tiny_llama))
+    assert r.active_fraction == 1.0
+    assert r.expert_oracle_loss == pytest.approx(r.dense_loss, abs=1e-5)
+    assert r.neuron_oracle_loss == pytest.approx(r.dense_loss, abs=1e-5)
+
+
+def test_near_ties_at_a_budget(tiny_llama, tmp_path):
+    build(tiny_llama, tmp_path / "moe", method="random", experts=4, top_k=1, router={"kind": "zero"})
+    r = api.verify(tmp_path / "moe", str(tiny_llama))
+    assert r.active_fraction == 0.25
+    assert r.near_tie_fraction == 1.0  # a zero router ties every decision
+    build(tiny_llama, tmp_path / "moe2", method="random", experts=4, top_k=1, router={"kind": "random", "std": 1.0})
+    assert api.verify(tmp_path / "moe2", str(tiny_llama)).near_tie_fraction < 0.1

@@ -100,7 +100,7 @@ def test_sequential_profile_matches_full_model(tiny_llama, corpus, tmp_path):
 
     from moefy.data.tokens import token_blocks
     from moefy.families import family_for
-    from moefy.profile.runner import _batches, _sample_positions, profile
+    from moefy.profile.runner import _sample_positions, domain_batches, profile
     from moefy.recipes import ProfileOptions
     from moefy.sources import resolve_model
 
@@ -110,7 +110,7 @@ def test_sequential_profile_matches_full_model(tiny_llama, corpus, tmp_path):
     # Reference: the full model's MLP inputs and activations at the same sampled positions.
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     tokens = token_blocks(load_corpus(corpus), AutoTokenizer.from_pretrained(tiny_llama), 16, 512, 0)
-    batches = _batches(tokens, opts.batch_size)
+    batches = domain_batches(tokens, opts.batch_size)
     picks = _sample_positions(tokens, batches, opts.sample_tokens, 0)
     seen: dict = {}
     model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))

@@ -60,15 +60,17 @@ def test_pad_slots_and_unused_experts_get_zero_weights():
     assert (normal.solve(1e-3)[1] == 0).all()
 
 
+@pytest.mark.parametrize("steps", [0, 5])
 @pytest.mark.parametrize("method,architecture", [("carve", "Qwen2MoeForCausalLM"), ("random", "MixtralForCausalLM")])
-def test_exported_model_computes_what_the_fit_computed(model, corpus, tmp_path, method, architecture):
+def test_exported_model_computes_what_the_fit_computed(model, corpus, tmp_path, method, architecture, steps):
     """Layer 0 sees the same inputs in the dense and the converted model, so the exported MoE layer's error there
     must equal the fit's reported error: fitted weights, scale, shared doubling and routing all land as fitted."""
     from moefy.data.corpus import load_corpus
     from moefy.data.tokens import token_blocks
     from moefy.models import load_causal_lm, load_tokenizer
 
-    result = build(model, corpus, tmp_path / "moe", method=method)
+    result = build(model, corpus, tmp_path / "moe", method=method,
+                   reconstruct={"enabled": True, "seq_len": SEQ, "steps": steps, "lr_ratio": 1e-2})
     assert result.architecture == architecture
     assert all(f.after < f.before for f in result.reconstruction)
     blocks = token_blocks(load_corpus(corpus), load_tokenizer(model), SEQ, 4096, 0)
@@ -80,6 +82,7 @@ def test_exported_model_computes_what_the_fit_computed(model, corpus, tmp_path, 
         dense(input_ids=ids)
         y_hat = moe.model.layers[0].mlp(seen["x"])
     assert refit.nmse(seen["y"], y_hat) == pytest.approx(result.reconstruction[0].after, rel=1e-3)
+    assert api.verify(tmp_path / "moe", str(model)).passed  # the construction under the fitted weights is exact
 
 
 def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpus, tmp_path):
@@ -101,10 +104,11 @@ def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpu
         assert torch.equal(a.layers[i].router, b.layers[i].router)
 
 
-def test_dense_layers_pass_through_and_the_stream_target(model, corpus, tmp_path):
+def test_dense_layers_pass_through_and_refitted_routers(model, corpus, tmp_path):
     result = build(model, corpus, tmp_path / "moe", method="carve", layers=[0, 2],
-                   reconstruct={"enabled": True, "seq_len": SEQ, "target": "stream", "rounds": 2})
+                   reconstruct={"enabled": True, "seq_len": SEQ, "target": "ffn", "rounds": 2, "router": True})
     assert [f.layer for f in result.reconstruction] == [0, 2]
+    assert all(f.temperature is not None and f.after < f.before for f in result.reconstruction)
     assert api.verify(tmp_path / "moe", str(model)).passed
 
 

@@ -166,4 +166,6 @@ def test_router_lr_ratio_scales_each_router_by_its_own_size(tiny_moe):
     assert len(groups) == 3 and len(groups[0]["params"]) == len(chosen) - 2  # norms at lr; one group per router
     rms = [float(model.model.layers[i].mlp.gate.weight.detach().pow(2).mean().sqrt()) for i in (0, 1)]
     assert [g["lr"] for g in groups[1:]] == pytest.approx([0.01 * r for r in rms])
-    assert len(param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8))) == 1
+    plain = param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8))  # only matrices decay (nanoGPT)
+    assert [len(g["params"]) for g in plain] == [2, len(chosen) - 2] and plain[1]["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in plain[0]["params"]) and all(p.dim() == 1 for p in plain[1]["params"])

@@ -32,16 +32,14 @@ from moefy.families import family_for
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.runner import profile_cached
 from moefy.progress import progress
-from moefy.recipes import BuildRecipe, dump_recipe, load_recipe, validate_recipe
+from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, BuildRecipe, dump_recipe, load_recipe, validate_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
-RECIPE_NAME = "moefy.yaml"
 
 __all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
            "filter_corpus"]
 RUN_JSON = "run.json"
-TRAIN_RECIPE = "moefy_train.yaml"
 
 
 @dataclass(frozen=True)
@@ -117,7 +115,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
             mining.save(tmp / MINING_DIR, plan)
         if fits is not None:
             save_fits(tmp, fits)
-        dump_recipe(recipe, tmp / RECIPE_NAME)
+        dump_recipe(recipe, tmp / BUILD_RECIPE)
         architecture = model_config["architectures"][0]
         write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params, fits)

@@ -1,8 +1,8 @@
 """`make demo`: the main job on the embedded defaults. Build the demo corpus, turn SmolLM2-135M into an MoE with the
-best training-free method (carve: shared 1/8 + 8 of 56 routed experts = 25% of FFN active, routers fitted on the
-calibration split), verify exactness, compare held-out perplexity per domain against the dense model, run a short
-recovery stage (LoRA on the experts + routers + norms, on the calibration split), and write the routing analysis
-report of the result.
+best pipeline we measured (carve: shared 1/8 + 8 of 56 routed experts = 25% of FFN active, routers fitted on the
+calibration split, then layer-wise reconstruction of the experts), verify exactness and show the oracles, compare
+held-out perplexity per domain against the dense model, run a short recovery stage (LoRA on the experts + routers +
+norms, distilled from the dense model, on the calibration split), and write the routing analysis report.
 
 Usage: python -m moefy.demo [--out DIR]. The demo only ever replaces directories that a previous run wrote;
 anything else at --out is refused, as with `moefy build`."""
@@ -13,6 +13,7 @@ import argparse
 import math
 import sys
 import time
+from statistics import mean
 from pathlib import Path
 
 from rich.console import Console
@@ -24,32 +25,35 @@ from moefy.data.demo_corpus import build_demo_corpus
 from moefy.errors import MoefyError
 from moefy.evaluate.perplexity import heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
-from moefy.recipes import BuildRecipe, dump_recipe
+from moefy.recipes import BUILD_RECIPE, BuildRecipe, ReconstructOptions, dump_recipe
 from moefy.sources import resolve_model
-from moefy.train.recipe import Lora, Stage, TrainRecipe
+from moefy.train.recipe import Distill, Lora, Stage, TrainRecipe
 
 EVAL_TOKENS_PER_DOMAIN = 2048
 # A short recovery stage: LoRA on the experts, with routers and norms (docs/results.md: the set that recovers most
-# at 25% active). carve's fitted routers are tiny (RMS ~5e-4), so they step by 1% of their own size, not by lr.
+# at 25% active), learning from the dense model (distillation; docs/results.md compares it with LM loss). carve's
+# fitted routers are tiny (RMS ~5e-4), so they step by 1% of their own size, not by lr.
 DEMO_TRAIN = TrainRecipe(stages=[Stage(name="recovery", trainable="experts-lora", tokens=24_576, seq_len=256,
                                        batch_size=4, lr=1e-3, router_lr_ratio=0.01, warmup_steps=2,
-                                       lora=Lora(rank=16, alpha=32))], checkpoint_every=1000)
+                                       lora=Lora(rank=16, alpha=32), distill=Distill(temperature=1.0))],
+                         checkpoint_every=1000)
 
 
 def run(out: Path) -> int:
 
     console = Console()
     corpus_dir, moe_dir, report_dir, run_dir = out / "corpus", out / "moe", out / "report", out / "train"
-    if out.exists() and not (moe_dir / api.RECIPE_NAME).is_file() and any(out.iterdir()):
+    if out.exists() and not (moe_dir / BUILD_RECIPE).is_file() and any(out.iterdir()):
         raise MoefyError(f"{out} exists and was not written by the demo; choose another --out")
     if not (corpus_dir / "heldout").is_dir():
         build_demo_corpus(corpus_dir)
-    recipe = BuildRecipe(model="smollm2-135m", experts=56, top_k=8, method="carve", calib=str(corpus_dir / "calib"))
+    recipe = BuildRecipe(model="smollm2-135m", experts=56, top_k=8, method="carve", calib=str(corpus_dir / "calib"),
+                         reconstruct=ReconstructOptions(enabled=True))
     console.print(f"[bold]moefy demo[/]: {recipe.model} → carve, {recipe.experts} experts top-{recipe.top_k} "
-                  f"+ shared block, calibrated on {corpus_dir / 'calib'}")
+                  f"+ shared block, reconstructed layer by layer, calibrated on {corpus_dir / 'calib'}")
     source = resolve_model(recipe.model)  # one-time GGUF dequantisation into the cache, kept out of the build time
     t0 = time.perf_counter()
-    result = api.build(recipe, moe_dir, overwrite=(moe_dir / api.RECIPE_NAME).is_file())
+    result = api.build(recipe, moe_dir, overwrite=(moe_dir / BUILD_RECIPE).is_file())
     t_build = time.perf_counter() - t0
     report = api.verify(moe_dir, recipe.model)
     tok = load_tokenizer(source.directory)
@@ -64,9 +68,14 @@ def run(out: Path) -> int:
         ("experts", f"{m.num_experts} × {m.expert_size} neurons, top-{m.top_k}, plus {m.shared_size} shared neurons"),
         ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active per token "
                    f"(dense {result.dense_params / 1e6:.1f}M)"),
-        ("build time (profiling included)", f"{t_build:.0f} s"),
+        ("build time (profiling and reconstruction included)", f"{t_build:.0f} s"),
+        ("reconstruction: mean layer nMSE", f"{mean([f.before for f in result.reconstruction]):.3f} as built → "
+                                            f"{mean([f.after for f in result.reconstruction]):.3f}"),
         (f"exactness ({report.check})", f"max |Δlogits| = {report.max_abs_dlogits:.1e} → "
                                         f"{'PASS' if report.passed else 'FAIL'}"),
+        ("probe perplexity ÷ dense", f"MoE ×{report.built_moe_ppl / report.dense_ppl:.2f}; expert oracle "
+                                     f"×{report.expert_oracle_ppl / report.dense_ppl:.2f}; neuron oracle at "
+                                     f"{report.active_fraction:.0%} ×{report.neuron_oracle_ppl / report.dense_ppl:.2f}"),
     ]:
         table.add_row(k, v)
     console.print(table)
@@ -75,7 +84,7 @@ def run(out: Path) -> int:
     final = api.train(moe_dir, str(corpus_dir / "calib"), out / "train.yaml", run_dir, overwrite=run_dir.is_dir())
     trained = heldout_perplexity(load_causal_lm(final), tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN)
     ppl = Table(title=f"held-out perplexity (context {dense.seq_len})")
-    for col in ("domain", "dense", "MoE training-free", "MoE after recovery", "gap recovered"):
+    for col in ("domain", "dense", "MoE reconstructed (no training)", "MoE after recovery", "gap recovered"):
         ppl.add_column(col, justify="right")
     for d in [*dense.per_domain, None]:
         before, after, base = moe.ppl(d), trained.ppl(d), dense.ppl(d)

@@ -63,7 +63,8 @@ class LayerPlan:
     # bool [N, expert_size]: slots whose neuron is re-initialised at export (drop-upcycling), not copied
     reinit: np.ndarray | None = None
     # Weights fitted by reconstruction, exported instead of the dense slices: "down" float32 [N, hidden, expert_size]
-    # (output scale included) and "shared_down" [hidden, shared_size] (as computed, before Qwen2-MoE's doubling).
+    # (output scale included), "gate"/"up" [N, expert_size, hidden], and the shared block's "shared_down"
+    # [hidden, shared_size] (as computed, before Qwen2-MoE's doubling), "shared_gate"/"shared_up" [shared_size, hidden].
     fitted: dict[str, torch.Tensor] | None = None
 
 
@@ -101,7 +102,10 @@ class MoEPlan:
                                  f"and a mask of shape {idx.shape}")
             if lp.fitted is not None:
                 want = {"down": (m.num_experts, m.hidden_size, m.expert_size),
-                        "shared_down": (m.hidden_size, m.shared_size)}
+                        "gate": (m.num_experts, m.expert_size, m.hidden_size),
+                        "up": (m.num_experts, m.expert_size, m.hidden_size),
+                        "shared_down": (m.hidden_size, m.shared_size),
+                        "shared_gate": (m.shared_size, m.hidden_size), "shared_up": (m.shared_size, m.hidden_size)}
                 for key, tensor in lp.fitted.items():
                     if key not in want or tuple(tensor.shape) != want[key] or not torch.isfinite(tensor).all():
                         raise MoefyError(f"invalid plan: layer {i} fitted {key!r} must be a finite "

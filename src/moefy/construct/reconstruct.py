@@ -18,10 +18,11 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moefy.construct import refit
-from moefy.construct.plan import LayerPlan, MoEPlan
+from moefy.construct.plan import PAD, LayerPlan, MoEPlan
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import token_blocks
 from moefy.families import Family
@@ -75,7 +76,7 @@ def _solve(a_exp, a_sh, weights, y, n, size, ridge):
     return refit.split_downs(normal.solve(ridge), n, size)
 
 
-def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructOptions
+def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructOptions, seed: int = 0
               ) -> tuple[LayerPlan, torch.Tensor, float, float, float | None]:
     """Fit one MoE layer to produce y from x; returns the new layer plan, its output on x, errors and temperature."""
     lp = layer.plan
@@ -103,9 +104,35 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
             if err < best[0]:
                 best = (err, router, d_exp, d_sh, t)
     err, router, d_exp, d_sh, t = best
-    y_hat = _predict(a_exp, a_sh, refit.route(x @ router.T, layer.top_k), d_exp, d_sh)
-    fitted = {"down": d_exp, **({"shared_down": d_sh} if d_sh.shape[1] else {})}
+    weights = refit.route(x @ router.T, layer.top_k)
+    fitted = {"down": d_exp, "shared_down": d_sh}
+    if opts.steps:
+        fitted = _refine(x, y, weights, layer, fitted, opts, seed)
+        a_exp = refit.activations(x, fitted["gate"].reshape(n * size, -1), fitted["up"].reshape(n * size, -1))
+        a_exp = a_exp * torch.from_numpy(lp.experts.reshape(-1) != PAD).float()
+        a_sh = refit.activations(x, fitted["shared_gate"], fitted["shared_up"]) if a_sh.shape[1] else a_sh
+        err = refit.nmse(y, _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"]))
+    y_hat = _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"])
+    if not a_sh.shape[1]:  # no shared block: nothing to store for it
+        fitted = {k: v for k, v in fitted.items() if not k.startswith("shared_")}
     return replace(lp, router=router.contiguous(), fitted=fitted), y_hat, before, err, t
+
+
+def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions, seed: int
+            ) -> dict[str, torch.Tensor]:
+    """Gradient steps on gate, up and down after the closed form; returns the fitted tensors in plan layout."""
+    lp = layer.plan
+    n, size = lp.experts.shape
+    rows = lambda w, slots: refit.gather_slots(w.T, slots).T.contiguous()  # noqa: E731  neuron rows of gate/up
+    params = {"gate": rows(layer.gate, lp.experts), "up": rows(layer.up, lp.experts),
+              "down": fitted["down"].permute(1, 0, 2).reshape(layer.down.shape[0], -1),
+              "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
+              "shared_down": fitted["shared_down"]}
+    mask = torch.from_numpy(lp.experts.reshape(-1) != PAD)
+    out = refit.refine(x, y, weights, params, mask, opts.steps, opts.lr_ratio, opts.step_tokens, seed)
+    return {"gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
+            "down": out["down"].view(-1, n, size).permute(1, 0, 2).contiguous(),
+            "shared_gate": out["shared_gate"], "shared_up": out["shared_up"], "shared_down": out["shared_down"]}
 
 
 def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corpus, opts: ReconstructOptions,
@@ -148,8 +175,9 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
             if i in plan.layers:
                 ffn = {w: reader.get(family.ffn_key(i, w)).float() for w in ("gate", "up", "down")}
                 x, y = torch.cat(xs), torch.cat(ys)
+                layer_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
                 layers[i], y_hat, before, after, t = fit_layer(x, y, Layer(**ffn, plan=plan.layers[i],
-                                                                        top_k=plan.meta.top_k), opts)
+                                                                        top_k=plan.meta.top_k), opts, layer_seed)
                 fits.append(LayerFit(i, before, after, t))
                 for b, part in enumerate(y_hat.split([len(xb) for xb in xs])):
                     hidden[b] = mids[b] + part.view_as(mids[b])

@@ -1,1 +1,2 @@
-"""Built-in data: the probe texts used by verify (and, later, the demo corpus and filters)."""
+"""Data: corpus reading and tokenisation, the built-in demo corpus and probe texts, and the training-data filter
+(fluency, advertisements) with its report."""

@@ -3,6 +3,7 @@ plan it cannot hold exactly, and knows how to switch a loaded model to 'all expe
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Iterator
 
 import numpy as np
@@ -43,7 +44,7 @@ def _reinitialise(w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
             w[:, slots] = fresh[:, slots]
 
 
-class OutputFormat:
+class OutputFormat(ABC):
     """A stock HF MoE class. Subclasses give the key names and config; the tensor logic is shared."""
 
     name: str
@@ -51,14 +52,17 @@ class OutputFormat:
     expert_keys: tuple[str, str, str]  # gate, down, up names inside an expert
     dense_ffn_keys = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
+    @abstractmethod
     def refusal(self, meta: PlanMeta, dense: dict[str, Any]) -> str | None:
-        raise NotImplementedError
+        """Why this format cannot hold the plan exactly, or None."""
 
+    @abstractmethod
     def config(self, dense: dict[str, Any], meta: PlanMeta, dtype: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The output config.json."""
 
+    @abstractmethod
     def moe_prefix(self, layer: int) -> str:
-        raise NotImplementedError
+        """The key prefix of a layer's MoE block."""
 
     def shared_size(self, meta: PlanMeta) -> int:
         return 0
@@ -102,18 +106,21 @@ class OutputFormat:
             w_gate, w_down, w_up = gather_neurons(gate, row, 0), gather_neurons(down, row, 1), gather_neurons(up, row, 0)
             if lp.reinit is not None and lp.reinit[e].any():
                 _reinitialise(w_gate, w_down, w_up, torch.from_numpy(lp.reinit[e]), (meta.seed, layer, e))
-            yield f"{p}experts.{e}.{g}", w_gate
+            yield f"{p}experts.{e}.{g}", fitted["gate"][e] if "gate" in fitted else w_gate
             yield f"{p}experts.{e}.{d}", fitted["down"][e] if "down" in fitted else w_down.mul_(lp.scale)
-            yield f"{p}experts.{e}.{u}", w_up
+            yield f"{p}experts.{e}.{u}", fitted["up"][e] if "up" in fitted else w_up
         if self.shared_size(meta):
             row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], self.shared_size(meta)))
-            yield p + "shared_expert.gate_proj.weight", gather_neurons(gate, row, 0)
-            yield p + "shared_expert.up_proj.weight", gather_neurons(up, row, 0)
+            # fitted shared tensors are indexed by the plan's shared slots: its real neurons come first, sorted
+            slots = torch.from_numpy(pad_to(np.flatnonzero(lp.shared != PAD), len(row)))
+
+            def shared(key: str, dense: torch.Tensor, dim: int) -> torch.Tensor:
+                return gather_neurons(fitted[key], slots, dim) if key in fitted else gather_neurons(dense, row, dim)
+
+            yield p + "shared_expert.gate_proj.weight", shared("shared_gate", gate, 0)
+            yield p + "shared_expert.up_proj.weight", shared("shared_up", up, 0)
             # sigmoid(0) = 0.5 from the zero shared gate below; doubling makes the shared block exactly always-on.
-            shared_down = fitted.get("shared_down")
-            shared_down = gather_neurons(down, row, 1) if shared_down is None else \
-                gather_neurons(shared_down, torch.from_numpy(pad_to(np.flatnonzero(lp.shared != PAD), len(row))), 1)
-            yield p + "shared_expert.down_proj.weight", shared_down.mul_(2.0)
+            yield p + "shared_expert.down_proj.weight", shared("shared_down", down, 1).mul_(2.0)
             yield p + "shared_expert_gate.weight", gate.new_zeros(1, gate.shape[1])
 
     def all_experts_uniform(self, model: torch.nn.Module, meta: PlanMeta) -> None:

@@ -148,24 +148,27 @@ def _near_tie_fraction(moe, batch: list[torch.Tensor], top_k: int) -> float:
 
 
 def _restore_construction(moe, dense_model, plan) -> None:
-    """A reconstructed build's fitted down projections are, by design, not the dense slices: the exactness check
-    is of the construction (partition, gate and up slices, export), so put the slices back for it. The fit itself
-    is reported as per-layer errors in reconstruction.json."""
+    """A reconstructed build's fitted expert weights are, by design, not the dense slices: the exactness check is of
+    the construction (partition, slicing, scale, export), so put the slices back for it. The fit itself is reported
+    as per-layer errors in reconstruction.json."""
+    from moefy.construct.plan import PAD, pad_to
     from moefy.export.formats import gather_neurons
 
     for i, lp in plan.layers.items():
         if lp.fitted is None:
             continue
-        mlp, dense_down = moe.model.layers[i].mlp, dense_model.model.layers[i].mlp.down_proj.weight
+        mlp, dense = moe.model.layers[i].mlp, dense_model.model.layers[i].mlp
         with torch.no_grad():
             for e, row in enumerate(torch.from_numpy(lp.experts)):
-                mlp.experts.down_proj[e].copy_(gather_neurons(dense_down, row, 1) * lp.scale)
-            if "shared_down" in lp.fitted:
-                shared = mlp.shared_expert.down_proj.weight
-                row = torch.full((shared.shape[1],), -1, dtype=torch.long)
-                real = torch.from_numpy(lp.shared[lp.shared >= 0])
-                row[: len(real)] = real
-                shared.copy_(gather_neurons(dense_down, row, 1) * 2.0)
+                mlp.experts.down_proj[e].copy_(gather_neurons(dense.down_proj.weight, row, 1) * lp.scale)
+                mlp.experts.gate_up_proj[e].copy_(torch.cat([gather_neurons(dense.gate_proj.weight, row, 0),
+                                                             gather_neurons(dense.up_proj.weight, row, 0)]))
+            if hasattr(mlp, "shared_expert"):
+                shared = mlp.shared_expert
+                row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], shared.down_proj.weight.shape[1]))
+                shared.down_proj.weight.copy_(gather_neurons(dense.down_proj.weight, row, 1) * 2.0)
+                shared.gate_proj.weight.copy_(gather_neurons(dense.gate_proj.weight, row, 0))
+                shared.up_proj.weight.copy_(gather_neurons(dense.up_proj.weight, row, 0))
 
 
 def _force_expert(model, meta, expert: int) -> None:

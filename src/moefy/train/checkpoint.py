@@ -21,11 +21,11 @@ from moefy.errors import MoefyError
 CKPT_DIR = "checkpoints"
 
 
-def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, model_state: dict, gating_state: dict,
+def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, weights: dict, gating_state: dict,
                     optimizer, scheduler, sampler_state: dict, touched: list[str], keep_last: int) -> Path:
     target = run / CKPT_DIR / f"step-{step:07d}"
     with atomic_output(target, overwrite=True) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model_state.items()}, str(tmp / "trainable.safetensors"))
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.contiguous() for k, v in gating_state.items()} or {"_": torch.zeros(1)},
                   str(tmp / "gating.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from moefy.atomic import atomic_output
+from moefy.construct.plan import PLAN_JSON, PLAN_TENSORS
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
 from moefy.evaluate.perplexity import heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.progress import progress
-from moefy.recipes import dump_recipe
+from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe
 from moefy.sources import SIDE_FILES
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
@@ -36,7 +37,7 @@ from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Stage, TrainRecipe
 from moefy.train.trainable import matching, matching_names, select_trainable
 
-MOE_SIDE_FILES = ("moefy_plan.json", "moefy_plan.safetensors", "moefy.yaml")
+MOE_SIDE_FILES = (PLAN_JSON, PLAN_TENSORS, BUILD_RECIPE)
 
 
 def cosine_with_floor(stage: Stage):
@@ -172,7 +173,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
                 if acc.is_main_process:
                     weights = {stable_name(n): p for n, p in model.named_parameters()
                                if (p.requires_grad or stable_name(n) in touched) and "moefy_noise" not in n}
-                    save_checkpoint(run, step, stage=s_idx, stage_step=stage_step + 1, model_state=weights,
+                    save_checkpoint(run, step, stage=s_idx, stage_step=stage_step + 1, weights=weights,
                                     gating_state=gating.state(), optimizer=optimizer, scheduler=scheduler,
                                     sampler_state=sampler.state(), touched=sorted(touched),
                                     keep_last=recipe.keep_last)
@@ -197,7 +198,11 @@ def param_groups(chosen: list, extra: list, stage: Stage) -> list[dict]:
     (RMS ~5e-4 on SmolLM2) is scrambled by any lr that suits norms or LoRA; a relative lr moves every router by
     the same share of itself."""
     routers = set(matching_names([n for n, _ in chosen], "router")) if stage.router_lr_ratio else set()
-    groups = [{"params": [p for n, p in chosen if n not in routers] + extra}]
+    rest = [p for n, p in chosen if n not in routers] + extra
+    # Only matrices decay (nanoGPT's configure_optimizers): norms and biases are scales and offsets, not capacity.
+    groups = [{"params": [p for p in rest if p.dim() >= 2]},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     for n, p in chosen:
         if n in routers:
             rms = float(p.detach().float().pow(2).mean().sqrt())
@@ -224,5 +229,5 @@ def export(model, moe_dir: Path, run: Path, recipe: TrainRecipe) -> Path:
         for name in (*SIDE_FILES, *MOE_SIDE_FILES):
             if (moe_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(moe_dir / name, tmp / name)
-        dump_recipe(recipe, tmp / "moefy_train.yaml")
+        dump_recipe(recipe, tmp / TRAIN_RECIPE)
     return final
