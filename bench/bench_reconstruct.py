@@ -117,8 +117,9 @@ def main() -> None:
                   f"{sum(f.after for f in fits) / len(fits):.3f}", file=sys.stderr)
     lines += ["", f"Time: the closed-form reconstruction of carve 25% (30 layers, 32k calibration tokens) took "
               f"{reconstruct_s:.0f} s, {reconstruct_s / profile_s:.2f}× one profiling pass over 16k tokens "
-              f"({profile_s:.0f} s), both in this run; the Adam steps add the rest of the difference in 'build s'. 'build s' includes profiling (cached after the first build of a run, so the first "
-              "row pays it), planning, reconstruction and writing. Measured alone on the 2-core machine."]
+              f"({profile_s:.0f} s), both in this run; the Adam steps make up the rest of 'build s'. 'build s' is "
+              "planning, reconstruction and writing: the calibration profile is cached by the library, so it is "
+              "paid once, before these rows. Measured alone on the 2-core machine."]
     replace_section(Path("docs/results.md"), "reconstruction", "\n".join(lines))
     print(f"work dir: {work}")
 

@@ -138,8 +138,7 @@ def recovery(work: Path, tokens: int) -> str:
 
 
 DISTILL_LORA = {"trainable": "experts-lora", "lr": 1e-3, "router_lr_ratio": 0.01, "lora": {"rank": 16, "alpha": 32}}
-OBJECTIVES = {"LM loss": {}, "distillation (KL, T=1)": {"distill": {"temperature": 1.0}},
-              "distillation (KL, T=1) + 0.5 LM": {"distill": {"temperature": 1.0, "lm_weight": 0.5}}}
+OBJECTIVES = {"LM loss": {}, "distillation (KL, T=1)": {"distill": {"temperature": 1.0}}}
 
 
 def distillation(work: Path, tokens: int) -> str:

@@ -97,3 +97,10 @@ def test_plan_validation():
         _plan(np.array([[0, 0, 1], [2, 3, 4]]), coverage="overlap").validate()
     _plan(np.array([[0, 1, 2], [2, 3, 4]]), coverage="overlap").validate()
     assert PAD == -1
+
+
+def test_recipe_method_names_match_the_registry():
+    from moefy.construct.registry import METHODS
+    from moefy.recipes import METHOD_NAMES
+
+    assert set(METHOD_NAMES) == set(METHODS)

@@ -111,14 +111,26 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
             if (source.directory / name).is_file():
                 shutil.copy2(source.directory / name, tmp / name)
         plan.save(tmp)
-        if mining is not None:
-            mining.save(tmp / MINING_DIR, plan)
-        if fits is not None:
-            save_fits(tmp, fits)
+        if mining is not None or fits is not None:
+            _save_build_reports(tmp, plan, mining, fits)
         dump_recipe(recipe, tmp / BUILD_RECIPE)
         architecture = model_config["architectures"][0]
         write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
+
+
+def _save_build_reports(directory: Path, plan: MoEPlan, mining, fits) -> None:
+    """DIVE's mining (mining.json, affinity.png, dendrogram.png) and the reconstruction errors (json + png)."""
+    from moefy.analyze.plots import dendrogram_plot, distance_heatmap, reconstruction_plot  # matplotlib: only here
+
+    if mining is not None:
+        mining.save(directory / MINING_DIR, plan)
+        pictures = directory / MINING_DIR
+        distance_heatmap(mining.affinity, mining.domains, "domain affinity (DIVE)", pictures / "affinity.png")
+        dendrogram_plot(mining.linkage(), mining.domains, pictures / "dendrogram.png")
+    if fits is not None:
+        save_fits(directory, fits)
+        reconstruction_plot(fits, directory / "reconstruction.png")
 
 
 def _check_at_least(minimum: int, **values: int | None) -> None:

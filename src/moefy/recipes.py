@@ -81,11 +81,15 @@ class ReconstructOptions(Frozen):
     step_tokens: int = Field(512, ge=1)
 
 
+# The construction methods (construct/registry.py's METHODS holds their code; a test keeps the two lists equal).
+METHOD_NAMES = ("random", "sequential", "cluster", "coactivation", "carve", "importance", "upcycle", "dive")
+
+
 class BuildRecipe(Frozen):
     model: str
     experts: int = 8
     top_k: int = 2
-    method: str = "random"
+    method: str = "random"  # one of METHOD_NAMES, checked when the recipe is read (before any model is touched)
     seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds only
     # Output scale folded into down_proj; None means N/k (LLaMA-MoE's convention).
     scale: float | None = None
@@ -109,6 +113,8 @@ class BuildRecipe(Frozen):
 
     @model_validator(mode="after")
     def _counts(self) -> "BuildRecipe":
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHOD_NAMES)}")
         if self.experts < 1:
             raise ValueError(f"experts must be at least 1 (got {self.experts})")
         if not 1 <= self.top_k <= self.experts:

@@ -62,17 +62,31 @@ def per_layer_lines(layers: list[LayerRouting], domains: list[str], field: str, 
     return path
 
 
-def dendrogram_plot(affinity: np.ndarray, labels: list[str], path: Path) -> Path:
-    """Average-linkage dendrogram of 1 − affinity (the grouping DIVE cuts into experts)."""
+def dendrogram_plot(linkage: np.ndarray, labels: list[str], path: Path) -> Path:
+    """The average-linkage dendrogram of 1 − affinity (the grouping DIVE cuts into experts), from its merge tree."""
     from scipy.cluster.hierarchy import dendrogram
-
-    from moefy.construct.dive import dendrogram_linkage
 
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 2), 3.5))
     if len(labels) > 1:
-        dendrogram(dendrogram_linkage(affinity), labels=labels, ax=ax, leaf_rotation=45)
+        dendrogram(linkage, labels=labels, ax=ax, leaf_rotation=45)
     ax.set_ylabel("1 − affinity (average linkage)")
     ax.set_title("domain grouping")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reconstruction_plot(fits: list, path: Path) -> Path:
+    """Each MoE layer's normalised error as built and after layer-wise reconstruction (log scale)."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    layers = [f.layer for f in fits]
+    ax.semilogy(layers, [f.before for f in fits], "o-", label="as built")
+    ax.semilogy(layers, [f.after for f in fits], "o-", label="reconstructed")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("normalised MSE of the MoE layer")
+    ax.set_title("layer-wise reconstruction (calibration inputs from the converted model)")
+    ax.legend()
+    ax.grid(alpha=0.3)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefy.analyze.plots import dendrogram_plot, distance_heatmap
-from moefy.construct.dive import group_domains, loss_affinity, mask_iou, overlap_stats
+from moefy.construct.dive import dendrogram_linkage, group_domains, loss_affinity, mask_iou, overlap_stats
 from moefy.construct.domains import (cluster_documents, describe_clusters, embed_documents, holdout_split, relabel,
                                      split_largest)
 from moefy.construct.methods import dive_experts
@@ -52,9 +51,13 @@ class DiveMining:
     def group_names(self) -> list[list[str]]:
         return [[self.domains[d] for d in g] for g in self.groups]
 
+    def linkage(self) -> np.ndarray:
+        """The average-linkage merge tree of 1 − affinity, as scipy's dendrogram draws it."""
+        return dendrogram_linkage(self.affinity)
+
     def save(self, directory: Path, plan: MoEPlan) -> None:
-        """mining.json (domains, groups, affinities, bias-compensation cost, discovery, expert overlap per layer),
-        affinity.png and dendrogram.png."""
+        """mining.json: domains, groups, affinities, bias-compensation cost, discovery, expert overlap per layer.
+        The caller draws the pictures (analyze.plots), so construction knows no plotting."""
         directory.mkdir(parents=True, exist_ok=True)
         overlap = {i: overlap_stats([row[row >= 0] for row in layer.experts], plan.meta.ffn_width)
                    for i, layer in plan.layers.items()}
@@ -65,8 +68,6 @@ class DiveMining:
             "mask_iou": self.iou.tolist(),
             "cross_domain_loss": None if self.cross_loss is None else self.cross_loss.tolist(),
             "bias_compensation": self.compensation, "discovery": self.discovery}, indent=2))
-        distance_heatmap(self.affinity, self.domains, "domain affinity (DIVE)", directory / "affinity.png")
-        dendrogram_plot(self.affinity, self.domains, directory / "dendrogram.png")
 
 
 def settle_domains(recipe: BuildRecipe, source: ModelSource, corpus: Corpus) -> DiveDomains:

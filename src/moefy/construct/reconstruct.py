@@ -107,11 +107,13 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
     weights = refit.route(x @ router.T, layer.top_k)
     fitted = {"down": d_exp, "shared_down": d_sh}
     if opts.steps:
-        fitted = _refine(x, y, weights, layer, fitted, opts, seed)
-        a_exp = refit.activations(x, fitted["gate"].reshape(n * size, -1), fitted["up"].reshape(n * size, -1))
-        a_exp = a_exp * torch.from_numpy(lp.experts.reshape(-1) != PAD).float()
-        a_sh = refit.activations(x, fitted["shared_gate"], fitted["shared_up"]) if a_sh.shape[1] else a_sh
-        err = refit.nmse(y, _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"]))
+        refined = _refine(x, y, weights, layer, fitted, opts, seed)
+        # PAD slots are masked to zero in the refined gate/up rows, so their activations are exactly 0 here too
+        r_exp = refit.activations(x, refined["gate"].reshape(n * size, -1), refined["up"].reshape(n * size, -1))
+        r_sh = refit.activations(x, refined["shared_gate"], refined["shared_up"])
+        r_err = refit.nmse(y, _predict(r_exp, r_sh, weights, refined["down"], refined["shared_down"]))
+        if r_err < err:  # steps that overshoot never replace the closed form
+            fitted, a_exp, a_sh, err = refined, r_exp, r_sh, r_err
     y_hat = _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"])
     if not a_sh.shape[1]:  # no shared block: nothing to store for it
         fitted = {k: v for k, v in fitted.items() if not k.startswith("shared_")}
@@ -128,8 +130,8 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
               "down": fitted["down"].permute(1, 0, 2).reshape(layer.down.shape[0], -1),
               "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
               "shared_down": fitted["shared_down"]}
-    mask = torch.from_numpy(lp.experts.reshape(-1) != PAD)
-    out = refit.refine(x, y, weights, params, mask, opts.steps, opts.lr_ratio, opts.step_tokens, seed)
+    masks = (torch.from_numpy(lp.experts.reshape(-1) != PAD), torch.from_numpy(lp.shared != PAD))
+    out = refit.refine(x, y, weights, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed)
     return {"gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
             "down": out["down"].view(-1, n, size).permute(1, 0, 2).contiguous(),
             "shared_gate": out["shared_gate"], "shared_up": out["shared_up"], "shared_down": out["shared_down"]}
@@ -188,21 +190,5 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
 
 
 def save_fits(directory: Path, fits: list[LayerFit]) -> None:
-    """reconstruction.json (per-layer errors before and after) and reconstruction.png beside the checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """reconstruction.json: each MoE layer's error before and after (the caller draws reconstruction.png)."""
     (directory / FITS_JSON).write_text(json.dumps([f.to_dict() for f in fits], indent=2))
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    layers = [f.layer for f in fits]
-    ax.semilogy(layers, [f.before for f in fits], "o-", label="as built")
-    ax.semilogy(layers, [f.after for f in fits], "o-", label="reconstructed")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("normalised MSE of the MoE layer")
-    ax.set_title("layer-wise reconstruction (calibration inputs from the converted model)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(directory / "reconstruction.png", dpi=110)
-    plt.close(fig)

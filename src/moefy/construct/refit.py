@@ -99,31 +99,33 @@ def nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
 
 
 def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict[str, torch.Tensor],
-           slot_mask: torch.Tensor, steps: int, lr_ratio: float, batch: int, seed: int) -> dict[str, torch.Tensor]:
+           masks: tuple[torch.Tensor, torch.Tensor], steps: int, lr_ratio: float, batch: int, seed: int
+           ) -> dict[str, torch.Tensor]:
     """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed.
 
     params: gate, up [N·S, H]; down [H, N·S]; shared_gate, shared_up [shared, H]; shared_down [H, shared].
-    slot_mask [N·S] keeps PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own RMS (weights of very
+    masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own RMS (weights of very
     different sizes move by the same share of themselves), on seeded random token batches."""
     live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     groups = [{"params": [p], "lr": lr_ratio * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
               for p in live.values() if p.numel()]
     opt = torch.optim.Adam(groups)
     gen = torch.Generator().manual_seed(seed)
-    mask = slot_mask.to(x.dtype)
+    routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
     with torch.enable_grad():  # the sequential runner holds no_grad around its layer passes
-        _adam_steps(x, y, weights, live, mask, energy, opt, gen, steps, batch)
-    return {k: (v.detach() * (mask[:, None] if k in ("gate", "up") else mask if k == "down" else 1.0))
-            for k, v in live.items()}
+        _adam_steps(x, y, weights, live, routed, shared, energy, opt, gen, steps, batch)
+    rows = {"gate": routed, "up": routed, "shared_gate": shared, "shared_up": shared}
+    cols = {"down": routed, "shared_down": shared}
+    return {k: v.detach() * (rows[k][:, None] if k in rows else cols[k]) for k, v in live.items()}
 
 
-def _adam_steps(x, y, weights, live, mask, energy, opt, gen, steps: int, batch: int) -> None:
+def _adam_steps(x, y, weights, live, routed, shared, energy, opt, gen, steps: int, batch: int) -> None:
     for _ in range(steps):
         pick = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         xb = x[pick]
-        a = torch.nn.functional.silu(xb @ live["gate"].T) * (xb @ live["up"].T) * mask
-        a_sh = torch.nn.functional.silu(xb @ live["shared_gate"].T) * (xb @ live["shared_up"].T)
+        a = torch.nn.functional.silu(xb @ live["gate"].T) * (xb @ live["up"].T) * routed
+        a_sh = torch.nn.functional.silu(xb @ live["shared_gate"].T) * (xb @ live["shared_up"].T) * shared
         z = design(a, weights[pick], a_sh)
         y_hat = z @ torch.cat([live["down"], live["shared_down"]], dim=1).T
         loss = ((y[pick] - y_hat) ** 2).sum(1).mean() / energy

@@ -113,8 +113,6 @@ def layer_rng(seed: int, layer: int, stream: str) -> np.random.Generator:
 
 def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyCheckpoint,
               stats: Callable[[], NeuronStats] | None = None, extra: dict | None = None) -> MoEPlan:
-    if recipe.method not in METHODS:
-        raise MoefyError(f"unknown method {recipe.method!r}; available: {', '.join(METHODS)}")
     width, hidden, n_layers = int(config["intermediate_size"]), int(config["hidden_size"]), int(config["num_hidden_layers"])
     if recipe.drop_fraction and recipe.method != "upcycle":
         raise MoefyError("drop_fraction (drop-upcycling) applies to method upcycle only")

@@ -1,20 +1,19 @@
-"""Read text corpora with an optional domain label per document.
+"""Text corpora as documents with a domain label: a view over data.records (the one reader), plus saved HF
+`datasets` directories (needs the datasets package).
 
 Accepted: a .jsonl file (`text` and optional `domain` fields), a .parquet file (same fields, needs pyarrow), a .txt
 file (one domain, documents separated by blank lines), a directory of such files or of per-domain subdirectories
-(one domain per file stem or subdirectory), or a saved HF `datasets` directory (needs the datasets package)."""
+(one domain per file stem or subdirectory), a `moefy data filter` output (its kept corpus), or a saved dataset."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moefy.data.records import DEFAULT_DOMAIN, is_saved_dataset, kept_corpus_path, read_records
 from moefy.errors import MoefyError
-
-DEFAULT_DOMAIN = "default"
 
 
 @dataclass(frozen=True)
@@ -43,9 +42,12 @@ class Corpus:
         return out
 
 
-def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = "domain") -> Corpus:
-    from moefy.data.filtering import kept_corpus_path
+# A record's problem (data.records) as counted in a corpus summary.
+_SKIP_REASONS = {"undecodable line": "undecodable lines", "malformed JSON line": "malformed JSON lines",
+                 "undecodable file": "undecodable files"}
 
+
+def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = "domain") -> Corpus:
     path = Path(path)
     if not path.exists():
         raise MoefyError(f"corpus not found: {path}")
@@ -54,15 +56,17 @@ def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = 
     skipped: Counter = Counter()
     if path.is_dir() and is_saved_dataset(path):
         docs = _read_hf_dataset(path, text_field, domain_field)
-    elif path.is_dir():
-        docs = []
-        for child in sorted(path.iterdir()):
-            if child.is_dir():
-                docs += [Document(t, child.name) for f in sorted(child.rglob("*.txt")) for t in _read_txt(f, skipped, whole=True)]
-            elif child.suffix in (".jsonl", ".txt", ".parquet"):
-                docs += _read_file(child, text_field, domain_field, skipped, default_domain=child.stem)
     else:
-        docs = _read_file(path, text_field, domain_field, skipped, default_domain=DEFAULT_DOMAIN)
+        records = read_records(path, text_field, domain_field)
+        for r in records:
+            if r.text is None:
+                skipped[_SKIP_REASONS.get(r.problem, f"records without a string '{text_field}' field")] += 1
+        for name in sorted({r.file for r in records if r.file.endswith(".jsonl")}):
+            mine = [r for r in records if r.file == name]
+            if all(r.text is None for r in mine):  # a whole file of the wrong shape is a mistake, not noise
+                raise MoefyError(f"{path if path.is_file() else path / name}: no record has a string "
+                                 f"'{text_field}' field ({_describe(Counter(r.problem for r in mine))})")
+        docs = [Document(r.text, r.domain) for r in records if r.text is not None]
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         extra = f" ({_describe(skipped)} skipped)" if skipped else ""
@@ -72,76 +76,8 @@ def load_corpus(path: str | Path, text_field: str = "text", domain_field: str = 
     return Corpus(str(path), tuple(docs), skipped)
 
 
-def is_saved_dataset(path: Path) -> bool:
-    """A `datasets` save_to_disk directory (a Dataset has both files; a DatasetDict has dataset_dict.json)."""
-    return ((path / "dataset_info.json").is_file() and (path / "state.json").is_file()) \
-        or (path / "dataset_dict.json").is_file()
-
-
 def _describe(skipped: Counter) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
-
-
-def _read_file(path: Path, text_field: str, domain_field: str, skipped: Counter, default_domain: str) -> list[Document]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, text_field, domain_field, skipped, default_domain)
-    if path.suffix == ".parquet":
-        return _read_parquet(path, text_field, domain_field, default_domain)
-    if path.suffix == ".txt":
-        return [Document(t, default_domain) for t in _read_txt(path, skipped, whole=False)]
-    raise MoefyError(f"unsupported corpus file {path}: use .jsonl, .parquet, .txt or a directory of them")
-
-
-def _read_jsonl(path: Path, text_field: str, domain_field: str, skipped: Counter, default_domain: str) -> list[Document]:
-    docs, saw_text_field = [], False
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                skipped["undecodable lines"] += 1
-                continue
-            except json.JSONDecodeError:
-                skipped["malformed JSON lines"] += 1
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                skipped[f"records without a string '{text_field}' field"] += 1
-                continue
-            saw_text_field = True
-            docs.append(Document(record[text_field], str(record.get(domain_field) or default_domain)))
-    if not saw_text_field and skipped:
-        raise MoefyError(f"{path}: no record has a string '{text_field}' field ({_describe(skipped)})")
-    return docs
-
-
-def _read_txt(path: Path, skipped: Counter, whole: bool) -> list[str]:
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        skipped["undecodable files"] += 1
-        return []
-    if whole:
-        return [text]
-    return [p for p in text.split("\n\n") if p.strip()]
-
-
-def _read_parquet(path: Path, text_field: str, domain_field: str, default_domain: str) -> list[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise MoefyError("reading Parquet corpora needs pyarrow: pip install pyarrow") from exc
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise MoefyError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
-    if text_field not in table.column_names:
-        raise MoefyError(f"{path} has no '{text_field}' column (columns: {', '.join(table.column_names)})")
-    texts = table.column(text_field).to_pylist()
-    domains = table.column(domain_field).to_pylist() if domain_field in table.column_names else [None] * len(texts)
-    return [Document(t, str(d or default_domain)) for t, d in zip(texts, domains) if isinstance(t, str)]
 
 
 def _read_hf_dataset(path: Path, text_field: str, domain_field: str) -> list[Document]:

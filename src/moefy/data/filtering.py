@@ -15,13 +15,11 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from moefy.atomic import atomic_output, check_output
-from moefy.data.records import Record, read_records, write_records
+from moefy.data.records import FILTER_RECIPE, FILTER_SOURCE, KEPT_DIR, Record, read_records, write_records
 from moefy.errors import MoefyError
 from moefy.recipes import Frozen, dump_recipe
 
 Score = Literal["fluency", "ads"]
-FILTER_RECIPE = "moefy_filter.yaml"
-KEPT_DIR = "data"
 DROPPED = "dropped.jsonl"
 SCORES = "scores.jsonl"
 
@@ -144,7 +142,7 @@ def filter_corpus(corpus: Path, recipe: FilterRecipe, out: Path, overwrite: bool
                 if why:
                     dropped.write(json.dumps({**row, "reasons": why, "record": r.as_json()}) + "\n")
         dump_recipe(recipe, tmp / FILTER_RECIPE)
-        (tmp / "source.json").write_text(json.dumps({"corpus": str(corpus.resolve()), "name": corpus.name}))
+        (tmp / FILTER_SOURCE).write_text(json.dumps({"corpus": str(corpus.resolve()), "name": corpus.name}))
         summary = write_report(tmp / "report", records, scores, reasons, recipe)
     return summary
 
@@ -184,12 +182,3 @@ def _spread(values: list[float], index: list[int], n: int) -> list[float | None]
     for i, v in zip(index, values):
         out[i] = v if math.isfinite(v) else float("inf")
     return out
-
-
-def kept_corpus_path(directory: Path) -> Path | None:
-    """Where a filter output keeps its corpus, so `moefy train --data FILTERED` works; None if not one."""
-    if not (directory / FILTER_RECIPE).is_file():
-        return None
-    name = json.loads((directory / "source.json").read_text())["name"]
-    single = directory / KEPT_DIR / name
-    return single if single.is_file() else directory / KEPT_DIR

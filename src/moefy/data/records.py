@@ -1,9 +1,10 @@
-"""Corpus records as they are on disk, for tools that must write a corpus back in its own format (the filter).
-Unlike `corpus.load_corpus`, nothing is normalised away: a JSONL line keeps its exact bytes and extra fields, a
-Parquet row keeps every column, and a malformed record is kept too, with the reason it cannot be read.
+"""The one corpus reader: records as they are on disk. Nothing is normalised away, so the filter can write a corpus
+back in its own format: a JSONL line keeps its exact bytes and extra fields, a Parquet row keeps every column, and a
+malformed record is kept too, with the reason it cannot be read. `corpus.load_corpus` is a view over these records.
 
-Layouts, as load_corpus reads them: one .jsonl/.parquet/.txt file, or a directory of such files (domain = file
-stem unless a record names one) and of per-domain subdirectories of .txt files (one document per file)."""
+Layouts: one .jsonl/.parquet/.txt file, or a directory of such files (domain = file stem unless a record names one)
+and of per-domain subdirectories of .txt files (one document per file). A `moefy data filter` output directory
+stands for its kept corpus (kept_corpus_path); a saved HF dataset is read by corpus.load_corpus only."""
 
 from __future__ import annotations
 
@@ -12,10 +13,32 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moefy.data.corpus import DEFAULT_DOMAIN, is_saved_dataset
 from moefy.errors import MoefyError
 
 FILE_KINDS = (".jsonl", ".parquet", ".txt")
+DEFAULT_DOMAIN = "default"
+# What `moefy data filter` writes: its recipe, the source's name, and the kept corpus in the input's own format.
+FILTER_RECIPE = "moefy_filter.yaml"
+FILTER_SOURCE = "source.json"
+KEPT_DIR = "data"
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A `datasets` save_to_disk directory (a Dataset has both files; a DatasetDict has dataset_dict.json)."""
+    return ((path / "dataset_info.json").is_file() and (path / "state.json").is_file()) \
+        or (path / "dataset_dict.json").is_file()
+
+
+def kept_corpus_path(directory: Path) -> Path | None:
+    """Where a filter output keeps its corpus, so `moefy train --data FILTERED` works; None if not one."""
+    if not (directory / FILTER_RECIPE).is_file():
+        return None
+    try:
+        name = json.loads((directory / FILTER_SOURCE).read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MoefyError(f"{directory} looks like a filter output but its {FILTER_SOURCE} is damaged: {exc}") from exc
+    single = directory / KEPT_DIR / name
+    return single if single.is_file() else directory / KEPT_DIR
 
 
 @dataclass(frozen=True)
@@ -116,15 +139,18 @@ def _read_parquet(path, name, text_field, domain_field, default_domain) -> list[
         raise MoefyError("reading Parquet corpora needs pyarrow: pip install pyarrow") from exc
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises its own error types for damaged files
-        raise MoefyError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
+        raise MoefyError(f"{path} is not a readable Parquet file: {str(exc).splitlines()[0]}") from exc
+    if text_field not in table.column_names:  # a wrong field name, not malformed rows
+        raise MoefyError(f"{path} has no '{text_field}' column (columns: {', '.join(table.column_names)})")
+    rows = table.to_pylist()
     out = []
     for i, row in enumerate(rows):
         text = row.get(text_field)
         domain = str(row.get(domain_field) or default_domain)
         ok = isinstance(text, str)
-        out.append(Record(name, i, row, text if ok else None, domain, None if ok else f"no string '{text_field}'"))
+        out.append(Record(name, i, row, text if ok else None, domain, None if ok else f"no string '{text_field}' field"))
     return out
 
 
