@@ -95,7 +95,13 @@ def test_score_cache_resumes(corpus, tmp_path, tiny_llama, monkeypatch):
     monkeypatch.setattr(FluencyScorer, "_batch", lambda self, seqs: calls.append(len(seqs)) or original(self, seqs))
     assert run(corpus, tmp_path / "b", *args) == 0
     assert sum(calls) == len(lines) - 10  # only what the cache lacked
-    assert (tmp_path / "a" / "scores.jsonl").read_text() == (tmp_path / "b" / "scores.jsonl").read_text()
+    # Recomputed documents sit in differently shaped batches than before, which can move fp32 sums in the last bits.
+    a, b = ([json.loads(line) for line in (tmp_path / d / "scores.jsonl").read_text().splitlines()] for d in "ab")
+    assert [{**r, "scores": None} for r in a] == [{**r, "scores": None} for r in b]
+    for x, y in zip(a, b):
+        assert x["scores"].keys() == y["scores"].keys()
+        for k, v in x["scores"].items():
+            assert v == (None if y["scores"][k] is None else pytest.approx(y["scores"][k], rel=1e-5))
 
 
 def test_directory_and_parquet_corpora_keep_their_format(tmp_path):

@@ -33,7 +33,7 @@ from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.runner import profile_cached
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, BuildRecipe, dump_recipe, load_recipe, validate_recipe
-from moefy.sources import SIDE_FILES, resolve_model
+from moefy.sources import ALIASES, SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
 
@@ -240,6 +240,8 @@ def load_train_recipe(recipe: Path | str):
 
     if str(recipe) in PRESETS and not Path(recipe).exists():
         return validate_recipe(TrainRecipe, {"preset": str(recipe)})
+    if not Path(recipe).is_file():
+        raise MoefyError(f"recipe file not found: {recipe} (built-in presets: {', '.join(PRESETS)})")
     return load_recipe(TrainRecipe, Path(recipe), {})
 
 
@@ -287,9 +289,9 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
 
 
 def _absolute(spec: str) -> str:
-    """A local path as an absolute path; anything else (an alias, a hub id) as given."""
+    """A local path as an absolute path; anything else (an alias, a hub id) as given, as resolve_model reads it."""
     path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
+    return str(path.resolve()) if spec not in ALIASES and path.exists() else spec
 
 
 def _staging(out: Path) -> Path:

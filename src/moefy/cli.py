@@ -279,8 +279,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from moefy.atomic import check_writable
 
     tasks = args.tasks.split(",") if args.tasks else None
-    if args.json_out:
-        check_writable(args.json_out)  # now, not after the whole evaluation
+    if args.json_out:  # checked now, not after the whole evaluation
+        if args.json_out.is_dir():
+            raise MoefyError(f"--json {args.json_out} is a directory; give a file name")
+        check_writable(args.json_out)
     result = api.evaluate(args.models, args.data, seq_len=args.seq_len, stride=args.stride,
                           tokens_per_domain=args.tokens_per_domain, speed=args.speed, tasks=tasks,
                           task_limit=args.task_limit)
