@@ -16,7 +16,7 @@ from pathlib import Path
 from moefy import api
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
-from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.export.oracle import active_fraction, neuron_oracle
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.recipes import BuildRecipe, validate_recipe

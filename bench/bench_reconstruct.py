@@ -17,7 +17,7 @@ from moefy import api
 from moefy.construct.plan import load_plan
 from moefy.construct.reconstruct import reconstruct
 from moefy.data.corpus import load_corpus
-from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.families import family_for
 from moefy.models import load_causal_lm

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moefy import api, cli
-from moefy.evaluate.perplexity import windows
+from moefy.profile.perplexity import windows
 from moefy.errors import MoefyError
 from conftest import write_domain_corpus
 

@@ -21,7 +21,7 @@ from moefy.data.corpus import load_corpus
 from moefy.data.tokens import token_blocks
 from moefy.errors import MoefyError
 from moefy.evaluate.harness import run_tasks
-from moefy.evaluate.perplexity import Perplexity, heldout_perplexity
+from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export.card import write_card

@@ -23,7 +23,7 @@ from moefy import api
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.errors import MoefyError
-from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.recipes import BUILD_RECIPE, BuildRecipe, ReconstructOptions, dump_recipe
 from moefy.sources import resolve_model

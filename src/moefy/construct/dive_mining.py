@@ -20,7 +20,7 @@ from moefy.construct.methods import dive_experts
 from moefy.construct.plan import MoEPlan
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
-from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.families import Family
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.stats import NeuronStats

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from moefy.construct import methods
 from moefy.construct.split import random_split, sequential_split
 from moefy.construct.placement import moe_layers
 from moefy.construct.plan import EXPERT_SIZE_MULTIPLE, LayerPlan, MoEPlan, PlanMeta, pad_groups, pad_to
+from moefy.construct.layer import LayerInput
 from moefy.construct.router_init import ROUTER_INITS, RouterContext
 from moefy.errors import MoefyError
 from moefy.families import Family
@@ -29,33 +29,6 @@ class Split:
     overlap: bool = False  # experts may share neurons (then the partition exactness test does not apply)
     reinit: list[np.ndarray] | None = None  # per expert: positions in its group to re-initialise (drop-upcycling)
     domain_groups: list[list[int]] | None = None  # per expert: the calibration domains it was built from (dive)
-
-
-@dataclass
-class LayerInput:
-    """What a method may look at for one layer. Weights and stats are read lazily and at most once."""
-
-    layer: int
-    width: int
-    _read: Callable[[str], torch.Tensor]
-    _stats: Callable[[], NeuronStats] | None  # profiles on first call (cached)
-    extra: dict = field(default_factory=dict)  # decisions made before the per-layer loop (dive's domain groups)
-    _cache: dict = field(default_factory=dict)
-
-    def weight(self, which: str) -> torch.Tensor:  # "gate" | "up" | "down"
-        if which not in self._cache:
-            self._cache[which] = self._read(which).float()
-        return self._cache[which]
-
-    def stats(self, method: str) -> dict[str, torch.Tensor]:
-        if self._stats is None:
-            raise MoefyError(f"{method} needs calibration data: pass --calib CORPUS")
-        if "stats" not in self._cache:
-            stats = self._stats()
-            self._cache["stats"] = {k: v.float() for k, v in stats.layer(self.layer).items()}
-            self._cache["stats"]["sample_domain"] = stats.sample_domain()
-            self._cache["stats"]["domain_tokens"] = torch.tensor(stats.meta.tokens, dtype=torch.float32)
-        return self._cache["stats"]
 
 
 Method = Callable[[LayerInput, BuildRecipe, np.random.Generator], Split]

@@ -6,25 +6,24 @@ neurons those tokens activate most (a min-cost matching), so router row e really
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from moefy.construct.cluster import balanced_kmeans
+from moefy.construct.layer import LayerInput
 from moefy.construct.plan import balanced_sizes
 from moefy.construct.router_fit import fit_router
 from moefy.errors import MoefyError
 from moefy.recipes import BuildRecipe
 
-if TYPE_CHECKING:  # registry imports this module, so the type is named for checkers only
-    from moefy.construct.registry import LayerInput
 
 
 @dataclass(frozen=True)
 class RouterContext:
-    layer: "LayerInput"
+    layer: LayerInput
     recipe: BuildRecipe
     groups: list[np.ndarray]
     shared: np.ndarray

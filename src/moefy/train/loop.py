@@ -22,7 +22,7 @@ from moefy.atomic import atomic_output
 from moefy.construct.plan import PLAN_JSON, PLAN_TENSORS
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
-from moefy.evaluate.perplexity import heldout_perplexity
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe
