@@ -104,7 +104,8 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         fmt = choose_format(family.formats, plan.meta, config)
         dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
         total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
-        dtype = recipe.dtype if recipe.dtype != "source" else str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
+        source_dtype = str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
+        dtype = recipe.dtype if recipe.dtype != "source" else source_dtype
         model_config = fmt.config(config, plan.meta, dtype)
         (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
         for name in SIDE_FILES:

@@ -6,7 +6,8 @@ a_j = silu(g_j·x)·(u_j·x), N experts of S neuron slots (PAD slots are zero ne
 softmax over all router logits, top-k, renormalised (= softmax over the k chosen logits).
 
 With routing fixed, the MoE output is linear in every down projection at once:
-    ŷ_t = Σ_e w_te · D_e a_t[experts_e] + D_s a_t[shared] = [w_t1 a_t[e_1], …, w_tN a_t[e_N], a_t[shared]] · [D_1 … D_N D_s]ᵀ
+    ŷ_t = Σ_e w_te · D_e a_t[experts_e] + D_s a_t[shared]
+        = [w_t1 a_t[e_1], …, w_tN a_t[e_N], a_t[shared]] · [D_1 … D_N D_s]ᵀ
 so all down projections (the N/k scale folded in) are one ridge regression on a [T, N·S + shared] design. The router
 is fitted towards the experts whose own outputs point furthest along what the routed block must still produce."""
 
@@ -104,8 +105,8 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict
     """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed.
 
     params: gate, up [N·S, H]; down [H, N·S]; shared_gate, shared_up [shared, H]; shared_down [H, shared].
-    masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own RMS (weights of very
-    different sizes move by the same share of themselves), on seeded random token batches."""
+    masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own
+    RMS (weights of very different sizes move by the same share of themselves), on seeded random token batches."""
     live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     groups = [{"params": [p], "lr": lr_ratio * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
               for p in live.values() if p.numel()]

@@ -150,7 +150,8 @@ def _read_parquet(path, name, text_field, domain_field, default_domain) -> list[
         text = row.get(text_field)
         domain = str(row.get(domain_field) or default_domain)
         ok = isinstance(text, str)
-        out.append(Record(name, i, row, text if ok else None, domain, None if ok else f"no string '{text_field}' field"))
+        problem = None if ok else f"no string '{text_field}' field"
+        out.append(Record(name, i, row, text if ok else None, domain, problem))
     return out
 
 

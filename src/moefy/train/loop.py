@@ -14,6 +14,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,19 +74,27 @@ def make_accelerator(recipe: TrainRecipe):
     return Accelerator(cpu=not gpu, mixed_precision=precision)
 
 
+@dataclass
+class StageRun:
+    """One stage, set up: its data, what trains, the gate wrapper, the optimizer, and where it starts."""
+
+    index: int
+    stage: Stage
+    sampler: DomainSampler
+    lora: object | None  # the peft model while an experts-lora stage trains
+    chosen: list  # (name, parameter) pairs that train
+    gating: GatingWrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: int  # the first step of this stage to run (past the checkpoint's on resume)
+    reference: dict[str, float] | None  # dense per-domain losses, for a dynamic mixture
+
+
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
           resume: bool = False) -> Path:
-
     acc = make_accelerator(recipe)
     tokenizer = load_tokenizer(moe_dir)
-    model = load_causal_lm(moe_dir).to(acc.device)
-    if model._can_set_experts_implementation():
-        # grouped_mm by name: transformers then raises rather than silently falling back (batched_mm computes every
-        # expert for every token, which training would pay in forward and backward).
-        model.set_experts_implementation("grouped_mm")
-    if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
+    model = load_model(moe_dir, recipe, acc.device)
     teacher = load_teacher(dense_dir, acc.device) if any(s.distill for s in recipe.stages) else None
     torch.manual_seed(recipe.seed)
     ckpt = load_checkpoint(latest_checkpoint(run)) if resume and latest_checkpoint(run) else None
@@ -95,101 +104,146 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     for s_idx, stage in enumerate(recipe.stages):
         if ckpt and s_idx < ckpt["stage"]:
             continue
-        if stage.batch_size % acc.num_processes:
-            raise MoefyError(f"stage {stage.name}: batch_size {stage.batch_size} must be a multiple of the "
-                             f"{acc.num_processes} processes (the global batch is split across them)")
-        sampler = DomainSampler(corpus, tokenizer, stage.seq_len, initial_weights(stage.mixture, corpus.domains()),
-                                recipe.seed + s_idx)
-        lora = add_lora(model, stage.lora) if stage.trainable == "experts-lora" else None
-        chosen = select_trainable(model, stage.trainable)
-        gating = GatingWrapper(model, stage.gating)
-        optimizer = torch.optim.AdamW(param_groups(chosen, gating.parameters(), stage), lr=stage.lr,
-                                      weight_decay=stage.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(stage))
-        start = 0
-        if ckpt and s_idx == ckpt["stage"]:
-            load_weights(model, ckpt["weights"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            sampler.load_state(ckpt["sampler"])
-            gating.load_state(ckpt["gating"])
-            restore_rng(ckpt)
-            start = ckpt["stage_step"]
+        sr = setup_stage(model, recipe, s_idx, corpus, heldout, tokenizer, run, dense_dir, acc,
+                         ckpt if ckpt and s_idx == ckpt["stage"] else None)
         ckpt = None
-        ref = None
-        if stage.mixture.dynamic:
-            if dense_dir is None:
-                raise MoefyError("a dynamic mixture needs the dense source model for reference losses")
-            ref = reference_losses(dense_dir, tokenizer, heldout, stage, run / f"reference_loss_{stage.seq_len}.json")
         # Only the model and optimizer go through accelerate: a prepared scheduler would step once per process.
-        wrapped, optimizer = acc.prepare(model, optimizer)
+        wrapped, sr.optimizer = acc.prepare(model, sr.optimizer)
         status: dict[str, str] = {}
-        steps = range(start, stage.steps)
+        steps = range(sr.start, stage.steps)
         if acc.is_main_process:
             steps = progress(steps, f"{stage.name} ({stage.trainable})", status=status)
         for stage_step in steps:
             t0 = time.perf_counter()
-            totals = torch.zeros(3)  # lm loss, aux loss, distillation loss: means over micro-batches
-            for micro in range(stage.grad_accum):
-                ids, _domains = sampler.next_batch(stage.batch_size)
-                ids = ids[acc.process_index::acc.num_processes].to(acc.device)
-                last = micro == stage.grad_accum - 1
-                with nullcontext() if last else acc.no_sync(wrapped):  # gradients are all-reduced once per step
-                    hidden = stage.distill is not None and stage.distill.hidden_weight > 0
-                    out = wrapped(input_ids=ids, labels=ids, output_hidden_states=hidden)
-                    lm, aux, loss = out.loss, gating.aux_loss(), out.loss
-                    kd = torch.zeros(())
-                    if stage.distill is not None:  # the LM loss is still computed, for the log
-                        kd = distill_loss(teacher, ids, out, stage.distill)
-                        loss = stage.distill.lm_weight * lm + kd
-                    acc.backward((loss + aux) / stage.grad_accum)
-                parts = (lm, aux, kd)
-                totals += torch.stack([v.detach().float().cpu() for v in parts]) / stage.grad_accum
-            grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            gate_stats = gating.end_step(lambda load: acc.reduce(load.to(acc.device), "sum").cpu())
-            lm_loss, aux_loss, kd_loss = acc.reduce(totals.to(acc.device), "mean").tolist()
+            record = train_step(acc, wrapped, sr, teacher)
             step += 1
-            record = {"step": step, "stage": stage.name, "loss": lm_loss, "aux_loss": aux_loss,
-                      **({"distill_loss": kd_loss} if stage.distill is not None else {}),
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            record = {"step": step, "stage": stage.name, **record,
                       "tokens_per_s": stage.tokens_per_step / (time.perf_counter() - t0),
-                      "weights": dict(sampler.weights), "domain_epochs": dict(sampler.epochs), **gate_stats}
-            if ref is not None and (stage_step + 1) % stage.mixture.eval_every == 0:
-                model.eval()  # every process evaluates the same data, so every process moves its weights the same
-                current = heldout_perplexity(model, tokenizer, heldout, stage.seq_len,
-                                             stage.mixture.eval_tokens_per_domain).per_domain
-                gating.records.clear()
-                model.train()
-                sampler.weights = sheared_llama_update(sampler.weights, current, ref, stage.mixture.eta,
-                                                       stage.mixture.smoothing)
-                record["eval_loss"] = current
-            status.update(loss=f"{lm_loss:.3f}", aux=f"{aux_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                      "weights": dict(sr.sampler.weights), "domain_epochs": dict(sr.sampler.epochs)}
+            if sr.reference is not None and (stage_step + 1) % stage.mixture.eval_every == 0:
+                record["eval_loss"] = update_mixture(model, tokenizer, heldout, sr)
+            status.update(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
+                          tok_s=f"{record['tokens_per_s']:.0f}")
             if log:
                 log.write(record)
             if step % recipe.checkpoint_every == 0:
                 if acc.is_main_process:
-                    weights = {stable_name(n): p for n, p in model.named_parameters()
-                               if (p.requires_grad or stable_name(n) in touched) and "moefy_noise" not in n}
-                    save_checkpoint(run, step, stage=s_idx, stage_step=stage_step + 1, weights=weights,
-                                    gating_state=gating.state(), optimizer=optimizer, scheduler=scheduler,
-                                    sampler_state=sampler.state(), touched=sorted(touched),
-                                    keep_last=recipe.keep_last)
+                    checkpoint(run, recipe, model, sr, step, stage_step + 1, touched)
                 acc.wait_for_everyone()
         model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
         acc.free_memory()
-        gating.remove()
-        touched |= {stable_name(n) for n, _ in chosen if "lora_" not in n}
-        if lora is not None:
-            model = merge(lora)
-            touched |= set(matching(model, "experts"))  # the merged deltas changed the expert weights
+        model, touched = finish_stage(model, sr, touched)
     if log:
         log.close()
     final = export(model, moe_dir, run, recipe) if acc.is_main_process else run / "final"
     acc.wait_for_everyone()
     return final
+
+
+def load_model(moe_dir: Path, recipe: TrainRecipe, device):
+    model = load_causal_lm(moe_dir).to(device)
+    if model._can_set_experts_implementation():
+        # grouped_mm by name: transformers then raises rather than silently falling back (batched_mm computes every
+        # expert for every token, which training would pay in forward and backward).
+        model.set_experts_implementation("grouped_mm")
+    if recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout: Corpus, tokenizer, run: Path,
+                dense_dir: Path | None, acc, ckpt: dict | None) -> StageRun:
+    """Data, LoRA, trainable set, gate wrapper, optimizer and schedule for one stage; restored from `ckpt` when
+    the run resumes inside this stage."""
+    stage = recipe.stages[s_idx]
+    if stage.batch_size % acc.num_processes:
+        raise MoefyError(f"stage {stage.name}: batch_size {stage.batch_size} must be a multiple of the "
+                         f"{acc.num_processes} processes (the global batch is split across them)")
+    sampler = DomainSampler(corpus, tokenizer, stage.seq_len, initial_weights(stage.mixture, corpus.domains()),
+                            recipe.seed + s_idx)
+    lora = add_lora(model, stage.lora) if stage.trainable == "experts-lora" else None
+    chosen = select_trainable(model, stage.trainable)
+    gating = GatingWrapper(model, stage.gating)
+    optimizer = torch.optim.AdamW(param_groups(chosen, gating.parameters(), stage), lr=stage.lr,
+                                  weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(stage))
+    start = 0
+    if ckpt is not None:
+        load_weights(model, ckpt["weights"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        sampler.load_state(ckpt["sampler"])
+        gating.load_state(ckpt["gating"])
+        restore_rng(ckpt)
+        start = ckpt["stage_step"]
+    reference = None
+    if stage.mixture.dynamic:
+        if dense_dir is None:
+            raise MoefyError("a dynamic mixture needs the dense source model for reference losses")
+        reference = reference_losses(dense_dir, tokenizer, heldout, stage, run / f"reference_loss_{stage.seq_len}.json")
+    return StageRun(s_idx, stage, sampler, lora, chosen, gating, optimizer, scheduler, start, reference)
+
+
+def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
+    """One optimizer step over grad_accum micro-batches; the step's losses (means over processes) and gate stats."""
+    stage = sr.stage
+    totals = torch.zeros(3)  # lm loss, aux loss, distillation loss: means over micro-batches
+    for micro in range(stage.grad_accum):
+        ids, _domains = sr.sampler.next_batch(stage.batch_size)
+        ids = ids[acc.process_index::acc.num_processes].to(acc.device)
+        last = micro == stage.grad_accum - 1
+        with nullcontext() if last else acc.no_sync(wrapped):  # gradients are all-reduced once per step
+            hidden = stage.distill is not None and stage.distill.hidden_weight > 0
+            out = wrapped(input_ids=ids, labels=ids, output_hidden_states=hidden)
+            lm, aux, loss = out.loss, sr.gating.aux_loss(), out.loss
+            kd = torch.zeros(())
+            if stage.distill is not None:  # the LM loss is still computed, for the log
+                kd = distill_loss(teacher, ids, out, stage.distill)
+                loss = stage.distill.lm_weight * lm + kd
+            acc.backward((loss + aux) / stage.grad_accum)
+        totals += torch.stack([v.detach().float().cpu() for v in (lm, aux, kd)]) / stage.grad_accum
+    grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
+    sr.optimizer.step()
+    sr.scheduler.step()
+    sr.optimizer.zero_grad(set_to_none=True)
+    gate_stats = sr.gating.end_step(lambda load: acc.reduce(load.to(acc.device), "sum").cpu())
+    lm_loss, aux_loss, kd_loss = acc.reduce(totals.to(acc.device), "mean").tolist()
+    return {"loss": lm_loss, "aux_loss": aux_loss, **({"distill_loss": kd_loss} if stage.distill is not None else {}),
+            "lr": sr.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), **gate_stats}
+
+
+def update_mixture(model, tokenizer, heldout: Corpus, sr: StageRun) -> dict[str, float]:
+    """Sheared-LLaMA's dynamic weights: held-out loss per domain, then the update towards the lagging domains."""
+    stage = sr.stage
+    model.eval()  # every process evaluates the same data, so every process moves its weights the same
+    current = heldout_perplexity(model, tokenizer, heldout, stage.seq_len,
+                                 stage.mixture.eval_tokens_per_domain).per_domain
+    sr.gating.records.clear()
+    model.train()
+    sr.sampler.weights = sheared_llama_update(sr.sampler.weights, current, sr.reference, stage.mixture.eta,
+                                              stage.mixture.smoothing)
+    return current
+
+
+def checkpoint(run: Path, recipe: TrainRecipe, model, sr: StageRun, step: int, stage_step: int,
+               touched: set[str]) -> None:
+    """What a resume needs: the trainable (and earlier-touched) weights, optimizer, schedule, sampler, gate, RNG."""
+    weights = {stable_name(n): p for n, p in model.named_parameters()
+               if (p.requires_grad or stable_name(n) in touched) and "moefy_noise" not in n}
+    save_checkpoint(run, step, stage=sr.index, stage_step=stage_step, weights=weights,
+                    gating_state=sr.gating.state(), optimizer=sr.optimizer, scheduler=sr.scheduler,
+                    sampler_state=sr.sampler.state(), touched=sorted(touched), keep_last=recipe.keep_last)
+
+
+def finish_stage(model, sr: StageRun, touched: set[str]):
+    """Unwrap the gates, merge LoRA into the weights, and record which weights the stage changed."""
+    sr.gating.remove()
+    touched = touched | {stable_name(n) for n, _ in sr.chosen if "lora_" not in n}
+    if sr.lora is not None:
+        model = merge(sr.lora)
+        touched |= set(matching(model, "experts"))  # the merged deltas changed the expert weights
+    return model, touched
 
 
 def param_groups(chosen: list, extra: list, stage: Stage) -> list[dict]:
