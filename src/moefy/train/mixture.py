@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 
 from moefy.errors import MoefyError
-from moefy.train.recipe import PRESETS, Mixture
+from moefy.train.recipe import DOMAIN_WEIGHTS, Mixture
 
 
 def initial_weights(mixture: Mixture, domains: list[str]) -> dict[str, float]:
     if mixture.preset == "uniform":
         raw = {d: 1.0 for d in domains}
     else:
-        raw = mixture.weights if mixture.preset == "custom" else PRESETS[mixture.preset]
+        raw = mixture.weights if mixture.preset == "custom" else DOMAIN_WEIGHTS[mixture.preset]
         missing = sorted(set(domains) - set(raw))
         if missing:
             raise MoefyError(f"mixture {mixture.preset!r} has no weight for domain(s) {', '.join(missing)}; "

@@ -13,7 +13,7 @@ from moefy.recipes import Frozen
 Trainable = Literal["norm", "router", "router+norm", "experts-lora", "experts", "all"]
 
 # Static domain-weight presets (DESIGN §5). They name RedPajama's domains, so they apply to corpora that use them.
-PRESETS: dict[str, dict[str, float]] = {
+DOMAIN_WEIGHTS: dict[str, dict[str, float]] = {
     "llama": {"cc": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045, "book": 0.045, "arxiv": 0.025,
               "stack": 0.02},
     "sheared_llama": {"cc": 0.361, "c4": 0.492, "github": 0.008, "wikipedia": 0.031, "book": 0.091, "arxiv": 0.007,
