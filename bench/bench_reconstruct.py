@@ -26,7 +26,7 @@ from moefy.recipes import BuildRecipe, ProfileOptions, ReconstructOptions, valid
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CALIB, EVAL_TOKENS, MODEL, ratio_cells, setup, unseen_corpus  # noqa: E402
+from common import CALIB, EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 CARVE25 = dict(method="carve", experts=56, top_k=8)
@@ -37,7 +37,8 @@ REC = {"enabled": True}
 CLOSED = {**REC, "steps": 0}
 ROWS = [
     ("25%", "carve (defaults)", CARVE25),
-    ("25%", "carve + reconstruction (defaults: closed form + 300 Adam steps per layer)", {**CARVE25, "reconstruct": REC}),
+    ("25%", "carve + reconstruction (defaults: closed form + 300 Adam steps per layer)",
+     {**CARVE25, "reconstruct": REC}),
     ("25%", "carve + reconstruction, closed form only", {**CARVE25, "reconstruct": CLOSED}),
     ("25%", "carve + reconstruction, closed form only, target = dense FFN output",
      {**CARVE25, "reconstruct": {**CLOSED, "target": "ffn"}}),
@@ -80,8 +81,7 @@ def main() -> None:
         "",
         "| budget | model | " + " | ".join(bench.dense.per_domain) + " | overall | unseen | build s |",
         "|---|---|" + "---|" * len(bench.dense.per_domain) + "---|---|---|",
-        "| 100% | dense (absolute ppl) | " + " | ".join(f"{bench.dense.ppl(d):.2f}" for d in bench.dense.per_domain)
-        + f" | {bench.dense.ppl():.2f} | {dense_unseen:.2f} | |",
+        dense_row(bench.dense, "100% | dense (absolute ppl)", extra=(f"{dense_unseen:.2f}", "")),
     ]
     for n, (budget, label, fields) in enumerate(ROWS):
         if args.quick and n not in QUICK:

@@ -30,7 +30,7 @@ from moefy.recipes import BuildRecipe, validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EVAL_TOKENS, MODEL, ratio_cells, setup  # noqa: E402
+from common import EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 # Routers step at 1% of their own RMS per step (router_lr_ratio): carve's fitted routers have RMS ~5e-4, and any
@@ -122,8 +122,7 @@ def recovery(work: Path, tokens: int) -> str:
         "",
         "| model | lr | " + " | ".join(domains) + " | overall | gap recovered |",
         "|---|---|" + "---|" * len(domains) + "---|---|",
-        "| dense (absolute ppl) | | " + " | ".join(f"{bench.dense.ppl(d):.2f}" for d in domains)
-        + f" | {bench.dense.ppl():.2f} | |",
+        dense_row(bench.dense, lead=1, extra=("",)),
         "| carve 25%, training-free | | " + " | ".join(ratio_cells(before, bench.dense)) + " | 0% |",
     ]
     for name, (fields, ppl) in rows.items():
@@ -159,8 +158,7 @@ def distillation(work: Path, tokens: int) -> str:
         "",
         "| model | " + " | ".join(domains) + " | overall | gap recovered | train tokens/s |",
         "|---|" + "---|" * len(domains) + "---|---|---|",
-        "| dense (absolute ppl) | " + " | ".join(f"{bench.dense.ppl(d):.2f}" for d in domains)
-        + f" | {bench.dense.ppl():.2f} | | |",
+        dense_row(bench.dense, extra=("", "")),
         "| carve 25% + reconstruction, training-free | " + " | ".join(ratio_cells(before, bench.dense)) + " | 0% | |",
     ]
     for name, objective in OBJECTIVES.items():

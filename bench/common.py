@@ -79,5 +79,11 @@ def setup(work: Path) -> Bench:
     return bench
 
 
+def dense_row(dense: Perplexity, label: str = "dense (absolute ppl)", lead: int = 0, extra: tuple = ()) -> str:
+    """The table row of absolute dense perplexities: `lead` empty cells, the domains, overall, then `extra` cells."""
+    cells = [""] * lead + [f"{dense.ppl(d):.2f}" for d in dense.per_domain] + [f"{dense.ppl():.2f}", *extra]
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
 def ratio_cells(ppl: Perplexity, dense: Perplexity) -> list[str]:
     return [f"×{ppl.ppl(d) / dense.ppl(d):.3g}" for d in dense.per_domain] + [f"**×{ppl.ppl() / dense.ppl():.3g}**"]

@@ -49,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prune-score", dest="prune_score", help="dive: neuron score flap (default), wanda or taylor")
     b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
     b.add_argument("--reconstruct", action="store_const", const=True, default=None,
-                   help="fit routers and expert down projections to the dense FFN, layer by layer (needs --calib)")
+                   help="refit the experts to the dense model, layer by layer (needs --calib; see README)")
 
     t = sub.add_parser("train", help="train a built MoE through the stages of a recipe (or --resume a run)")
     t.add_argument("moe_dir", nargs="?", type=Path)
@@ -162,8 +162,9 @@ def _print_build(result) -> None:
                             f"(dense {result.dense_params / 1e6:.1f}M)")]:
         table.add_row(k, v)
     if result.reconstruction:
+        from statistics import mean
+
         fits = result.reconstruction
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         table.add_row("reconstruction (layer nMSE)", f"mean {mean([f.before for f in fits]):.3f} → "
                       f"{mean([f.after for f in fits]):.3f}; worst {max(f.after for f in fits):.3f} "
                       f"(layer {max(fits, key=lambda f: f.after).layer}); per layer in reconstruction.json")

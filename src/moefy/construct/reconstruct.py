@@ -125,7 +125,9 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
     """Gradient steps on gate, up and down after the closed form; returns the fitted tensors in plan layout."""
     lp = layer.plan
     n, size = lp.experts.shape
-    rows = lambda w, slots: refit.gather_slots(w.T, slots).T.contiguous()  # noqa: E731  neuron rows of gate/up
+    def rows(weight: torch.Tensor, slots) -> torch.Tensor:  # the slots' neuron rows of gate/up, PAD rows zero
+        return refit.gather_slots(weight.T, slots).T.contiguous()
+
     params = {"gate": rows(layer.gate, lp.experts), "up": rows(layer.up, lp.experts),
               "down": fitted["down"].permute(1, 0, 2).reshape(layer.down.shape[0], -1),
               "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
