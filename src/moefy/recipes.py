@@ -65,8 +65,8 @@ class ReconstructOptions(Frozen):
     # of everything before, attention included); "ffn": match the dense FFN's output on the same inputs.
     target: Literal["ffn", "stream"] = "stream"
     rounds: int = Field(1, ge=1)  # alternations of router fit and closed-form expert fit
-    # Refit the router on the converted model's inputs. Off by default: carve's routers, fitted on dense inputs,
-    # generalised better to held-out text than the refitted ones (×2.52 vs ×2.44 at 25% with target ffn).
+    # Refit the router on the converted model's inputs. Off by default: in an exploratory run at 25% (target ffn),
+    # carve's routers, fitted on dense inputs, generalised better to held-out text than the refitted ones.
     router: bool = False
     ridge: float = Field(1e-3, ge=0.0)  # down projections' ridge penalty, relative to the mean feature energy
     router_ridge: float = Field(1e-2, ge=0.0)
