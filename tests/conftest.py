@@ -28,12 +28,21 @@ def save_byte_tokenizer(directory: Path) -> int:
 
 
 def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2, seed: int = 0,
-                    shard_bytes: str | None = None, model_type: str = "llama", **overrides) -> Path:
+                    shard_bytes: str | None = None, model_type: str = "llama", tokenizer_from: Path | None = None,
+                    **overrides) -> Path:
+    """tokenizer_from: copy that model's tokenizer (llama.cpp's converter only takes tokenizers it recognises)."""
+    import shutil
+
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = save_byte_tokenizer(directory)
+    if tokenizer_from is None:
+        vocab = save_byte_tokenizer(directory)
+    else:
+        for f in Path(tokenizer_from).glob("tokenizer*"):
+            shutil.copy(f, directory / f.name)
+        vocab = len(AutoTokenizer.from_pretrained(directory))
     config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=intermediate,
                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=512, tie_word_embeddings=False, **overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.atomic import atomic_output, check_not_input, check_output, claim, swap_into_place
+from moefy.atomic import atomic_file, atomic_output, check_not_input, check_output, claim, swap_into_place
 from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
 from moefy.construct.placement import moe_layers
 from moefy.construct.plan import PLAN_JSON, MoEPlan
@@ -26,7 +27,9 @@ from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
+from moefy.export import llama_cpp
 from moefy.export.formats import choose_format
+from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
 from moefy.models import load_causal_lm, load_tokenizer
@@ -38,7 +41,7 @@ from moefy.tensor_io import LazyCheckpoint
 
 
 __all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
-           "filter_corpus"]
+           "filter_corpus", "export_gguf"]
 RUN_JSON = "run.json"
 
 
@@ -153,10 +156,22 @@ class EvalResult:
     speed: dict[str, Speed]  # model spec (and its dense source) -> speed, when asked for
     tasks: dict[str, dict]  # model spec -> {task: {metric: value}}, when asked for
     corpus: dict  # the held-out corpus as read (documents, records skipped and why)
+    # model spec -> the model its speed is divided by: an MoE's dense source (transformers), or the first GGUF listed
+    # (llama.cpp: list the dense GGUF first)
+    baseline: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def speed_ratio(self, spec: str) -> tuple[float, float]:
+        """(forward, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
+        mine, base = self.speed[spec], self.speed[self.baseline.get(spec, spec)]
+        return (mine.forward_tokens_per_s / base.forward_tokens_per_s,
+                mine.generate_tokens_per_s / base.generate_tokens_per_s)
 
     def to_dict(self) -> dict:
         return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
-                "speed": {m: s.to_dict() for m, s in self.speed.items()}, "tasks": self.tasks, "corpus": self.corpus}
+                "speed": {m: {**s.to_dict(), "baseline": self.baseline.get(m, m),
+                              "forward_x_baseline": self.speed_ratio(m)[0],
+                              "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
+                "tasks": self.tasks, "corpus": self.corpus}
 
 
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
@@ -167,25 +182,63 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     _check_at_least(1, stride=stride, tokens_per_domain=tokens_per_domain, task_limit=task_limit)
 
     corpus = load_corpus(data)
-    loaded = {spec: load_causal_lm(resolve_model(spec).directory) for spec in models}
+    if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
+        raise MoefyError("lm-eval tasks run on transformers models only; drop the llama.cpp: models or --tasks")
+    loaded = {spec: _load_for_eval(spec, seq_len) for spec in models}
     results, task_scores = {}, {}
-    for spec, model in loaded.items():
-        tok = load_tokenizer(resolve_model(spec).directory)
+    for spec, (model, tok) in loaded.items():
         results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
         if tasks:
             task_scores[spec] = run_tasks(model, tok, tasks, limit=task_limit)
     speeds: dict[str, Speed] = {}
+    baseline: dict[str, str] = {}
     if speed:
-        timed = dict(loaded)
+        timed = {spec: model for spec, (model, _) in loaded.items()}
+        ggufs = [spec for spec in models if spec.startswith(LLAMA_CPP)]
         for spec in models:  # each MoE is timed against the dense model it was built from, in the same run
+            if spec.startswith(LLAMA_CPP):
+                baseline[spec] = ggufs[0]  # a GGUF names no source
+                continue
             plan_json = resolve_model(spec).directory / PLAN_JSON
             if plan_json.is_file():
                 source = json.loads(plan_json.read_text())["source"]
                 timed.setdefault(source, load_causal_lm(resolve_model(source).directory))
+                baseline[spec] = source
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
-    return EvalResult(results, speeds, task_scores, corpus.summary())
+    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline)
+
+
+LLAMA_CPP = "llama.cpp:"  # `moefy eval llama.cpp:FILE.gguf`: score that GGUF in llama.cpp, not transformers
+
+
+def _load_for_eval(spec: str, seq_len: int):
+    """(model, tokenizer): transformers for a model spec, llama.cpp (with its own tokenizer) for llama.cpp:FILE."""
+    if spec.startswith(LLAMA_CPP):
+        lm = llama_cpp.LlamaCppLM(Path(spec.removeprefix(LLAMA_CPP)), n_ctx=seq_len + 64)
+        return lm, lm.tokenizer
+    directory = resolve_model(spec).directory
+    return load_causal_lm(directory), load_tokenizer(directory)
+
+
+def export_gguf(model: str, out: Path, outtype: str = "f16", overwrite: bool = False) -> GgufSummary:
+    """A moefy output (or a dense LLaMA) as one GGUF file for llama.cpp / Ollama, through llama.cpp's converter."""
+    if outtype not in OUTTYPES:
+        raise MoefyError(f"--outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise MoefyError(f"--out {out} should end in .gguf")
+    directory = resolve_model(model).directory
+    llama_cpp.converter_script()  # missing converter: say so before any work
+    with atomic_file(out, overwrite, inputs=(model,)) as tmp_file:
+        staged = tmp_file.parent / "hf"
+        arch = stage(directory, staged)
+        llama_cpp.convert(staged, tmp_file, outtype)
+        summary = summarize(tmp_file, outtype)
+        if summary.architecture != arch:
+            raise MoefyError(f"the converter wrote a {summary.architecture!r} GGUF where {arch!r} was expected")
+    return dataclasses.replace(summary, path=out)
 
 
 def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_domain: int | None = 2048,

@@ -57,12 +57,13 @@ def check_not_input(out: Path, inputs: Iterable[str | Path | None]) -> None:
             raise MoefyError(f"output {out} is, contains or lies inside the input {given}; choose another output")
 
 
-def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = ()) -> None:
+def check_output(out: Path, overwrite: bool, inputs: Iterable[str | Path | None] = (), file: bool = False) -> None:
+    """`file`: the output is one file (a GGUF), not a directory."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise MoefyError(f"output {out} already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise MoefyError(f"output {out} exists and is not a directory")
+    if out.exists() and out.is_dir() == file:
+        raise MoefyError(f"output {out} exists and is {'a directory' if file else 'not a directory'}")
     check_not_input(out, inputs)
     check_writable(out)
 
@@ -148,5 +149,26 @@ def atomic_output(out: Path, overwrite: bool = False, inputs: Iterable[str | Pat
         try:
             yield tmp
             swap_into_place(tmp, out, overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(out: Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """A temp path to write one file into; it replaces `out` only when the block ends without error. The temp file
+    lives in a temp dir beside `out`, so a killed run's leftover is reclaimed like any other."""
+    out = Path(out)
+    check_writable(out)
+    with claim(out):
+        check_output(out, overwrite, inputs, file=True)
+        tmp = out.parent / f".{out.name}.moefy-tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            yield tmp / out.name
+            if out.exists() and not overwrite:
+                raise MoefyError(f"output {out} appeared while this run was working; it was left untouched and "
+                                 "this run's result discarded (pass --overwrite to replace it)")
+            os.replace(tmp / out.name, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -88,12 +88,14 @@ def _build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--overwrite", action="store_true")
 
     e = sub.add_parser("eval", help="held-out perplexity per domain (dense and MoE side by side), optionally speed")
-    e.add_argument("models", nargs="+", help="models to compare (dirs, .gguf, hub ids, aliases)")
+    e.add_argument("models", nargs="+", help="models to compare: dirs, .gguf (dequantised into transformers), hub "
+                   "ids, aliases; llama.cpp:FILE.gguf scores that file in llama.cpp (make setup-llama)")
     e.add_argument("--data", required=True, help="held-out corpus (.jsonl/.parquet/.txt or a directory)")
     e.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="context length (default 256)")
     e.add_argument("--stride", type=int, help="sliding-window stride (default: the context length)")
     e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain")
-    e.add_argument("--speed", action="store_true", help="also forward/generation tokens/s against the dense source")
+    e.add_argument("--speed", action="store_true", help="also forward/generation tokens/s, each MoE ÷ its dense "
+                   "source in the same run (llama.cpp rows ÷ the first llama.cpp model listed)")
     e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
@@ -105,6 +107,14 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--seq-len", type=int, default=256, dest="seq_len")
     a.add_argument("--tokens-per-domain", type=int, default=2048, dest="tokens_per_domain")
+
+    g = sub.add_parser("export-gguf", help="write a GGUF for llama.cpp / Ollama (through llama.cpp's own converter)")
+    g.add_argument("model", help="a moefy output directory, or a dense LLaMA (same forms as build)")
+    g.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
+    g.add_argument("--outtype", default="f16", help="f32, f16 (default), bf16 or q8_0")
+    g.add_argument("--overwrite", action="store_true")
+    sub.add_parser("fetch-converter", help="download llama.cpp's HF->GGUF converter (from the pinned "
+                   "llama-cpp-python sdist on PyPI) into the moefy cache")
 
     v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
     v.add_argument("moe_dir", type=Path)
@@ -298,11 +308,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     console.print(table)
     if result.speed:
         speed = Table(title="speed (same run; medians of interleaved repeats)")
-        for col in ("model", "forward tok/s", "generate tok/s", "active params/token", "ideal FLOP ratio"):
+        for col in ("model", "forward tok/s", "generate tok/s", "÷ baseline (fwd / gen)", "active params/token",
+                    "active / total"):
             speed.add_column(col, justify="right")
         for m, s in result.speed.items():
+            fwd, gen = result.speed_ratio(m)
             speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.generate_tokens_per_s:.1f}",
-                          f"{s.active_params / 1e6:.1f}M", f"{s.active_params / s.total_params:.2f}")
+                          f"{fwd:.2f}× / {gen:.2f}×", f"{s.active_params / 1e6:.1f}M",
+                          f"{s.active_params / s.total_params:.2f}")
         console.print(speed)
     if result.tasks:
         scores = Table(title="lm-eval tasks")
@@ -317,6 +330,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
+def _cmd_export_gguf(args: argparse.Namespace) -> int:
+    from moefy import api
+
+    s = api.export_gguf(args.model, args.out, args.outtype, args.overwrite)
+    experts = f", {s.experts} experts, top-{s.experts_used}" if s.experts else ""
+    print(f"wrote {s.path}: llama.cpp arch {s.architecture}{experts}, {s.tensors} tensors, {s.outtype}, "
+          f"{s.size_bytes / 2**20:.1f} MiB")
+    print(f"run it: llama-cli -m {s.path} -p 'Hello'   (Ollama: a Modelfile with 'FROM {s.path}', then ollama create)")
+    return 0
+
+
+def _cmd_fetch_converter(args: argparse.Namespace) -> int:
+    from moefy.export import llama_cpp
+
+    print(f"llama.cpp converter: {llama_cpp.fetch_converter()}")
     return 0
 
 
@@ -340,7 +371,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "build": _cmd_build, "verify": _cmd_verify, "data": _cmd_data, "eval": _cmd_eval,
-            "analyze": _cmd_analyze}
+            "analyze": _cmd_analyze, "export-gguf": _cmd_export_gguf, "fetch-converter": _cmd_fetch_converter}
 
 
 def main(argv: list[str] | None = None) -> int:

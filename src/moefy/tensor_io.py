@@ -71,7 +71,9 @@ def _tensor_locations(directory: Path) -> dict[str, Path]:
         if missing:
             raise MoefyError(f"shard files listed in {index} are missing: {', '.join(missing)}")
         return {name: directory / f for name, f in weight_map.items()}
-    files = sorted(directory.glob("*.safetensors"))
+    # What transformers loads: model.safetensors or model-*-of-*.safetensors. Other files (moefy's own
+    # moefy_plan.safetensors beside a build's weights) are not model weights.
+    files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise MoefyError(f"no .safetensors weights in {directory}")
     where: dict[str, Path] = {}

@@ -23,6 +23,8 @@ class Speed:
 
 def matmul_params(model) -> tuple[int, int]:
     """(active per token, total) parameters of the decoder layers: what a token's matmuls touch."""
+    if hasattr(model, "matmul_params"):  # a GGUF in llama.cpp reads them from its own tensor table
+        return model.matmul_params()
     total = active = 0
     for layer in model.model.layers:
         n = sum(p.numel() for p in layer.parameters())

@@ -1,0 +1,140 @@
+"""Every output format in transformers and in llama.cpp (SmolLM2-135M, demo corpus), all in one run:
+
+- held-out perplexity from each client (llama.cpp tokenising with the GGUF's own tokenizer);
+- top-1 agreement and the largest logit gap on the same token ids (transformers' tokenisation), per GGUF outtype;
+- the near-tied routing decisions that make top-1 flip between kernels (moefy verify's measure);
+- prompt and generation tokens/s, each model ÷ dense in the same client.
+
+Usage: python bench/bench_gguf.py [--work DIR] [--quick]   (--quick: no reconstructed build)
+Needs llama-cpp-python (make setup-llama). It times models: run it alone. Writes docs/results.md section 'gguf'."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moefy import api
+from moefy.data.tokens import stream
+from moefy.evaluate.speed import measure
+from moefy.export.llama_cpp import LlamaCppLM
+from moefy.models import load_causal_lm
+from moefy.profile.perplexity import heldout_perplexity
+from moefy.sources import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import EVAL_TOKENS, MODEL, setup  # noqa: E402
+from docs_sections import replace_section  # noqa: E402
+
+BUILDS = [  # (name, build recipe fields); None: the dense source itself
+    ("dense", None),
+    ("Mixtral 8 experts, top-2 (random split)", dict(method="random", experts=8, top_k=2)),
+    ("carve 25% (56 experts top-8 + shared), Qwen2-MoE -> granitemoe", dict(method="carve", experts=56, top_k=8)),
+    ("carve 25% + reconstruction (make demo's build)", dict(method="carve", experts=56, top_k=8,
+                                                          reconstruct={"enabled": True})),
+]
+OUTTYPES = ("f32", "f16", "q8_0")
+SPEED_OUTTYPE = "f16"  # what `moefy export-gguf` writes by default
+PROMPT, NEW = 512, 64
+
+
+@torch.no_grad()
+def agreement(hf, gguf: LlamaCppLM, ids: torch.Tensor, windows: int = 4, seq: int = 256) -> tuple[float, float]:
+    """(share of positions whose argmax agrees, max |Δlogit| ÷ max |logit|) on the first windows of `ids`."""
+    same = total = 0
+    gap = 0.0
+    for w in range(windows):
+        x = ids[None, w * seq:(w + 1) * seq]
+        a, b = hf(input_ids=x).logits[0], gguf(input_ids=x).logits[0][:, : hf.config.vocab_size]
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += x.shape[1]
+        gap = max(gap, float((a - b).abs().max() / a.abs().max()))
+    return same / total, gap
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path("out/bench-gguf"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    bench = setup(args.work)
+    rows = BUILDS[:-1] if args.quick else BUILDS
+    dirs, build_s = {}, {}
+    for name, fields in rows:
+        t0 = time.perf_counter()
+        dirs[name] = resolve_model(MODEL).directory if fields is None else bench.build(name.split()[0] + str(len(dirs)),
+                                                                                      **fields)
+        build_s[name] = time.perf_counter() - t0
+    # 256 tokens of each held-out domain, in transformers' tokenisation, for the same-ids comparison
+    ids = torch.cat([stream(texts, bench.tokenizer, 256) for texts in bench.held.by_domain().values()])
+    result: dict[str, dict] = {}
+    hf_models, gguf_models = {}, {}
+    for name, _ in rows:
+        hf = load_causal_lm(dirs[name])
+        hf_models[name] = hf
+        r = {"ppl_transformers": bench.evaluate(dirs[name]).ppl(), "outtypes": {}}
+        for outtype in OUTTYPES:
+            path = args.work / f"{len(result)}-{outtype}.gguf"
+            s = api.export_gguf(str(dirs[name]), path, outtype, overwrite=True)
+            lm = LlamaCppLM(path, n_ctx=PROMPT + NEW + 8)
+            top1, gap = agreement(hf, lm, ids)
+            ppl = heldout_perplexity(lm, lm.tokenizer, bench.held, seq_len=256, tokens_per_domain=EVAL_TOKENS).ppl()
+            r["outtypes"][outtype] = {"arch": s.architecture, "mib": s.size_bytes / 2**20, "top1": top1,
+                                      "max_rel_logit_gap": gap, "ppl_llama_cpp": ppl}
+            if outtype == SPEED_OUTTYPE:
+                gguf_models[name] = lm
+        if dict(BUILDS)[name] is not None:
+            r["near_tied"] = api.verify(dirs[name], MODEL).near_tie_fraction
+        result[name] = r
+        print(json.dumps({name: r}, indent=1), flush=True)
+    probe = torch.randint(0, hf_models[rows[0][0]].config.vocab_size, (4, PROMPT), generator=torch.Generator().manual_seed(0))
+    hf_speed = measure(hf_models, probe, new_tokens=NEW)
+    ll_speed = measure(gguf_models, probe, new_tokens=NEW)
+    dense = rows[0][0]
+    for name, _ in rows:
+        result[name]["speed"] = {
+            client: {"prompt_x_dense": sp[name].forward_tokens_per_s / sp[dense].forward_tokens_per_s,
+                     "gen_x_dense": sp[name].generate_tokens_per_s / sp[dense].generate_tokens_per_s,
+                     "prompt_tok_s": sp[name].forward_tokens_per_s, "gen_tok_s": sp[name].generate_tokens_per_s,
+                     "active_over_total": sp[name].active_params / sp[name].total_params}
+            for client, sp in (("transformers", hf_speed), ("llama.cpp", ll_speed))}
+    (args.work / "gguf.json").write_text(json.dumps(result, indent=1))
+    write_docs(result, build_s)
+
+
+def write_docs(result: dict, build_s: dict) -> None:
+    dense = result["dense"]["ppl_transformers"]
+    lines = ["### transformers vs llama.cpp, per output format (SmolLM2-135M, demo held-out)", "",
+             "`python bench/bench_gguf.py` (needs `make setup-llama`); alone on the 2-core machine. Perplexity ÷ "
+             "the dense model in transformers; top-1 = share of positions where both clients predict the same next "
+             "token on the same ids (1,024 positions); gap = max |Δlogit| ÷ max |logit|; near-tied = routing decisions "
+             "whose k-th and (k+1)-th logits differ by < 1e-4 (`moefy verify`).", "",
+             "| model | GGUF arch | near-tied | ppl transformers | ppl llama.cpp f32 | top-1 f32 | top-1 f16 | "
+             "top-1 q8_0 | gap f32 | gap q8_0 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in result.items():
+        o = r["outtypes"]
+        lines.append(f"| {name} | {o['f32']['arch']} | {r.get('near_tied', 0):.1%} | ×{r['ppl_transformers'] / dense:.2f} | "
+                     f"×{o['f32']['ppl_llama_cpp'] / dense:.2f} | {o['f32']['top1']:.1%} | {o['f16']['top1']:.1%} | "
+                     f"{o['q8_0']['top1']:.1%} | {o['f32']['max_rel_logit_gap']:.1e} | "
+                     f"{o['q8_0']['max_rel_logit_gap']:.1e} |")
+    lines += ["", f"### Speed, each model ÷ dense in the same client and run (prompt {PROMPT} tokens × 4, generation "
+              f"{NEW} tokens greedy; llama.cpp on the {SPEED_OUTTYPE} GGUF, 2 threads; transformers f32)", "",
+              "| model | active/total | transformers prompt | transformers gen | llama.cpp prompt | llama.cpp gen |",
+              "|---|---|---|---|---|---|"]
+    for name, r in result.items():
+        t, ll = r["speed"]["transformers"], r["speed"]["llama.cpp"]
+        lines.append(f"| {name} | {t['active_over_total']:.2f} | {t['prompt_x_dense']:.2f}× | {t['gen_x_dense']:.2f}× | "
+                     f"{ll['prompt_x_dense']:.2f}× | {ll['gen_x_dense']:.2f}× |")
+    d = result["dense"]["speed"]
+    lines += ["", f"Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): "
+              f"transformers {d['transformers']['prompt_tok_s']:.0f} / {d['transformers']['gen_tok_s']:.1f} tok/s, "
+              f"llama.cpp {d['llama.cpp']['prompt_tok_s']:.0f} / {d['llama.cpp']['gen_tok_s']:.1f} tok/s."]
+    replace_section(Path("docs/results.md"), "gguf", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""llama.cpp, where most laptop users run models: its own HF -> GGUF converter, and (with the optional
+`llama-cpp-python`) its runtime, to score a GGUF beside transformers in one table.
+
+The converter is llama.cpp's `convert_hf_to_gguf.py` with its `conversion/` and `gguf-py/` packages, the copy
+vendored in one pinned llama-cpp-python release, so the GGUF we write is the one the runtime we test reads. It comes
+from a llama.cpp checkout the user names (MOEFY_LLAMA_CPP), or is fetched once from that release's sdist on PyPI into
+the moefy cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moefy.errors import MoefyError
+from moefy.sources import cache_dir
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the release whose converter we run and whose runtime the marked tests use
+ENV = "MOEFY_LLAMA_CPP"  # a llama.cpp checkout (or any folder holding convert_hf_to_gguf.py and its packages)
+SCRIPT = "convert_hf_to_gguf.py"
+_MEMBERS = (SCRIPT, "conversion/", "gguf-py/", "LICENSE")
+
+
+def fetched_dir() -> Path:
+    return cache_dir() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON}"
+
+
+def converter_script() -> Path:
+    """The converter to run: MOEFY_LLAMA_CPP if set (and then only that), else the fetched copy, fetched now if
+    missing (`moefy fetch-converter` does it ahead, for machines that are offline later)."""
+    named = os.environ.get(ENV)
+    if named:
+        if not (Path(named).expanduser() / SCRIPT).is_file():
+            raise MoefyError(f"{ENV}={named} holds no {SCRIPT}; point it at a llama.cpp checkout")
+        return Path(named).expanduser() / SCRIPT
+    if not (fetched_dir() / SCRIPT).is_file():
+        print(f"moefy: fetching llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON} sdist, PyPI) into "
+              f"{fetched_dir()}", file=sys.stderr)
+    return fetch_converter()
+
+
+def fetch_converter() -> Path:
+    """Download the pinned llama-cpp-python sdist with pip and keep only the converter; idempotent."""
+    target = fetched_dir()
+    if (target / SCRIPT).is_file():
+        return target / SCRIPT
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+               f"llama-cpp-python=={LLAMA_CPP_PYTHON}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if done.returncode or not sdists:
+            last = (done.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
+            raise MoefyError(f"could not download llama-cpp-python {LLAMA_CPP_PYTHON} from PyPI ({last}); set {ENV} "
+                             "to a llama.cpp checkout instead")
+        staged = Path(tmp) / "converter"
+        with tarfile.open(sdists[0]) as tar:
+            root = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            chosen = [m for m in tar.getmembers()
+                      if m.name.startswith(root) and m.name[len(root):].startswith(_MEMBERS)]
+            for m in chosen:
+                m.name = m.name[len(root):]
+            tar.extractall(staged, members=chosen, filter="data")
+        if not (staged / SCRIPT).is_file():
+            raise MoefyError(f"llama-cpp-python {LLAMA_CPP_PYTHON}'s sdist holds no vendor/llama.cpp/{SCRIPT}")
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    return target / SCRIPT
+
+
+def convert(hf_dir: Path, out_file: Path, outtype: str) -> None:
+    """Run the converter in this interpreter's environment; its last error line becomes ours."""
+    cmd = [sys.executable, str(converter_script()), str(hf_dir), "--outfile", str(out_file), "--outtype", outtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode or not out_file.is_file():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        raise MoefyError(f"llama.cpp's converter failed on {hf_dir}: {lines[-1] if lines else 'no output'}")
+
+
+# -- the runtime (optional extra `llama`) --
+
+def require_runtime():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MoefyError("scoring a GGUF needs llama-cpp-python: pip install 'moefy[llama]' (it compiles llama.cpp, "
+                         "about 20 minutes on 2 cores)") from None
+    return llama_cpp
+
+
+@dataclass
+class _Output:
+    logits: torch.Tensor
+
+
+class LlamaCppTokenizer:
+    """llama.cpp's own tokenizer (from the GGUF) behind the call perplexity uses, so the comparison with transformers
+    includes tokenisation."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.eos_token_id = llm.token_eos()
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        return {"input_ids": [self.llm.tokenize(t.encode(), add_bos=add_special_tokens, special=False)
+                              for t in texts]}
+
+
+class LlamaCppLM:
+    """A GGUF in llama.cpp behind the small part of the transformers interface that perplexity and speed use:
+    `model(input_ids=[batch, seq]).logits` and `generate`. Rows are evaluated one at a time from an empty KV cache."""
+
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None):
+        llama_cpp = require_runtime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MoefyError(f"no such GGUF file: {path}")
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                                       n_threads=threads or torch.get_num_threads(), n_batch=min(n_ctx, 512))
+        except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
+            raise MoefyError(f"llama.cpp could not load {path}: {exc}") from None
+        self.config = type("Config", (), {"vocab_size": self.llm.n_vocab()})()
+        self.tokenizer = LlamaCppTokenizer(self.llm)
+
+    def matmul_params(self) -> tuple[int, int]:
+        """(active per token, total) parameters of the decoder blocks, read from the GGUF's tensor table."""
+        from gguf import GGUFReader
+
+        reader = GGUFReader(self.path)
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        n, k = (int(reader.fields[f"{arch}.{key}"].parts[-1][0]) if f"{arch}.{key}" in reader.fields else 1
+                for key in ("expert_count", "expert_used_count"))
+        total = active = 0
+        for t in reader.tensors:
+            if t.name.startswith("blk."):
+                total += int(t.n_elements)
+                active += int(t.n_elements) * (k / n if "_exps." in t.name else 1)
+        return int(active), total
+
+    def __call__(self, input_ids: torch.Tensor, **_) -> _Output:
+        rows = []
+        for row in input_ids.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            rows.append(torch.from_numpy(self.llm.scores[: len(row)].copy()))
+        return _Output(torch.stack(rows))
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **_) -> list[int]:
+        """Greedy decoding of the first row, exactly max_new_tokens steps (what the speed benchmark times)."""
+        out = []
+        for tok in self.llm.generate(input_ids[0].tolist(), temp=0.0, top_k=1, reset=True):
+            out.append(tok)
+            if len(out) == max_new_tokens:
+                return out
+        return out
