@@ -69,13 +69,15 @@ def main() -> None:
     copy_s = statistics.median(r["seconds"] for r in runs["copy"])
     size = runs["copy"][0]["checkpoint_bytes"]
     print(f"model {args.model}, checkpoint {size / 2**20:.0f} MiB, median of {args.repeats} runs, 8 experts top-2\n")
-    print("| stage | time / copy time | peak RSS / checkpoint size | RSS after imports / checkpoint size |")
-    print("|---|---|---|---|")
+    print("| stage | time / copy time | peak RSS / checkpoint size | RSS after imports / checkpoint size | "
+          "peak RSS − RSS after imports |")
+    print("|---|---|---|---|---|")
     for kind, rs in runs.items():
         t = statistics.median(r["seconds"] for r in rs) / copy_s
-        rss = statistics.median(r["peak_rss"] for r in rs) / size
-        floor = statistics.median(r["rss_after_imports"] for r in rs) / size
-        print(f"| {'read + write copy' if kind == 'copy' else 'build ' + kind} | {t:.2f}× | {rss:.2f}× | {floor:.2f}× |")
+        rss = statistics.median(r["peak_rss"] for r in rs)
+        floor = statistics.median(r["rss_after_imports"] for r in rs)
+        print(f"| {'read + write copy' if kind == 'copy' else 'build ' + kind} | {t:.2f}× | {rss / size:.2f}× | "
+              f"{floor / size:.2f}× | {(rss - floor) / 2**30:.2f} GiB |")
 
 
 if __name__ == "__main__":

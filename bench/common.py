@@ -69,8 +69,10 @@ def unseen_corpus(path: Path) -> Path:
 
 
 def setup(work: Path) -> Bench:
-
-    build_demo_corpus(work / "corpus")
+    """The demo corpus under `work` (written once: it is deterministic, so a rerun reuses it), SmolLM2 and its
+    dense held-out perplexity."""
+    if not (work / "corpus" / "heldout").is_dir():
+        build_demo_corpus(work / "corpus")
     source = resolve_model(MODEL)
     tok = load_tokenizer(source.directory)
     held = load_corpus(work / "corpus" / "heldout")

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,8 @@ class LlamaCppLM:
                                        n_threads=threads or torch.get_num_threads(), n_batch=min(n_ctx, 512))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
             raise MoefyError(f"llama.cpp could not load {path}: {exc}") from None
+        # Freed before interpreter shutdown: llama-cpp-python's own __del__ then finds its C functions gone.
+        weakref.finalize(self, self.llm.close)
         self.config = type("Config", (), {"vocab_size": self.llm.n_vocab()})()
         self.tokenizer = LlamaCppTokenizer(self.llm)
 

@@ -1,0 +1,73 @@
+"""Write a random-weight LLaMA checkpoint with a real model's shapes, for the scale benchmarks (never for git):
+bf16, sharded safetensors of at most 5 GB, streamed one tensor at a time, seeded.
+
+    python bench/make_shape.py 7b   [--out .cache/shapes/llama2-7b]     # LLaMA-2-7B: 32 × (4096, 11008), ~13.5 GB
+    python bench/make_shape.py 1b   [--out .cache/shapes/tinyllama-1b]  # TinyLlama-1.1B (DIVE's model), ~2.2 GB
+
+Weights are N(0, 0.02): right for timing and memory, meaningless for quality."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from moefy.export.writer import ShardedWriter, TensorSpec
+
+SHAPES = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+}
+DEFAULT_OUT = {"7b": ".cache/shapes/llama2-7b", "1b": ".cache/shapes/tinyllama-1b"}
+
+
+def specs(c: dict) -> list[TensorSpec]:
+    h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    bf = torch.bfloat16
+    out = [TensorSpec("model.embed_tokens.weight", (v, h), bf)]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [TensorSpec(p + "input_layernorm.weight", (h,), bf),
+                TensorSpec(p + "self_attn.q_proj.weight", (h, h), bf),
+                TensorSpec(p + "self_attn.k_proj.weight", (kv, h), bf),
+                TensorSpec(p + "self_attn.v_proj.weight", (kv, h), bf),
+                TensorSpec(p + "self_attn.o_proj.weight", (h, h), bf),
+                TensorSpec(p + "post_attention_layernorm.weight", (h,), bf),
+                TensorSpec(p + "mlp.gate_proj.weight", (f, h), bf),
+                TensorSpec(p + "mlp.up_proj.weight", (f, h), bf),
+                TensorSpec(p + "mlp.down_proj.weight", (h, f), bf)]
+    return out + [TensorSpec("model.norm.weight", (h,), bf), TensorSpec("lm_head.weight", (v, h), bf)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = args.out or Path(DEFAULT_OUT[args.shape])
+    if (out / "config.json").is_file():
+        sys.exit(f"{out} exists; remove it first")
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
+              "eos_token_id": 2, "dtype": "bfloat16", **SHAPES[args.shape]}
+    gen = torch.Generator().manual_seed(args.seed)
+    all_specs = specs(config)
+    writer = ShardedWriter(out, all_specs, max_bytes=5 * 10**9)
+    for s in all_specs:
+        t = torch.ones(s.shape) if len(s.shape) == 1 else torch.randn(s.shape, generator=gen).mul_(0.02)
+        writer.write(s.name, t.to(s.dtype))
+    writer.close()
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"{out}: {sum(s.nbytes for s in all_specs) / 1e9:.1f} GB in {len(writer.files)} shards")
+
+
+if __name__ == "__main__":
+    main()
