@@ -12,6 +12,8 @@ from safetensors import safe_open
 from moefy import api
 from moefy.construct.plan import PAD, load_plan
 from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.errors import MoefyError
+from conftest import write_domain_corpus
 
 METHODS = ["random", "sequential", "cluster"]
 
@@ -158,11 +160,20 @@ def test_mistral_family_builds(tmp_path):
     assert api.verify(tmp_path / "moe", str(src)).passed
 
 
+def test_shared_fraction_without_a_shared_block_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(MoefyError, match="applies to carve and importance"):
+        build(tiny_llama, tmp_path / "moe", method="random", experts=4, top_k=2, shared_fraction=0.25)
+    assert not (tmp_path / "moe").exists()
+
+
 @pytest.mark.parametrize("fields", [dict(method="random", experts=4, top_k=4),
-                                    dict(method="random", experts=4, top_k=4, shared_fraction=0.25),
+                                    dict(method="carve", experts=4, top_k=4, shared_fraction=0.25, calib=True),
                                     dict(method="upcycle", experts=3, top_k=3)])
 def test_oracles_with_every_expert_active_are_dense(tiny_llama, tmp_path, fields):
     """At 100% active, each oracle keeps the whole FFN (upcycle: the mean of identical copies), so both equal dense."""
+    if fields.get("calib"):  # carve (the shared-neuron case) profiles a calibration corpus
+        fields = {**fields, "calib": str(write_domain_corpus(tmp_path / "c.jsonl", {"a": "ab c", "b": "xy z"},
+                                                             {"a": 6, "b": 6}, {"a": 200, "b": 200}, seed=1))}
     build(tiny_llama, tmp_path / "moe", **fields)
     r = api.verify(tmp_path / "moe", str(tiny_llama))
     assert r.active_fraction == 1.0

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,10 +30,12 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen_moe(tiny_llama, tmp_path_factory):
+def tiny_qwen_moe(tiny_llama, corpus, tmp_path_factory):
+    """A Qwen2-MoE output: carve keeps always-on shared neurons (random ignores shared_fraction, so it writes Mixtral)."""
     out = tmp_path_factory.mktemp("qwen") / "moe"
-    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "random",
-                                            "shared_fraction": 0.25}), out)
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "carve",
+                                            "shared_fraction": 0.25, "calib": str(corpus)}), out)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
     return out
 
 
@@ -169,3 +173,61 @@ def test_router_lr_ratio_scales_each_router_by_its_own_size(tiny_moe):
     plain = param_groups(chosen, [], Stage(tokens=64, seq_len=8, batch_size=8))  # only matrices decay (nanoGPT)
     assert [len(g["params"]) for g in plain] == [2, len(chosen) - 2] and plain[1]["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in plain[0]["params"]) and all(p.dim() == 1 for p in plain[1]["params"])
+
+
+def test_fsdp2_two_processes_match_one_and_resume(tiny_moe, corpus, tmp_path):
+    """FSDP2 (fully_shard through accelerate) on 2 gloo processes: same losses and weights as 1 process, across a
+    stage boundary (the shards are gathered into a plain model between stages), and a resume from a mid-stage
+    checkpoint (full weights and name-keyed optimizer state, re-sharded) reproduces the straight run exactly."""
+    from safetensors.torch import load_file
+
+    from moefy.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    soft = {"soft_temperature": 1.0}
+    stages = [{"name": "r", "trainable": "router+norm", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
+               "gating": soft},
+              {"name": "e", "trainable": "experts", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2, "gating": soft}]
+    _, one = run_recipe(tiny_moe, corpus, tmp_path / "one", stages, checkpoint_every=3, keep_last=5)
+    recipe = tmp_path / "fsdp.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": stages, "checkpoint_every": 3, "keep_last": 5}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(Path(__file__).parent / "fsdp_on_cpu.py")]
+    env = {**os.environ, "MOEFY_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, "train", str(tiny_moe), "--data", str(corpus), "--recipe", str(recipe),
+                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "two"))["sharded"]  # the FSDP path, not DDP
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 9))
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+    w1, w2 = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "one", tmp_path / "two"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
+
+    # Resume from step 6 (inside stage e, after an FSDP stage boundary), as if killed before the end.
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000006"
+    done = subprocess.run([*launcher, "train", "--resume", str(tmp_path / "resumed")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in two]
+    w3 = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    # A sharded checkpoint cannot be resumed without FSDP (its optimizer state is keyed by name, not position).
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    with pytest.raises(MoefyError, match="written under FSDP"):
+        api.train(None, None, None, tmp_path / "resumed", resume=True)
+
+
+def test_fsdp_refuses_what_it_does_not_support():
+    from moefy.train.sharding import check_supported
+
+    recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "experts-lora", "tokens": 1024}]})
+    with pytest.raises(MoefyError, match="experts-lora is not supported under FSDP"):
+        check_supported(recipe.stages)
+    recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024, "gating": {"noise": 1.0}}]})
+    with pytest.raises(MoefyError, match="gate noise is not supported under FSDP"):
+        check_supported(recipe.stages)

@@ -36,8 +36,12 @@ class LazyCheckpoint:
         return _DTYPES[self._handle(name).get_slice(name).get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
+        self._handle(name)  # a missing name or an unreadable file fails here, with its message
         try:
-            return self._handle(name).get_tensor(name)
+            # A handle of its own, closed at once: a cached handle keeps every page it has read mapped, so reading
+            # a whole 13 GB checkpoint tensor by tensor would end with 13 GB resident. The tensor is a copy.
+            with safe_open(str(self._where[name]), framework="pt") as fh:
+                return fh.get_tensor(name)
         except SafetensorError as exc:
             raise MoefyError(f"corrupt tensor {name} in {self._where[name]}: {exc}") from exc
 

@@ -55,8 +55,16 @@ METHOD_DEFAULTS: dict[str, dict] = {"carve": {"shared_fraction": 0.125, "router_
                                     "dive": {"router_kind": "domain"}}
 
 
+def keeps_shared_neurons(recipe: BuildRecipe) -> bool:
+    """Only these splits make an always-on shared block; any other would silently ignore shared_fraction."""
+    return recipe.method == "carve" or (recipe.method == "importance" and recipe.importance == "inter")
+
+
 def resolve_defaults(recipe: BuildRecipe) -> BuildRecipe:
     """Fill the per-method defaults into the recipe, so the saved recipe says what actually ran."""
+    if recipe.shared_fraction and not keeps_shared_neurons(recipe):
+        raise MoefyError(f"--shared-fraction applies to carve and importance (inter) only; method {recipe.method!r} "
+                         "makes no shared block and would ignore it")
     defaults = METHOD_DEFAULTS.get(recipe.method, {})
     update = {}
     if recipe.shared_fraction is None:

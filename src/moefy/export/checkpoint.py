@@ -57,8 +57,9 @@ def write_checkpoint(reader: LazyCheckpoint, family: Family, config: dict, plan:
             writer.write(spec.name, torch.zeros(spec.shape, dtype=spec.dtype))
         ffn = {w: reader.get(family.ffn_key(i, w)) for w in ("gate", "up", "down")}
         target = out_dtype(family.ffn_key(i, "down"))
-        # Slice and scale in fp32, cast once at the end, so a bf16 build rounds each weight only once.
-        dense = {w: t.to(torch.float32) for w, t in ffn.items()}
+        # Scale down_proj in fp32 and cast once at the end, so a bf16 build rounds each weight only once; gate and up
+        # are only sliced, which is exact in any dtype (fitted tensors arrive in fp32 and are cast once too).
+        dense = {**ffn, "down": ffn["down"].to(torch.float32)}
         for name, tensor in fmt.ffn_tensors(i, plan.meta, plan.layers.get(i), dense["gate"], dense["up"], dense["down"]):
             writer.write(name, tensor.to(target))
     writer.close()

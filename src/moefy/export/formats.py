@@ -25,6 +25,8 @@ Tensors = Iterator[tuple[str, torch.Tensor]]
 def gather_neurons(weight: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """Slices of `weight` along `dim` at idx; a PAD index yields zeros (a zero neuron contributes exactly 0)."""
     real = idx != PAD
+    if bool(real.all()):  # no padding: one gather, no zero fill
+        return weight.index_select(dim, idx)
     shape = list(weight.shape)
     shape[dim] = len(idx)
     out = weight.new_zeros(shape)
@@ -37,7 +39,7 @@ def _reinitialise(w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
     """Drop-Upcycling: fresh normal weights for the chosen neurons, with each matrix's own mean and std."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
     for w, dim in ((w_gate, 0), (w_up, 0), (w_down, 1)):
-        fresh = torch.randn(w.shape, generator=gen) * w.std() + w.mean()
+        fresh = torch.randn(w.shape, generator=gen) * w.float().std() + w.float().mean()
         if dim == 0:
             w[slots] = fresh[slots]
         else:

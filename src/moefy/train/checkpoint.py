@@ -22,13 +22,16 @@ CKPT_DIR = "checkpoints"
 
 
 def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, weights: dict, gating_state: dict,
-                    optimizer, scheduler, sampler_state: dict, touched: list[str], keep_last: int) -> Path:
+                    optimizer_state: dict, sharded: bool, scheduler, sampler_state: dict, touched: list[str],
+                    keep_last: int) -> Path:
+    """`sharded`: written under FSDP, so `optimizer_state` is keyed by parameter name (torch.distributed.checkpoint's
+    full optimizer state dict), not by position."""
     target = run / CKPT_DIR / f"step-{step:07d}"
     with atomic_output(target, overwrite=True) as tmp:
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.contiguous() for k, v in gating_state.items()} or {"_": torch.zeros(1)},
                   str(tmp / "gating.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sharded": sharded,
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state, "touched": touched,
@@ -53,7 +56,7 @@ def load_checkpoint(path: Path) -> dict:
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError) as exc:
         raise MoefyError(f"corrupt checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     gating.pop("_", None)
-    return {**state, **blob, "weights": weights, "gating": gating}
+    return {"sharded": False, **state, **blob, "weights": weights, "gating": gating}
 
 
 def restore_rng(state: dict) -> None:

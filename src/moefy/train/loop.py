@@ -36,6 +36,7 @@ from moefy.train.logs import RunLog
 from moefy.train.lora import add_lora, merge, stable_name
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Stage, TrainRecipe
+from moefy.train import sharding
 from moefy.train.trainable import matching, matching_names, select_trainable
 
 MOE_SIDE_FILES = (PLAN_JSON, PLAN_TENSORS, BUILD_RECIPE)
@@ -93,6 +94,9 @@ class StageRun:
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
           resume: bool = False) -> Path:
     acc = make_accelerator(recipe)
+    fsdp = sharding.is_fsdp(acc)
+    if fsdp:
+        sharding.check_supported(recipe.stages)
     tokenizer = load_tokenizer(moe_dir)
     model = load_model(moe_dir, recipe, acc.device)
     teacher = load_teacher(dense_dir, acc.device) if any(s.distill for s in recipe.stages) else None
@@ -104,11 +108,13 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     for s_idx, stage in enumerate(recipe.stages):
         if ckpt and s_idx < ckpt["stage"]:
             continue
-        sr = setup_stage(model, recipe, s_idx, corpus, heldout, tokenizer, run, dense_dir, acc,
-                         ckpt if ckpt and s_idx == ckpt["stage"] else None)
+        resuming = ckpt if ckpt and s_idx == ckpt["stage"] else None
+        sr = setup_stage(model, recipe, s_idx, corpus, heldout, tokenizer, run, dense_dir, acc, resuming)
         ckpt = None
         # Only the model and optimizer go through accelerate: a prepared scheduler would step once per process.
         wrapped, sr.optimizer = acc.prepare(model, sr.optimizer)
+        if fsdp and resuming:  # the optimizer's shards exist only now
+            sharding.load_optimizer(wrapped, sr.optimizer, resuming["optimizer"])
         status: dict[str, str] = {}
         steps = range(sr.start, stage.steps)
         if acc.is_main_process:
@@ -127,10 +133,14 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
             if log:
                 log.write(record)
             if step % recipe.checkpoint_every == 0:
+                gathered = sharding.gather_for_checkpoint(wrapped, sr.optimizer) if fsdp else None  # every process
                 if acc.is_main_process:
-                    checkpoint(run, recipe, model, sr, step, stage_step + 1, touched)
+                    checkpoint(run, recipe, model, sr, step, stage_step + 1, touched, gathered)
                 acc.wait_for_everyone()
-        model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        if fsdp:
+            model = sharding.unsharded(wrapped, load_model(moe_dir, recipe, acc.device))
+        else:
+            model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
         acc.free_memory()
         model, touched = finish_stage(model, sr, touched)
     if log:
@@ -170,8 +180,12 @@ def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(stage))
     start = 0
     if ckpt is not None:
+        if ckpt["sharded"] != sharding.is_fsdp(acc):
+            raise MoefyError("this checkpoint was written " + ("under FSDP; resume it under FSDP too" if ckpt["sharded"]
+                             else "without FSDP; resume it without FSDP too"))
         load_weights(model, ckpt["weights"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if not ckpt["sharded"]:  # under FSDP the optimizer state goes into its shards after accelerate.prepare
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         sampler.load_state(ckpt["sampler"])
         gating.load_state(ckpt["gating"])
@@ -227,13 +241,17 @@ def update_mixture(model, tokenizer, heldout: Corpus, sr: StageRun) -> dict[str,
 
 
 def checkpoint(run: Path, recipe: TrainRecipe, model, sr: StageRun, step: int, stage_step: int,
-               touched: set[str]) -> None:
-    """What a resume needs: the trainable (and earlier-touched) weights, optimizer, schedule, sampler, gate, RNG."""
-    weights = {stable_name(n): p for n, p in model.named_parameters()
-               if (p.requires_grad or stable_name(n) in touched) and "moefy_noise" not in n}
+               touched: set[str], gathered: tuple[dict, dict] | None = None) -> None:
+    """What a resume needs: the trainable (and earlier-touched) weights, optimizer, schedule, sampler, gate, RNG.
+    `gathered`: under FSDP, the full weights and optimizer state (keyed by parameter name) from the shards."""
+    params, optimizer_state = gathered or (dict(model.named_parameters()), sr.optimizer.state_dict())
+    trainable = {n for n, _ in sr.chosen}
+    weights = {stable_name(n): p for n, p in params.items()
+               if (n in trainable or stable_name(n) in touched) and "moefy_noise" not in n}
     save_checkpoint(run, step, stage=sr.index, stage_step=stage_step, weights=weights,
-                    gating_state=sr.gating.state(), optimizer=sr.optimizer, scheduler=sr.scheduler,
-                    sampler_state=sr.sampler.state(), touched=sorted(touched), keep_last=recipe.keep_last)
+                    gating_state=sr.gating.state(), optimizer_state=optimizer_state, sharded=gathered is not None,
+                    scheduler=sr.scheduler, sampler_state=sr.sampler.state(), touched=sorted(touched),
+                    keep_last=recipe.keep_last)
 
 
 def finish_stage(model, sr: StageRun, touched: set[str]):

@@ -1,0 +1,59 @@
+"""What FSDP (accelerate's FSDP2 plugin, `fully_shard`) changes for the loop. Under FSDP each process holds a shard
+of every weight and of the optimizer state, so a checkpoint first gathers full tensors (a collective: every process
+calls it), a resume loads the full optimizer state back into the shards, and a stage ends by gathering the weights
+into a plain model, which is what LoRA merging, the next stage and the export expect.
+
+Not yet under FSDP: LoRA stages (peft's wrappers inside a sharded model) and gate noise (a sharded submodule of each
+router); both are refused before training starts."""
+
+from __future__ import annotations
+
+import torch
+
+from moefy.errors import MoefyError
+
+
+def is_fsdp(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def check_supported(stages) -> None:
+    for s in stages:
+        if s.trainable == "experts-lora":
+            raise MoefyError(f"stage {s.name}: experts-lora is not supported under FSDP yet; use DDP (the default "
+                             "multi-process mode) or train `experts`")
+        if s.gating.noise:
+            raise MoefyError(f"stage {s.name}: gate noise is not supported under FSDP yet; set gating.noise to 0")
+
+
+def _options(rank0_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # cpu_offload with full_state_dict: only rank 0 receives the tensors, the others get empty dicts.
+    return StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
+
+
+def gather_for_checkpoint(wrapped, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(full weights, full optimizer state keyed by parameter name), on rank 0; collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _options(rank0_only=True)
+    return get_model_state_dict(wrapped, options=opts), get_optimizer_state_dict(wrapped, optimizer, options=opts)
+
+
+def load_optimizer(wrapped, optimizer, state: dict) -> None:
+    """Every process read the same checkpoint, so each holds the full state and keeps its own shard of it."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(wrapped, optimizer, state, options=_options(rank0_only=False))
+
+
+def unsharded(wrapped, fresh) -> torch.nn.Module:
+    """`fresh` (an unsharded copy of the model) with the trained weights gathered from `wrapped`; collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=_options(rank0_only=False))
+    fresh.load_state_dict(state)
+    return fresh
