@@ -145,3 +145,68 @@ def test_dive_preset_trains_a_dive_moe(tiny_llama, labelled, tmp_path):
     saved = (tmp_path / "run" / "moefy_train.yaml").read_text()
     assert "soft_temperature: 1.0" in saved and "experts-lora" in saved  # the expanded stages are what was saved
     assert (final / "config.json").is_file() and (final / "moefy_plan.json").is_file()
+
+
+def test_sliced_pruning_equals_masked_activations(tiny_llama):
+    """`pruned` slices the FFN to the kept neurons (the speed-up) instead of masking activations (the definition):
+    the same logits, with and without FLAP's bias compensation, and the dense weights are back afterwards."""
+    from moefy.construct.dive_mining import pruned
+    from moefy.models import load_causal_lm
+
+    model = load_causal_lm(tiny_llama)
+    width = model.model.layers[0].mlp.down_proj.in_features
+    rng = np.random.default_rng(0)
+    kept = {i: np.sort(rng.choice(width, width // 4, replace=False)) for i in range(len(model.model.layers))}
+    fill = {i: torch.randn(width) for i in kept}
+    ids = torch.randint(0, 200, (2, 16))
+    dense = model(input_ids=ids).logits
+
+    def masked(compensate: bool) -> torch.Tensor:
+        hooks = []
+        for i, idx in kept.items():
+            mask = torch.zeros(width, dtype=torch.bool)
+            mask[torch.from_numpy(idx)] = True
+            const = torch.where(mask, 0.0, fill[i]) if compensate else torch.zeros(width)
+            hooks.append(model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+                lambda m, args, mask=mask, const=const: (args[0] * mask + const,)))
+        out = model(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+        return out
+
+    for compensate in (False, True):
+        with torch.no_grad(), pruned(model, kept, fill if compensate else None):
+            sliced = model(input_ids=ids).logits
+        torch.testing.assert_close(sliced, masked(compensate), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(input_ids=ids).logits, dense)
+    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == width
+
+
+def test_batched_embeddings_equal_one_by_one(tiny_llama):
+    from moefy.construct.domains import embed_documents
+    from moefy.models import load_causal_lm, load_tokenizer
+
+    model, tok = load_causal_lm(tiny_llama), load_tokenizer(tiny_llama)
+    texts = ["ab ab", "0123 0123 0123 0123 01", "!?", "abc abc abc"]
+    batched = embed_documents(model, tok, texts, 64, batch_size=4)
+    single = np.concatenate([embed_documents(model, tok, [t], 64, batch_size=1) for t in texts])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_split_embeds_only_the_domains_it_splits():
+    from moefy.construct.domains import split_largest
+
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 1, (6, 4)), rng.normal(5, 1, (6, 4)), rng.normal(-5, 1, (3, 4))])
+    labels = ["big"] * 12 + ["small"] * 3
+    asked: list[int] = []
+
+    def embed(indices):
+        asked.extend(indices)
+        return points[indices]
+
+    new, origin = split_largest(labels, embed, 3, seed=0)
+    assert set(asked) == set(range(12))  # never the small domain's documents
+    assert set(new[:12]) == {"big.0", "big.1"} and new[12:] == ["small"] * 3 and origin == {"big.0": "big",
+                                                                                              "big.1": "big"}
+    assert len(set(new[:6])) == 1 and len(set(new[6:12])) == 1  # the two clumps

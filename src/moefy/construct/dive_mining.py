@@ -78,23 +78,35 @@ def settle_domains(recipe: BuildRecipe, source: ModelSource, corpus: Corpus) -> 
     if opts.discover_domains or unlabelled or len(set(labels)) < recipe.experts:
         model, tok = load_causal_lm(source.directory), load_tokenizer(source.directory)
         texts = [d.text for d in corpus.docs]
-        embeddings = embed_documents(model, tok, texts, opts.embed_tokens)
+        cache: dict[int, np.ndarray] = {}
+
+        def embed(indices: list[int]) -> np.ndarray:
+            """Embeddings of these documents, computed once and only when asked: splitting labelled domains
+            embeds only the documents of the domains it splits."""
+            todo = [i for i in indices if i not in cache]
+            if todo:
+                cache.update(zip(todo, embed_documents(model, tok, [texts[i] for i in todo], opts.embed_tokens)))
+            return np.stack([cache[i] for i in indices])
+
         discovery = {"embedding": f"mean of the dense model's last hidden state over each document's first "
                                   f"{opts.embed_tokens} tokens"}
         try:
             if opts.discover_domains or unlabelled:
                 m = opts.discover_domains or recipe.experts
-                ids = cluster_documents(embeddings, m, recipe.seed)
+                ids = cluster_documents(embed(list(range(len(texts)))), m, recipe.seed)
                 labels = [f"pseudo-{c}" for c in ids]
                 discovery["pseudo_domains"] = m
             if len(set(labels)) < recipe.experts:  # fewer domains than experts: split the largest ones
-                labels, origin = split_largest(labels, embeddings, recipe.experts, recipe.seed)
+                labels, origin = split_largest(labels, embed, recipe.experts, recipe.seed)
                 discovery["split"] = origin
         except ValueError as exc:
             raise MoefyError(f"dive: {exc}") from exc
-        names = sorted(set(labels))
-        index = np.array([names.index(lab) for lab in labels])
-        discovery["clusters"] = describe_clusters(texts, index, embeddings, tok, names)
+        # The clusters this step made (pseudo-domains, or the halves of split domains), described from the
+        # documents it embedded.
+        seen = sorted(cache)
+        names = sorted({labels[i] for i in seen})
+        index = np.array([names.index(labels[i]) for i in seen])
+        discovery["clusters"] = describe_clusters([texts[i] for i in seen], index, embed(seen), tok, names)
         discovery["assignment"] = labels
     prune, heldout = holdout_split(relabel(corpus, labels), opts.affinity_fraction)
     return DiveDomains(prune, heldout, discovery)
@@ -116,25 +128,35 @@ def layer_stats(stats: NeuronStats, i: int) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def pruned(model, kept: dict[int, np.ndarray], fill: dict[int, torch.Tensor] | None = None):
-    """The dense model with each listed layer's FFN restricted to the kept neurons; with `fill`, pruned neurons
-    output their mean instead of 0 (FLAP's bias compensation, W_down·E[a] of the pruned neurons)."""
-    hooks = []
+    """The dense model with each listed layer's FFN restricted to the kept neurons, by slicing gate/up rows and
+    down columns for the duration: the pruned model then costs what it computes (DIVE keeps 1/experts of each FFN),
+    where masking activations would pay for the whole FFN. With `fill`, pruned neurons output their mean instead of
+    0 (FLAP's bias compensation), added as the constant W_down[:, pruned]·E[a_pruned]."""
+    saved, hooks = [], []
     for i, idx in kept.items():
         mlp = model.model.layers[i].mlp
-        mask = torch.zeros(mlp.down_proj.in_features, dtype=torch.bool)
-        mask[torch.from_numpy(idx)] = True
-        const = None if fill is None else torch.where(mask, 0.0, fill[i].float())
+        keep = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        full = (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        saved.append((mlp, full))
+        for proj, weight in zip((mlp.gate_proj, mlp.up_proj), full[:2]):
+            proj.weight = torch.nn.Parameter(weight.detach()[keep], requires_grad=False)
+        mlp.down_proj.weight = torch.nn.Parameter(full[2].detach()[:, keep], requires_grad=False)
+        if fill is not None:
+            dropped = torch.ones(full[2].shape[1], dtype=torch.bool)
+            dropped[keep] = False
+            const = full[2].detach()[:, dropped].float() @ fill[i][dropped].float()
 
-        def hook(module, args, mask=mask, const=const):
-            a = args[0] * mask.to(args[0].dtype)
-            return (a if const is None else a + const.to(a.dtype),)
+            def add(module, args, out, const=const):
+                return out + const.to(out.dtype)
 
-        hooks.append(mlp.down_proj.register_forward_pre_hook(hook))
+            hooks.append(mlp.register_forward_hook(add))
     try:
         yield model
     finally:
         for h in hooks:
             h.remove()
+        for mlp, (gate, up, down) in saved:
+            mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight = gate, up, down
 
 
 def mine(recipe: BuildRecipe, source: ModelSource, family: Family, reader: LazyCheckpoint, stats: NeuronStats,

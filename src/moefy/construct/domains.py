@@ -4,6 +4,7 @@ own mean-pooled last hidden states (no extra model), then clustered. Pure functi
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -15,14 +16,21 @@ from moefy.progress import progress
 
 
 @torch.no_grad()
-def embed_documents(model, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
-    """[n, H] mean over each document's first `max_tokens` tokens of the final hidden state."""
-    out = []
-    for text in progress(texts, "embedding documents"):
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids
-        hidden = model.model(input_ids=ids).last_hidden_state[0]
-        out.append(hidden.float().mean(0).numpy())
-    return np.stack(out)
+def embed_documents(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 16) -> np.ndarray:
+    """[n, H] mean over each document's first `max_tokens` tokens of the final hidden state. Documents go through
+    in batches of similar length (right-padded, masked out of attention and of the mean)."""
+    ids = [tokenizer(t, truncation=True, max_length=max_tokens).input_ids for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = np.zeros((len(ids), model.config.hidden_size), dtype=np.float32)
+    for b in progress(range(0, len(order), batch_size), "embedding documents"):
+        chunk = order[b:b + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        batch = torch.tensor([ids[i] + [0] * (width - len(ids[i])) for i in chunk])
+        mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in chunk])
+        hidden = model.model(input_ids=batch, attention_mask=mask).last_hidden_state.float()
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        out[chunk] = pooled.numpy()
+    return out
 
 
 def cluster_documents(embeddings: np.ndarray, m: int, seed: int) -> np.ndarray:
@@ -69,9 +77,11 @@ def relabel(corpus: Corpus, labels: list[str]) -> Corpus:
     return replace(corpus, docs=tuple(Document(d.text, label) for d, label in zip(corpus.docs, labels)))
 
 
-def split_largest(labels: list[str], embeddings: np.ndarray, target: int, seed: int) -> tuple[list[str], dict]:
+def split_largest(labels: list[str], embed: Callable[[list[int]], np.ndarray], target: int, seed: int
+                  ) -> tuple[list[str], dict]:
     """Split the domain with the most documents in two by clustering its embeddings, until there are `target`
-    domains. Returns the new labels and {new domain: the domain it came from}."""
+    domains. `embed(indices)` gives those documents' embeddings: only the domains that are split need them.
+    Returns the new labels and {new domain: the domain it came from}."""
     labels = list(labels)
     origin: dict[str, str] = {}
     while len(set(labels)) < target:
@@ -81,7 +91,7 @@ def split_largest(labels: list[str], embeddings: np.ndarray, target: int, seed: 
             raise ValueError(f"cannot split domains further: {len(sizes)} domains of one document each, "
                              f"{target} needed")
         members = [i for i, lab in enumerate(labels) if lab == largest]
-        halves = cluster_documents(embeddings[members], 2, seed)
+        halves = cluster_documents(embed(members), 2, seed)
         for i, half in zip(members, halves):
             labels[i] = f"{largest}.{half}"
         for half in (0, 1):
