@@ -1,8 +1,8 @@
 """`make demo`: the main job on the embedded defaults. Build the demo corpus, turn SmolLM2-135M into an MoE with the
 pipeline we recommend from what we measured (carve: shared 1/8 + 4 of 28 routed experts = 25% of FFN active, routers
-fitted on the calibration split, then layer-wise reconstruction of the experts), verify exactness and show the oracles, compare
-held-out perplexity per domain against the dense model, run a short recovery stage (LoRA on the experts + routers +
-norms, on the calibration split), and write the routing analysis report.
+fitted on the calibration split, then layer-wise reconstruction of the experts), verify exactness and show the
+oracles, compare held-out perplexity per domain against the dense model, run a short recovery stage (LoRA on the
+experts + routers + norms, on the calibration split), and write the routing analysis report.
 
 Usage: python -m moefy.demo [--out DIR]. The demo only ever replaces directories that a previous run wrote;
 anything else at --out is refused, as with `moefy build`."""
