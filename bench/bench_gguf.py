@@ -37,8 +37,9 @@ BUILDS = [  # (name, build recipe fields); None: the dense source itself
                                                           reconstruct={"enabled": True})),
 ]
 OUTTYPES = ("f32", "f16", "q8_0")
-# llama-cpp-python 0.3.36 built natively on this machine (its CPU reports AMX_INT8) dies with a general protection
-# fault in libggml-cpu on the first q8_0 matmul, the dense model's too: q8_0 files are written and sized, not run.
+# llama-cpp-python 0.3.36 built natively on this machine dies with a general protection fault in libggml-cpu right
+# after its AMX backend repacks the first q8_0 tensor ("amx repack tensor token_embd.weight of type q8_0"), for the
+# dense model too: q8_0 files are written and sized, not run.
 RUN = ("f32", "f16")
 SPEED_OUTTYPE = "f16"  # what `moefy export-gguf` writes by default
 PROMPT, NEW = 512, 64
@@ -125,8 +126,10 @@ def write_docs(result: dict) -> None:
              "the dense model in transformers; top-1 = share of positions where both clients predict the same next "
              "token on the same ids (1,024 positions); gap = max |Δlogit| ÷ max |logit|; near-tied = routing decisions "
              "whose k-th and (k+1)-th logits differ by < 1e-4 (`moefy verify`). q8_0 files are written but not run: "
-             "llama-cpp-python 0.3.36, built natively here (its CPU flags include AMX_INT8), dies with a general "
-             "protection fault in libggml-cpu on the first q8_0 matmul, for the dense model too.", "",
+             "llama-cpp-python 0.3.36, built natively here, dies with a general protection fault in libggml-cpu "
+             "right after its AMX backend repacks the first q8_0 tensor, for the dense model too (a rebuild with "
+             "-DGGML_AMX_INT8=OFF still built the AMX backend, which GGML_NATIVE detects; -DGGML_NATIVE=OFF is the "
+             "next thing to try).", "",
              "| model | GGUF arch | near-tied | ppl transformers | ppl llama.cpp f32 | ppl llama.cpp f16 | top-1 f32 | "
              "top-1 f16 | gap f32 | gap f16 | MiB f16 / q8_0 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result.items():
