@@ -43,6 +43,7 @@ from moefy.tensor_io import LazyCheckpoint
 __all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
            "filter_corpus", "export_gguf"]
 RUN_JSON = "run.json"
+LLAMA_CPP = "llama.cpp:"  # `moefy eval llama.cpp:FILE.gguf`: score that GGUF in llama.cpp, not transformers
 
 
 @dataclass(frozen=True)
@@ -208,9 +209,6 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
     return EvalResult(results, speeds, task_scores, corpus.summary(), baseline)
-
-
-LLAMA_CPP = "llama.cpp:"  # `moefy eval llama.cpp:FILE.gguf`: score that GGUF in llama.cpp, not transformers
 
 
 def _load_for_eval(spec: str, seq_len: int):

@@ -137,20 +137,27 @@ def swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_output(out: Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
-    """A temp dir to write into, renamed onto `out` when the block ends without error, under the output lock."""
-    out = Path(out)
+def _working_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path | None], file: bool) -> Iterator[Path]:
+    """Under the output lock, with every refusal checked first: a fresh temp dir beside `out`, removed afterwards."""
     check_writable(out)  # before the lock file is made beside it
     with claim(out):
-        check_output(out, overwrite, inputs)  # after the claim, which may have put back an interrupted old output
+        check_output(out, overwrite, inputs, file)  # after the claim, which may have put back an interrupted old output
         tmp = out.parent / f".{out.name}.moefy-tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             yield tmp
-            swap_into_place(tmp, out, overwrite)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
+    """A temp dir to write into, renamed onto `out` when the block ends without error, under the output lock."""
+    out = Path(out)
+    with _working_dir(out, overwrite, inputs, file=False) as tmp:
+        yield tmp
+        swap_into_place(tmp, out, overwrite)
 
 
 @contextmanager
@@ -158,17 +165,9 @@ def atomic_file(out: Path, overwrite: bool = False, inputs: Iterable[str | Path 
     """A temp path to write one file into; it replaces `out` only when the block ends without error. The temp file
     lives in a temp dir beside `out`, so a killed run's leftover is reclaimed like any other."""
     out = Path(out)
-    check_writable(out)
-    with claim(out):
-        check_output(out, overwrite, inputs, file=True)
-        tmp = out.parent / f".{out.name}.moefy-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            yield tmp / out.name
-            if out.exists() and not overwrite:
-                raise MoefyError(f"output {out} appeared while this run was working; it was left untouched and "
-                                 "this run's result discarded (pass --overwrite to replace it)")
-            os.replace(tmp / out.name, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _working_dir(out, overwrite, inputs, file=True) as tmp:
+        yield tmp / out.name
+        if out.exists() and not overwrite:
+            raise MoefyError(f"output {out} appeared while this run was working; it was left untouched and "
+                             "this run's result discarded (pass --overwrite to replace it)")
+        os.replace(tmp / out.name, out)

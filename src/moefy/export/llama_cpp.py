@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moefy.errors import MoefyError
+from moefy.export.to_gguf import gguf_field
 from moefy.sources import cache_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the release whose converter we run and whose runtime the marked tests use
@@ -139,9 +140,8 @@ class LlamaCppLM:
         from gguf import GGUFReader
 
         reader = GGUFReader(self.path)
-        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-        n, k = (int(reader.fields[f"{arch}.{key}"].parts[-1][0]) if f"{arch}.{key}" in reader.fields else 1
-                for key in ("expert_count", "expert_used_count"))
+        arch = gguf_field(reader, "general.architecture")
+        n, k = (gguf_field(reader, f"{arch}.{key}") or 1 for key in ("expert_count", "expert_used_count"))
         total = active = 0
         for t in reader.tensors:
             if t.name.startswith("blk."):

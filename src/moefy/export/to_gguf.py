@@ -89,8 +89,11 @@ def _granite_layer(ck: LazyCheckpoint, i: int, experts: int) -> Iterator[tuple[s
     yield g + "shared_mlp.output_linear.weight", ck.get(q + "shared_expert.down_proj.weight") * 0.5
 
 
+_QKV_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")  # Qwen2-MoE has them (moefy writes zeros); Granite not
+
+
 def _is_qwen_moe_key(name: str) -> bool:
-    return ".mlp." in name or name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))
+    return ".mlp." in name or name.endswith(_QKV_BIASES)
 
 
 def restate_as_granite(qwen_dir: Path, out: Path) -> None:
@@ -99,7 +102,7 @@ def restate_as_granite(qwen_dir: Path, out: Path) -> None:
     granite = granite_config(config)
     ck = LazyCheckpoint(qwen_dir)
     for name in ck.names():
-        if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) and ck.get(name).abs().max() > _ZERO_TOL:
+        if name.endswith(_QKV_BIASES) and ck.get(name).abs().max() > _ZERO_TOL:
             raise _refuse(f"{name} is not zero, and Granite's attention has no q/k/v biases")
     kept = [n for n in ck.names() if not _is_qwen_moe_key(n)]
     layers = config["num_hidden_layers"]
@@ -110,11 +113,10 @@ def restate_as_granite(qwen_dir: Path, out: Path) -> None:
             yield from _granite_layer(ck, i, config["num_experts"])
 
     specs = [TensorSpec(n, ck.shape(n), ck.dtype(n)) for n in kept]
-    for i in range(layers):  # shapes from the first tensor of each kind, without reading the weights
-        q = f"model.layers.{i}.mlp."
-        e, h = config["num_experts"], config["hidden_size"]
-        s, ss = config["moe_intermediate_size"], config["shared_expert_intermediate_size"]
-        dt = ck.dtype(q + "gate.weight")
+    e, h = config["num_experts"], config["hidden_size"]
+    s, ss = config["moe_intermediate_size"], config["shared_expert_intermediate_size"]
+    for i in range(layers):  # shapes from the config, the dtype from the layer's router: no weights read here
+        dt = ck.dtype(f"model.layers.{i}.mlp.gate.weight")
         specs += [TensorSpec(f"model.layers.{i}.block_sparse_moe.router.layer.weight", (e, h), dt),
                   TensorSpec(f"model.layers.{i}.block_sparse_moe.input_linear.weight", (e, 2 * s, h), dt),
                   TensorSpec(f"model.layers.{i}.block_sparse_moe.output_linear.weight", (e, h, s), dt),
@@ -152,19 +154,20 @@ def stage(model_dir: Path, into: Path) -> str:
     return GGUF_ARCH[model_type]
 
 
+def gguf_field(reader, key: str) -> str | int | None:
+    """A string or integer metadata field of a gguf.GGUFReader, or None when the file lacks it."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = f.parts[f.data[0]]
+    return bytes(value).decode() if value.dtype.kind == "u" and value.dtype.itemsize == 1 else int(value[0])
+
+
 def summarize(path: Path, outtype: str) -> GgufSummary:
     """What a GGUF holds, read back with the gguf library (the structural check CI runs without llama.cpp)."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        value = f.parts[f.data[0]]
-        return bytes(value).decode() if value.dtype.kind == "u" and value.dtype.itemsize == 1 else int(value[0])
-
-    arch = field("general.architecture")
-    return GgufSummary(path, arch, len(reader.tensors), field(f"{arch}.expert_count"),
-                       field(f"{arch}.expert_used_count"), path.stat().st_size, outtype)
+    arch = gguf_field(reader, "general.architecture")
+    return GgufSummary(path, arch, len(reader.tensors), gguf_field(reader, f"{arch}.expert_count"),
+                       gguf_field(reader, f"{arch}.expert_used_count"), path.stat().st_size, outtype)
