@@ -4,7 +4,8 @@ bf16, sharded safetensors of at most 5 GB, streamed one tensor at a time, seeded
     python bench/make_shape.py 7b   [--out .cache/shapes/llama2-7b]     # LLaMA-2-7B: 32 × (4096, 11008), ~13.5 GB
     python bench/make_shape.py 1b   [--out .cache/shapes/tinyllama-1b]  # TinyLlama-1.1B (DIVE's model), ~2.2 GB
 
-Weights are N(0, 0.02): right for timing and memory, meaningless for quality."""
+Weights are N(0, 0.02): right for timing and memory, meaningless for quality. The tokenizer is byte-level (257 ids),
+enough to feed calibration text to the data-driven methods."""
 
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ SHAPES = {
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
 }
 DEFAULT_OUT = {"7b": ".cache/shapes/llama2-7b", "1b": ".cache/shapes/tinyllama-1b"}
+
+
+def save_byte_tokenizer(directory: Path) -> int:
+    """A 256-symbol byte-level tokenizer plus <eos>; returns the vocab size it needs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
+    return len(vocab)
 
 
 def specs(c: dict) -> list[TensorSpec]:
@@ -66,6 +81,7 @@ def main() -> None:
         writer.write(s.name, t.to(s.dtype))
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_byte_tokenizer(out)
     print(f"{out}: {sum(s.nbytes for s in all_specs) / 1e9:.1f} GB in {len(writer.files)} shards")
 
 

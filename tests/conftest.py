@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from make_shape import save_byte_tokenizer  # noqa: E402  (one byte-level tokenizer for tiny models and shapes)
 
 # Keep the dequantised SmolLM2 cache inside the repo (gitignored) and silence progress bars in tests.
 os.environ.setdefault("MOEFY_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
 os.environ["MOEFY_QUIET"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
-
-
-def save_byte_tokenizer(directory: Path) -> int:
-    """A 256-symbol byte-level tokenizer plus <eos>; returns the vocab size it needs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
-    return len(vocab)
 
 
 def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2, seed: int = 0,

@@ -158,6 +158,24 @@ def test_every_method_is_exact(tiny_llama, corpus, tmp_path, fields, architectur
     assert report.max_abs_dlogits < 1e-4, report
 
 
+def test_bf16_checkpoint_profiles_and_reconstructs(tiny_llama, corpus, tmp_path):
+    """Released 7B checkpoints are bf16/fp16: the layer-by-layer passes compute in fp32 on them (a bf16 layer
+    skeleton once met fp32 hidden states and stopped the profiler), and the build stays bf16 and exact."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16).save_pretrained(bf16)
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, bf16 / f.name)
+    result = build(bf16, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1,
+                   reconstruct={"enabled": True, "seq_len": 16, "steps": 5})
+    assert all(f.after < f.before for f in result.reconstruction)
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert api.verify(tmp_path / "moe", str(bf16)).passed
+
+
 def test_carve_defaults_are_resolved_and_saved(tiny_llama, corpus, tmp_path):
     build(tiny_llama, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1)
     saved = yaml.safe_load((tmp_path / "moe" / "moefy.yaml").read_text())

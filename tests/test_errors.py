@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moefy import cli
 from conftest import make_tiny_llama
@@ -38,6 +39,9 @@ def leftovers(parent: Path) -> list[str]:
     (["--method", "nope"], "unknown method 'nope'"),
     (["--dtype", "int3"], "dtype"),
     (["--scale", "-1"], "scale must be positive"),
+    (["--device", "tpu7"], "unknown device 'tpu7'"),
+    pytest.param(["--device", "cuda"], "torch sees no CUDA GPU here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has a GPU (tests/test_gpu.py covers cuda:N)")),
 ])
 def test_impossible_settings(capsys, tiny_llama, tmp_path, argv, fragment):
     code, err = run_cli(capsys, "build", tiny_llama, "--out", tmp_path / "moe", *argv)

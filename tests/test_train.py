@@ -180,7 +180,9 @@ def test_distillation_from_the_dense_teacher(tiny_llama, corpus, tmp_path):
     stage = {"name": "kd", "trainable": "experts", "tokens": 8 * 4 * 32, "seq_len": 32, "lr": 3e-3,
              "distill": {"temperature": 1.0, "hidden_weight": 0.1}}
     api.train(exact, str(corpus), write_recipe(tmp_path / "r.yaml", [stage]), tmp_path / "exact")
-    assert records(tmp_path / "exact")[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
+    # exactly 0 in fp32; on a GPU the bf16 teacher and bf16 autocast leave rounding noise (1.5e-5 on an H100)
+    exact_kl = 1e-6 if not torch.cuda.is_available() else 1e-4
+    assert records(tmp_path / "exact")[0]["distill_loss"] == pytest.approx(0.0, abs=exact_kl)
 
     lossy = tmp_path / "random"
     api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "method": "random", "experts": 4,

@@ -32,7 +32,7 @@ from moefy.export.formats import choose_format
 from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
-from moefy.models import load_causal_lm, load_tokenizer
+from moefy.models import compute_device, load_causal_lm, load_tokenizer
 from moefy.profile.runner import profile_cached
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, BuildRecipe, dump_recipe, load_recipe, validate_recipe
@@ -65,6 +65,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
     # The temp dir and the output lock come first, so a bad or busy --out fails before any expensive work; the
     # user's existing output is replaced only by the final rename.
     with atomic_output(out, overwrite, inputs=(recipe.model, recipe.calib)) as tmp:
+        compute_device(recipe.device)  # a GPU asked for and absent fails here, not after minutes of work
         source = resolve_model(recipe.model)
         check_not_input(out, [source.directory])  # an alias or hub id resolves to a directory too
         config = source.config()
@@ -94,7 +95,8 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
                 domains = settle_domains(recipe, source, corpus)
                 corpus = domains.prune
             # Profiled on first use only: methods and router inits that never read stats skip the calibration pass.
-            stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed))
+            stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed,
+                                                              recipe.device))
             if domains is not None:
                 layers = moe_layers(recipe.layers, int(config["num_hidden_layers"]))
                 mining = mine(recipe, source, family, reader, stats(), domains, layers)
@@ -104,7 +106,8 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
             plan = MoEPlan(plan.meta.model_copy(update={"calibration": calibration}), plan.layers)
         fits = None
         if recipe.reconstruct.enabled:
-            plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed)
+            plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed,
+                                     recipe.device)
         fmt = choose_format(family.formats, plan.meta, config)
         dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
         total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)

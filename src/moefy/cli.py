@@ -40,6 +40,8 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, help="seed for every random choice (default 0)")
     b.add_argument("--scale", type=float, help="expert output scale folded into down_proj (default N/k)")
     b.add_argument("--dtype", help="output dtype: source, float32, bfloat16, float16 (default source)")
+    b.add_argument("--device", help="where profiling and reconstruction compute: auto (a GPU when present), cpu, "
+                   "cuda, cuda:N (default auto)")
     b.add_argument("--router-init", dest="router_init",
                    help="router init: random, zero, centroid, hidden-kmeans, domain, representative, fit")
     b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
@@ -128,8 +130,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from moefy import api
     from moefy.recipes import BuildRecipe, load_recipe
 
-    keys = ("model", "experts", "top_k", "method", "seed", "scale", "dtype", "calib", "shared_fraction", "importance",
-            "keep")
+    keys = ("model", "experts", "top_k", "method", "seed", "scale", "dtype", "device", "calib", "shared_fraction",
+            "importance", "keep")
     overrides = {k: getattr(args, k) for k in keys}
     if args.layers is not None:
         overrides["layers"] = _layers(args.layers)

@@ -11,6 +11,18 @@ from moefy.errors import MoefyError
 from moefy.sources import check_hf_dir
 
 
+def compute_device(name: str = "auto") -> torch.device:
+    """Where a layer-by-layer pass (profiling, reconstruction) computes: "auto" takes the GPU when one is present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoefyError(f"device {name!r} asked for, but torch sees no CUDA GPU here (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MoefyError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     """A local HF directory as a causal LM in eval mode. Safetensors weights only, never remote code."""
     from safetensors import SafetensorError

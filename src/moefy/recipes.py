@@ -94,6 +94,9 @@ class BuildRecipe(Frozen):
     # Output scale folded into down_proj; None means N/k (LLaMA-MoE's convention).
     scale: float | None = None
     dtype: DTypeName = "source"
+    # Where the calibration passes (profiling, reconstruction) compute, one decoder layer at a time: auto (a GPU
+    # when torch sees one), cpu, cuda or cuda:N. The weights written are the same up to float rounding.
+    device: str = "auto"
     router: RouterInit = RouterInit()
     cluster: ClusterOptions = ClusterOptions()
     calib: str | None = None  # calibration corpus, for the data-driven methods and router inits
@@ -119,6 +122,15 @@ class BuildRecipe(Frozen):
             raise ValueError(f"experts must be at least 1 (got {self.experts})")
         if not 1 <= self.top_k <= self.experts:
             raise ValueError(f"top_k must be between 1 and the number of experts {self.experts} (got {self.top_k})")
+        if self.device != "auto":
+            import torch  # only to parse the name; whether that device exists is checked when a pass runs
+
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"unknown device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.scale is not None and self.scale <= 0:
             raise ValueError(f"scale must be positive (got {self.scale})")
         return self

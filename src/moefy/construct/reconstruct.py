@@ -26,8 +26,8 @@ from moefy.construct.plan import PAD, LayerPlan, MoEPlan
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import token_blocks
 from moefy.families import Family
-from moefy.models import load_tokenizer
-from moefy.profile.runner import domain_batches, materialise_layer, rotary_embeddings
+from moefy.models import compute_device, load_tokenizer
+from moefy.profile.runner import domain_batches, embed_blocks, materialise_layer, rotary_embeddings
 from moefy.progress import progress
 from moefy.recipes import ReconstructOptions
 from moefy.sources import ModelSource
@@ -70,7 +70,7 @@ def _predict(a_exp, a_sh, weights, down_exp, down_sh) -> torch.Tensor:
 
 
 def _solve(a_exp, a_sh, weights, y, n, size, ridge):
-    normal = refit.Normal(a_exp.shape[1] + a_sh.shape[1], y.shape[1])
+    normal = refit.Normal(a_exp.shape[1] + a_sh.shape[1], y.shape[1], y.device)
     for c in _chunks(len(y)):
         normal.add(refit.design(a_exp[c], weights[c], a_sh[c]), y[c])
     return refit.split_downs(normal.solve(ridge), n, size)
@@ -86,7 +86,7 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
     del a
     down_exp = refit.gather_slots(layer.down, lp.experts).view(-1, n, size).permute(1, 0, 2) * lp.scale
     down_sh = refit.gather_slots(layer.down, lp.shared)
-    router = lp.router
+    router = lp.router.to(x.device)
     weights = refit.route(x @ router.T, layer.top_k)
     before = refit.nmse(y, _predict(a_exp, a_sh, weights, down_exp, down_sh))
     best = (before, router, down_exp, down_sh, None)
@@ -117,7 +117,8 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
     y_hat = _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"])
     if not a_sh.shape[1]:  # no shared block: nothing to store for it
         fitted = {k: v for k, v in fitted.items() if not k.startswith("shared_")}
-    return replace(lp, router=router.contiguous(), fitted=fitted), y_hat, before, err, t
+    fitted = {k: v.cpu() for k, v in fitted.items()}  # the plan lives on the CPU, whatever device fitted it
+    return replace(lp, router=router.contiguous().cpu(), fitted=fitted), y_hat, before, err, t
 
 
 def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions, seed: int
@@ -132,7 +133,7 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
               "down": fitted["down"].permute(1, 0, 2).reshape(layer.down.shape[0], -1),
               "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
               "shared_down": fitted["shared_down"]}
-    masks = (torch.from_numpy(lp.experts.reshape(-1) != PAD), torch.from_numpy(lp.shared != PAD))
+    masks = tuple(torch.from_numpy(live).to(x.device) for live in (lp.experts.reshape(-1) != PAD, lp.shared != PAD))
     out = refit.refine(x, y, weights, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed)
     return {"gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
             "down": out["down"].view(-1, n, size).permute(1, 0, 2).contiguous(),
@@ -140,25 +141,24 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
 
 
 def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corpus, opts: ReconstructOptions,
-                seed: int) -> tuple[MoEPlan, list[LayerFit]]:
+                seed: int, device: str = "auto") -> tuple[MoEPlan, list[LayerFit]]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dev = compute_device(device)
     tokens = token_blocks(corpus, load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
     config = AutoConfig.from_pretrained(source.directory)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     reader = LazyCheckpoint(source.directory)
     batches = [ids for _, ids, _ in domain_batches(tokens, opts.batch_size)]
-    embed = reader.get("model.embed_tokens.weight").float()
-    hidden = [torch.nn.functional.embedding(ids, embed) for ids in batches]
+    hidden = embed_blocks(reader, batches, dev)
     dense_hidden = [h.clone() for h in hidden] if opts.target == "stream" else None
-    del embed
     rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     h = config.hidden_size
     layers, fits = dict(plan.layers), []
     for i in progress(range(config.num_hidden_layers), "reconstructing layers"):
         layer = skeleton.model.layers[i]
-        materialise_layer(layer, reader, family.layer_prefix.format(layer=i))
+        materialise_layer(layer, reader, family.layer_prefix.format(layer=i), dev)
         seen: dict = {}
         hooks = [layer.mlp.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0])),
                  layer.mlp.register_forward_hook(lambda m, args, out: seen.__setitem__("y", out))]
@@ -177,7 +177,7 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
                     dense_hidden[b] = layer(dense_hidden[b], position_embeddings=rope, position_ids=positions)
                 ys = [(d - m).reshape(-1, h) for d, m in zip(dense_hidden, mids)]
             if i in plan.layers:
-                ffn = {w: reader.get(family.ffn_key(i, w)).float() for w in ("gate", "up", "down")}
+                ffn = {w: reader.get(family.ffn_key(i, w)).float().to(dev) for w in ("gate", "up", "down")}
                 x, y = torch.cat(xs), torch.cat(ys)
                 layer_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
                 layers[i], y_hat, before, after, t = fit_layer(x, y, Layer(**ffn, plan=plan.layers[i],

@@ -28,7 +28,7 @@ def activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.
 
 def gather_slots(a: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     """a[:, slots] for a [*, S] or [N, S] slot table; PAD slots give zero columns (zero neurons)."""
-    idx = torch.from_numpy(slots).reshape(-1)
+    idx = torch.from_numpy(slots).reshape(-1).to(a.device)
     out = a[:, idx.clamp_min(0)]
     return out * (idx != PAD).to(a.dtype)
 
@@ -49,9 +49,9 @@ def design(a_experts: torch.Tensor, weights: torch.Tensor, a_shared: torch.Tenso
 class Normal:
     """Running ZᵀZ and ZᵀY over token chunks (float64), so the design never needs to exist for all tokens at once."""
 
-    def __init__(self, cols: int, outputs: int):
-        self.gram = torch.zeros(cols, cols, dtype=torch.float64)
-        self.cross = torch.zeros(cols, outputs, dtype=torch.float64)
+    def __init__(self, cols: int, outputs: int, device: torch.device = torch.device("cpu")):
+        self.gram = torch.zeros(cols, cols, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(cols, outputs, dtype=torch.float64, device=device)
 
     def add(self, z: torch.Tensor, y: torch.Tensor) -> None:
         self.gram += (z.T @ z).double()
@@ -65,7 +65,7 @@ class Normal:
         solution = torch.zeros_like(self.cross)
         if live.any():
             g = self.gram[live][:, live]
-            penalty = ridge * diag[live].mean() * torch.eye(int(live.sum()), dtype=torch.float64)
+            penalty = ridge * diag[live].mean() * torch.eye(int(live.sum()), dtype=torch.float64, device=g.device)
             solution[live] = torch.linalg.solve(g + penalty, self.cross[live])
         return solution.float()
 
@@ -84,7 +84,7 @@ def fit_router_logits(x: torch.Tensor, scores: torch.Tensor, ridge: float) -> to
     """Router [N, H] whose logits regress each token's standardised expert scores (ridge, closed form)."""
     target = (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6)
     gram = (x.T @ x).double()
-    penalty = ridge * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    penalty = ridge * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
     return torch.linalg.solve(gram + penalty, (x.T @ target).double()).T.float()
 
 

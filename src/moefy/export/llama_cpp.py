@@ -133,6 +133,7 @@ class LlamaCppLM:
         # Freed before interpreter shutdown: llama-cpp-python's own __del__ then finds its C functions gone.
         weakref.finalize(self, self.llm.close)
         self.config = type("Config", (), {"vocab_size": self.llm.n_vocab()})()
+        self.device = torch.device("cpu")  # llama.cpp takes its ids from CPU memory
         self.tokenizer = LlamaCppTokenizer(self.llm)
 
     def matmul_params(self) -> tuple[int, int]:

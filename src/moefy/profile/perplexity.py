@@ -70,7 +70,7 @@ def heldout_perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 256, tok
             chunk = spans[b:b + batch_size]
             width = max(end - start for start, end, _ in chunk)
             batch = torch.stack([torch.nn.functional.pad(ids[s:e], (0, width - (e - s))) for s, e, _ in chunk])
-            logp = model(input_ids=batch).logits.float().log_softmax(-1)
+            logp = model(input_ids=batch.to(model.device)).logits.float().log_softmax(-1).cpu()
             for row, (s, e, first) in enumerate(chunk):
                 # pred[j] is the log-probability of token s+1+j; a later window scores only tokens from s+first on.
                 pred = logp[row, : e - s - 1].gather(1, ids[s + 1:e, None]).squeeze(1)

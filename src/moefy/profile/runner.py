@@ -15,7 +15,7 @@ import torch
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.families import Family
-from moefy.models import load_causal_lm, load_tokenizer
+from moefy.models import compute_device, load_causal_lm, load_tokenizer
 from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_stats
 from moefy.progress import progress
 from moefy.recipes import ProfileOptions
@@ -23,8 +23,10 @@ from moefy.sources import ModelSource, cache_dir
 from moefy.tensor_io import LazyCheckpoint
 
 
-def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int) -> NeuronStats:
-    """Profile once per (model, corpus, options, seed); later builds reuse the saved stats."""
+def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int,
+                   device: str = "auto") -> NeuronStats:
+    """Profile once per (model, corpus, options, seed); later builds reuse the saved stats, wherever they ran (the
+    device changes only float rounding)."""
     key = hashlib.sha256(json.dumps({
         "model": str(source.directory.resolve()), "config": source.config(), "options": opts.model_dump(), "seed": seed,
         "corpus": hashlib.sha256("\x00".join(f"{d.domain}\x01{d.text}" for d in corpus.docs).encode()).hexdigest(),
@@ -35,16 +37,18 @@ def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: Pr
     tmp = target.with_name(f".{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        profile(source, family, corpus, opts, seed, tmp)
+        profile(source, family, corpus, opts, seed, tmp, device)
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_stats(target)
 
 
-def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int, out) -> NeuronStats:
+def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int, out,
+            device: str = "auto") -> NeuronStats:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dev = compute_device(device)
     tokens = token_blocks(corpus, load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
     config = AutoConfig.from_pretrained(source.directory)
     with torch.device("meta"):
@@ -54,9 +58,7 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     D = len(tokens.domains)
     batches = domain_batches(tokens, opts.batch_size)
     picks = _sample_positions(tokens, batches, opts.sample_tokens, seed)
-    embed = reader.get("model.embed_tokens.weight").float()
-    hidden = [torch.nn.functional.embedding(ids, embed) for _, ids, _ in batches]
-    del embed
+    hidden = embed_blocks(reader, [ids for _, ids, _ in batches], dev)
     rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     top_k = max(1, round(opts.top_fraction * width))
 
@@ -65,9 +67,10 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     out_tensors["sample_domain"] = sample_domain
     for i in progress(range(n_layers), "profiling layers"):
         layer = skeleton.model.layers[i]
-        materialise_layer(layer, reader, family.layer_prefix.format(layer=i))
-        acc = {k: torch.zeros(D, width, dtype=torch.float64) for k in ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")}
-        count = torch.zeros(D, dtype=torch.float64)
+        materialise_layer(layer, reader, family.layer_prefix.format(layer=i), dev)
+        acc = {k: torch.zeros(D, width, dtype=torch.float64, device=dev)
+               for k in ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")}
+        count = torch.zeros(D, dtype=torch.float64, device=dev)
         samples_x, samples_a = [], []
         current: dict = {}
         mlp = layer.mlp
@@ -90,17 +93,17 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
                 top = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a_abs.topk(top_k, dim=1, sorted=False).indices, True)
                 acc["top_freq"][d] += top.sum(0)
                 count[d] += a.shape[0]
-                samples_x.append(current["x"].reshape(-1, hidden_size)[picks[b]].half())
-                samples_a.append(a_abs[picks[b]].half())
+                samples_x.append(current["x"].reshape(-1, hidden_size)[picks[b]].half().cpu())
+                samples_a.append(a_abs[picks[b]].half().cpu())
         for h in hooks:
             h.remove()
         layer.to("meta")  # free this layer's weights before the next one is read
         for k, v in acc.items():
-            out_tensors[f"layers.{i}.{k}"] = v / count[:, None]
+            out_tensors[f"layers.{i}.{k}"] = (v / count[:, None]).cpu()
         out_tensors[f"layers.{i}.hidden"] = torch.cat(samples_x)
         out_tensors[f"layers.{i}.abs_act"] = torch.cat(samples_a)
     if opts.taylor:
-        for i, score in enumerate(_taylor_scores(source, tokens, batches, opts)):
+        for i, score in enumerate(_taylor_scores(source, tokens, batches, dev)):
             out_tensors[f"layers.{i}.taylor"] = score
     meta = StatsMeta(model=source.spec, corpus=corpus.source, domains=tokens.domains,
                      tokens=[int(tokens.blocks[d].numel()) for d in tokens.domains], num_layers=n_layers,
@@ -109,10 +112,18 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     return save_stats(out, meta, out_tensors)
 
 
+def embed_blocks(reader: LazyCheckpoint, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Each batch's input embeddings (fp32) on the device; the embedding table itself is dropped afterwards."""
+    embed = reader.get("model.embed_tokens.weight").float().to(device)
+    return [torch.nn.functional.embedding(ids.to(device), embed) for ids in batches]
+
+
 def rotary_embeddings(skeleton, config, sample: torch.Tensor, seq_len: int):
-    """(cos, sin) for positions 0..seq_len-1, from the model's own rotary class (built off the meta skeleton)."""
-    positions = torch.arange(seq_len)[None]
-    return type(skeleton.model.rotary_emb)(config=config)(sample, positions), positions
+    """(cos, sin) for positions 0..seq_len-1, from the model's own rotary class (built off the meta skeleton), on
+    the sample's device."""
+    positions = torch.arange(seq_len, device=sample.device)[None]
+    rotary = type(skeleton.model.rotary_emb)(config=config).to(sample.device)
+    return rotary(sample, positions), positions
 
 
 def domain_batches(tokens: TokenBlocks, batch_size: int) -> list[tuple[int, torch.Tensor, int]]:
@@ -139,16 +150,19 @@ def _sample_positions(tokens: TokenBlocks, batches, total: int, seed: int) -> li
     return picks
 
 
-def materialise_layer(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str) -> None:
-    module.to_empty(device="cpu")
+def materialise_layer(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str,
+                      device: torch.device = torch.device("cpu")) -> None:
+    # fp32 whatever the checkpoint stores (a bf16 skeleton would meet fp32 hidden states): the statistics and the
+    # reconstruction's normal equations are sums over thousands of tokens
+    module.to_empty(device=device).float()
     state = {k: reader.get(prefix + k).float() for k in module.state_dict()}
     module.load_state_dict(state, strict=True)
     module.eval()
 
 
-def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, opts: ProfileOptions) -> list[torch.Tensor]:
+def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, device: torch.device) -> list[torch.Tensor]:
     """LLaMA-MoE's importance: per domain, mean over tokens of |a_j · ∂L/∂a_j| (needs the full model and backward)."""
-    model = load_causal_lm(source.directory)
+    model = load_causal_lm(source.directory).to(device)
     layers = model.model.layers
     D, width = len(tokens.domains), model.config.intermediate_size
     scores = [torch.zeros(D, width, dtype=torch.float64) for _ in layers]
@@ -164,10 +178,11 @@ def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, opts: Prof
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
     for d, ids, _ in progress(batches, "taylor scores"):
         model.zero_grad(set_to_none=True)
+        ids = ids.to(device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         for i, a in acts.items():
-            scores[i][d] += (a * a.grad).abs().reshape(-1, width).sum(0).double()
+            scores[i][d] += (a * a.grad).abs().reshape(-1, width).sum(0).double().cpu()
         counts[d] += ids.numel()
     for h in hooks:
         h.remove()

@@ -23,7 +23,8 @@ class GatingWrapper:
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, chosen indices) since the last aux_loss
         self.loads: dict[int, torch.Tensor] = {}  # router -> tokens routed to each expert since the last end_step
         self.noise: list[torch.nn.Linear] = []
-        self.bias = [torch.zeros(r.weight.shape[0]) for r in self.routers]
+        # on each router's device: they shift its probabilities in every forward
+        self.bias = [torch.zeros(r.weight.shape[0], device=r.weight.device) for r in self.routers]
         for i, router in enumerate(self.routers):
             noise = None
             if gating.noise > 0:
@@ -48,7 +49,7 @@ class GatingWrapper:
             probs = F.softmax(logits, dim=-1, dtype=torch.float)
             if g.soft_temperature is not None:  # every expert, weighted by a tempered softmax
                 weights = F.softmax(logits.float() / g.soft_temperature, dim=-1)
-                index = torch.arange(probs.shape[1]).expand_as(probs)
+                index = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
                 self.records.append((logits, index))
                 return logits, weights.to(logits.dtype), index
             select = probs + self.bias[i] if g.bias_update_rate > 0 else probs  # the bias steers selection only
@@ -83,7 +84,7 @@ class GatingWrapper:
         `reduce`, so every rank moves its biases identically); report the load imbalance."""
         imbalance = []
         for i, load in self.loads.items():
-            load = reduce(load)
+            load = reduce(load).to(self.bias[i].device)
             imbalance.append(float(_cv2(load).sqrt()))
             if self.gating.bias_update_rate > 0:  # raise the bias of under-loaded experts, lower the over-loaded
                 self.bias[i] += self.gating.bias_update_rate * torch.sign(load.mean() - load)
@@ -97,7 +98,7 @@ class GatingWrapper:
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         for i in range(len(self.bias)):
-            self.bias[i] = state[f"bias.{i}"].clone()
+            self.bias[i].copy_(state[f"bias.{i}"])  # in place: the bias stays on its router's device
         with torch.no_grad():
             for i, n in enumerate(self.noise):
                 n.weight.copy_(state[f"noise.{i}"])

@@ -1,0 +1,99 @@
+"""The calibration passes at scale (issue: scale): profiling and layer-wise reconstruction of a carve build (28
+experts, top-4, shared 1/8: the demo's shape of MoE) on a model, on the CPU or a GPU. For each calibration budget,
+in a fresh child process: seconds per decoder layer of each pass, and the peak memory above the import floor (RSS,
+and the GPU's peak allocation). Calibration text: the demo corpus's calib/ split (4 domains). Results:
+docs/benchmarks.md.
+
+    python bench/bench_calibration.py smollm2-135m --tokens 1024 4096
+    python bench/make_shape.py 1b && python bench/bench_calibration.py .cache/shapes/tinyllama-1b --device cuda
+
+The shapes have random weights: right for time and memory, meaningless for quality."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(model: str, device: str, tokens: int, steps: int) -> dict:
+    import torch
+
+    from moefy.construct.reconstruct import reconstruct
+    from moefy.construct.registry import make_plan, resolve_defaults
+    from moefy.data.corpus import load_corpus
+    from moefy.data.demo_corpus import build_demo_corpus
+    from moefy.families import family_for
+    from moefy.models import compute_device
+    from moefy.profile.runner import profile
+    from moefy.recipes import BuildRecipe, ProfileOptions, ReconstructOptions
+    from moefy.sources import resolve_model
+    from moefy.tensor_io import LazyCheckpoint
+
+    work = Path(tempfile.mkdtemp(prefix="moefy-calib-bench-"))
+    build_demo_corpus(work / "corpus")
+    corpus = load_corpus(work / "corpus" / "calib")
+    source = resolve_model(model)
+    config, dev = source.config(), compute_device(device)
+    family = family_for(config)
+    if dev.type == "cuda":
+        torch.zeros(1, device=dev)  # the CUDA context is part of the floor, not of the pass
+    floor = rss()
+    t0 = time.perf_counter()
+    stats = profile(source, family, corpus, ProfileOptions(tokens_per_domain=tokens), 0, work / "stats", device)
+    profile_s = time.perf_counter() - t0
+    profile_rss = rss()
+    calib = str(work / "corpus" / "calib")
+    recipe = resolve_defaults(BuildRecipe(model=model, method="carve", experts=28, top_k=4, calib=calib))
+    plan = make_plan(recipe, family, config, LazyCheckpoint(source.directory), lambda: stats)
+    opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps)
+    t0 = time.perf_counter()
+    reconstruct(plan, source, family, corpus, opts, 0, device)
+    reconstruct_s = time.perf_counter() - t0
+    layers = int(config["num_hidden_layers"])
+    return {"profile_s_per_layer": profile_s / layers, "reconstruct_s_per_layer": reconstruct_s / layers,
+            "profile_rss": profile_rss - floor, "peak_rss": rss() - floor, "tokens": len(stats.meta.domains) * tokens,
+            "gpu_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="calibration tokens per domain")
+    p.add_argument("--steps", type=int, default=0, help="reconstruction Adam steps per layer (0: closed form only)")
+    p.add_argument("--child", type=int)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.model, args.device, args.child, args.steps)))
+        return
+    print(f"model {args.model}, device {args.device}, carve 28 experts top-4 + shared 1/8, reconstruction "
+          f"{args.steps} Adam steps per layer\n")
+    print("| device | calibration tokens | profile s / layer | reconstruct s / layer | reconstruct ÷ profile "
+          "| peak RSS above imports (profile / build) | GPU peak |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in args.tokens:
+        env = {**os.environ, "MOEFY_QUIET": "1"}
+        out = subprocess.run([sys.executable, __file__, args.model, "--device", args.device, "--steps",
+                              str(args.steps), "--child", str(tokens)], env=env, check=True, stdout=subprocess.PIPE,
+                             text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        gpu = f"{r['gpu_peak'] / 2**30:.2f} GiB" if r["gpu_peak"] is not None else "–"
+        print(f"| {r['device']} | {r['tokens']} | {r['profile_s_per_layer']:.2f} | {r['reconstruct_s_per_layer']:.2f}"
+              f" | {r['reconstruct_s_per_layer'] / r['profile_s_per_layer']:.2f}× | {r['profile_rss'] / 2**30:.2f} / "
+              f"{r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
