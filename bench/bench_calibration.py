@@ -55,13 +55,16 @@ def child(model: str, device: str, tokens: int, steps: int) -> dict:
     profile_rss = rss()
     calib = str(work / "corpus" / "calib")
     recipe = resolve_defaults(BuildRecipe(model=model, method="carve", experts=28, top_k=4, calib=calib))
+    t0 = time.perf_counter()
     plan = make_plan(recipe, family, config, LazyCheckpoint(source.directory), lambda: stats)
+    plan_s = time.perf_counter() - t0
     opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps)
     t0 = time.perf_counter()
-    reconstruct(plan, source, family, corpus, opts, 0, device)
+    reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill")  # as a build does
     reconstruct_s = time.perf_counter() - t0
     layers = int(config["num_hidden_layers"])
     return {"profile_s_per_layer": profile_s / layers, "reconstruct_s_per_layer": reconstruct_s / layers,
+            "plan_s_per_layer": plan_s / layers,
             "profile_rss": profile_rss - floor, "peak_rss": rss() - floor, "tokens": len(stats.meta.domains) * tokens,
             "gpu_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers}
@@ -80,9 +83,9 @@ def main() -> None:
         return
     print(f"model {args.model}, device {args.device}, carve 28 experts top-4 + shared 1/8, reconstruction "
           f"{args.steps} Adam steps per layer\n")
-    print("| device | calibration tokens | profile s / layer | reconstruct s / layer | reconstruct ÷ profile "
-          "| peak RSS above imports (profile / build) | GPU peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("| device | calibration tokens | profile s / layer | carve plan s / layer | reconstruct s / layer "
+          "| reconstruct ÷ profile | peak RSS above imports (profile / build) | GPU peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         env = {**os.environ, "MOEFY_QUIET": "1"}
         out = subprocess.run([sys.executable, __file__, args.model, "--device", args.device, "--steps",
@@ -90,7 +93,8 @@ def main() -> None:
                              text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         gpu = f"{r['gpu_peak'] / 2**30:.2f} GiB" if r["gpu_peak"] is not None else "–"
-        print(f"| {r['device']} | {r['tokens']} | {r['profile_s_per_layer']:.2f} | {r['reconstruct_s_per_layer']:.2f}"
+        print(f"| {r['device']} | {r['tokens']} | {r['profile_s_per_layer']:.2f} | {r['plan_s_per_layer']:.2f} | "
+              f"{r['reconstruct_s_per_layer']:.2f}"
               f" | {r['reconstruct_s_per_layer'] / r['profile_s_per_layer']:.2f}× | {r['profile_rss'] / 2**30:.2f} / "
               f"{r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)
 

@@ -70,9 +70,7 @@ def test_reconstructed_build_on_the_gpu_matches_the_cpu_build(model, corpus, tmp
         assert b.after < b.before
         assert b.before == pytest.approx(a.before, rel=1e-3) and b.after == pytest.approx(a.after, rel=0.05)
     assert api.verify(tmp_path / "gpu", str(model)).passed  # the construction under the fitted weights is exact
-    p, q = load_plan(tmp_path / "cpu"), load_plan(tmp_path / "gpu")
-    for i in p.layers:  # the plan comes back to the CPU, whatever fitted it
-        assert q.layers[i].router.device.type == "cpu" and q.layers[i].fitted["down"].device.type == "cpu"
+    assert load_plan(tmp_path / "gpu").meta.fitted == load_plan(tmp_path / "cpu").meta.fitted
     ids = torch.randint(0, 200, (2, SEQ), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         la, lb = (AutoModelForCausalLM.from_pretrained(d)(input_ids=ids).logits for d in (tmp_path / "cpu",

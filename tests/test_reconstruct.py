@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from moefy import api, cli
 from moefy.construct import refit
@@ -100,8 +101,14 @@ def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpu
     assert cli.main([*argv, str(recipe), "--out", str(tmp_path / "b")]) == 0
     a, b = load_plan(tmp_path / "a"), load_plan(tmp_path / "b")
     for i in a.layers:
-        assert torch.equal(a.layers[i].fitted["down"], b.layers[i].fitted["down"])
         assert torch.equal(a.layers[i].router, b.layers[i].router)
+    wa, wb = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "a", tmp_path / "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # The fitted weights are the checkpoint's: the plan lists them and does not hold a second copy, and the
+    # per-layer spill files are gone.
+    assert a.meta.fitted == {i: ["down", "gate", "shared_down", "shared_gate", "shared_up", "up"] for i in range(3)}
+    assert not any("fitted" in k for k in load_file(str(tmp_path / "a" / "moefy_plan.safetensors")))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir()) == []
 
 
 def test_dense_layers_pass_through_and_refitted_routers(model, corpus, tmp_path):

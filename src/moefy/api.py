@@ -16,7 +16,7 @@ from moefy.atomic import atomic_file, atomic_output, check_not_input, check_outp
 from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
 from moefy.construct.placement import moe_layers
 from moefy.construct.plan import PLAN_JSON, MoEPlan
-from moefy.construct.reconstruct import reconstruct, save_fits
+from moefy.construct.reconstruct import SPILL_DIR, reconstruct, save_fits
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.tokens import token_blocks
@@ -107,7 +107,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         fits = None
         if recipe.reconstruct.enabled:
             plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed,
-                                     recipe.device)
+                                     recipe.device, spill=tmp / SPILL_DIR)
         fmt = choose_format(family.formats, plan.meta, config)
         dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
         total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
@@ -119,6 +119,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
             if (source.directory / name).is_file():
                 shutil.copy2(source.directory / name, tmp / name)
         plan.save(tmp)
+        shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)  # written into the checkpoint by now
         if mining is not None or fits is not None:
             _save_build_reports(tmp, plan, mining, fits)
         dump_recipe(recipe, tmp / BUILD_RECIPE)

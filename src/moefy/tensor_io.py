@@ -5,6 +5,7 @@ Weights are only ever read through safetensors: pickle checkpoints are refused u
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -13,6 +14,30 @@ from safetensors import SafetensorError, safe_open
 from moefy.errors import MoefyError
 
 INDEX_NAME = "model.safetensors.index.json"
+
+
+class SavedTensors(Mapping):
+    """A few named tensors kept in a safetensors file instead of memory, read back one at a time on access (the
+    layer-wise reconstruction of a 7B model fits gigabytes of expert weights before the export writes them)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: Path):
+        from safetensors.torch import save_file
+
+        self.path = Path(path)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.path))
+        self._keys = list(tensors)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as fh:  # closed at once: nothing stays mapped
+            return fh.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class LazyCheckpoint:

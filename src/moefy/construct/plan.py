@@ -1,10 +1,12 @@
 """The MoEPlan: per MoE layer, which dense FFN neurons each expert holds, the router init and the output scale.
 
 Saved as moefy_plan.json (metadata) + moefy_plan.safetensors (index and router tensors) and validated on load,
-so a plan can be inspected, edited and re-exported without re-running construction."""
+so a plan can be inspected and checked (moefy verify) without re-running construction. Weights fitted by
+reconstruction are not saved twice: they are the checkpoint's expert weights, and the plan lists which they are."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -43,6 +45,8 @@ class PlanMeta(BaseModel):
     seed: int = 0
     domain_groups: list[list[str]] | None = None  # dive: the calibration domains behind each expert
     calibration: dict | None = None  # the calibration corpus as read: source, documents, records skipped and why
+    # per MoE layer, the expert weights that reconstruction fitted (LayerPlan.fitted's keys); filled in on save
+    fitted: dict[int, list[str]] = {}
 
     @property
     def expert_params(self) -> int:
@@ -65,7 +69,9 @@ class LayerPlan:
     # Weights fitted by reconstruction, exported instead of the dense slices: "down" float32 [N, hidden, expert_size]
     # (output scale included), "gate"/"up" [N, expert_size, hidden], and the shared block's "shared_down"
     # [hidden, shared_size] (as computed, before Qwen2-MoE's doubling), "shared_gate"/"shared_up" [shared_size, hidden].
-    fitted: dict[str, torch.Tensor] | None = None
+    # Held during a build only (in memory, or spilled to disk as tensor_io.SavedTensors); a loaded plan has None
+    # here and the keys in PlanMeta.fitted, since the weights are in the checkpoint.
+    fitted: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,8 @@ class MoEPlan:
 
     def validate(self) -> None:
         m = self.meta
-        if sorted(self.layers) != sorted(m.moe_layers) or len(m.scales) != len(m.moe_layers):
+        if sorted(self.layers) != sorted(m.moe_layers) or len(m.scales) != len(m.moe_layers) or \
+                not set(m.fitted) <= set(m.moe_layers):
             raise MoefyError("invalid plan: the layers listed do not match the layer data")
         if not 1 <= m.top_k <= m.num_experts:
             raise MoefyError(f"invalid plan: top_k={m.top_k} with {m.num_experts} experts")
@@ -100,12 +107,14 @@ class MoEPlan:
             if lp.reinit is not None and (lp.reinit.shape != idx.shape or m.coverage != "overlap"):
                 raise MoefyError(f"invalid plan: layer {i} re-initialised neurons need overlapping experts "
                                  f"and a mask of shape {idx.shape}")
+            want = {"down": (m.num_experts, m.hidden_size, m.expert_size),
+                    "gate": (m.num_experts, m.expert_size, m.hidden_size),
+                    "up": (m.num_experts, m.expert_size, m.hidden_size),
+                    "shared_down": (m.hidden_size, m.shared_size),
+                    "shared_gate": (m.shared_size, m.hidden_size), "shared_up": (m.shared_size, m.hidden_size)}
+            if not set(m.fitted.get(i, [])) <= set(want):
+                raise MoefyError(f"invalid plan: layer {i} lists unknown fitted weights {m.fitted[i]}")
             if lp.fitted is not None:
-                want = {"down": (m.num_experts, m.hidden_size, m.expert_size),
-                        "gate": (m.num_experts, m.expert_size, m.hidden_size),
-                        "up": (m.num_experts, m.expert_size, m.hidden_size),
-                        "shared_down": (m.hidden_size, m.shared_size),
-                        "shared_gate": (m.shared_size, m.hidden_size), "shared_up": (m.shared_size, m.hidden_size)}
                 for key, tensor in lp.fitted.items():
                     if key not in want or tuple(tensor.shape) != want[key] or not torch.isfinite(tensor).all():
                         raise MoefyError(f"invalid plan: layer {i} fitted {key!r} must be a finite "
@@ -118,7 +127,9 @@ class MoEPlan:
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
-        (directory / PLAN_JSON).write_text(self.meta.model_dump_json(indent=2))
+        fitted = {i: sorted(lp.fitted) for i, lp in self.layers.items() if lp.fitted is not None}
+        meta = self.meta.model_copy(update={"fitted": {**self.meta.fitted, **fitted}})
+        (directory / PLAN_JSON).write_text(meta.model_dump_json(indent=2))
         tensors = {}
         for i, lp in self.layers.items():
             tensors[f"layers.{i}.experts"] = torch.from_numpy(np.ascontiguousarray(lp.experts, dtype=np.int64))
@@ -126,8 +137,6 @@ class MoEPlan:
             tensors[f"layers.{i}.shared"] = torch.from_numpy(np.ascontiguousarray(lp.shared, dtype=np.int64))
             if lp.reinit is not None:
                 tensors[f"layers.{i}.reinit"] = torch.from_numpy(lp.reinit.astype(np.uint8))
-            for key, tensor in (lp.fitted or {}).items():
-                tensors[f"layers.{i}.fitted.{key}"] = tensor.to(torch.float32).contiguous()
         save_file(tensors, str(directory / PLAN_TENSORS), metadata={"format": "moefy-plan"})
 
 
@@ -146,20 +155,13 @@ def load_plan(directory: Path) -> MoEPlan:
         layers = {i: LayerPlan(tensors[f"layers.{i}.experts"].numpy(), tensors[f"layers.{i}.router"], s,
                                tensors[f"layers.{i}.shared"].numpy(),
                                tensors[f"layers.{i}.reinit"].numpy().astype(bool)
-                               if f"layers.{i}.reinit" in tensors else None,
-                               _fitted(tensors, i))
+                               if f"layers.{i}.reinit" in tensors else None)
                   for i, s in zip(meta.moe_layers, meta.scales)}
     except KeyError as exc:
         raise MoefyError(f"corrupt plan in {directory}: missing tensor {exc}") from exc
     plan = MoEPlan(meta, layers)
     plan.validate()
     return plan
-
-
-def _fitted(tensors: dict[str, torch.Tensor], layer: int) -> dict[str, torch.Tensor] | None:
-    prefix = f"layers.{layer}.fitted."
-    found = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    return found or None
 
 
 # transformers' grouped_mm experts kernel needs 16-byte aligned rows (8 neurons at bf16/fp16); an expert of

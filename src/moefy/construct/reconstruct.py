@@ -31,9 +31,10 @@ from moefy.profile.runner import domain_batches, embed_blocks, materialise_layer
 from moefy.progress import progress
 from moefy.recipes import ReconstructOptions
 from moefy.sources import ModelSource
-from moefy.tensor_io import LazyCheckpoint
+from moefy.tensor_io import LazyCheckpoint, SavedTensors
 
 FITS_JSON = "reconstruction.json"
+SPILL_DIR = "fitted.tmp"  # inside a build's temp output: each layer's fitted weights until the export writes them
 CHUNK = 4096  # tokens per block of the design matrix (bounds its memory to CHUNK × N·S floats)
 
 
@@ -141,7 +142,9 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
 
 
 def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corpus, opts: ReconstructOptions,
-                seed: int, device: str = "auto") -> tuple[MoEPlan, list[LayerFit]]:
+                seed: int, device: str = "auto", spill: Path | None = None) -> tuple[MoEPlan, list[LayerFit]]:
+    """spill: a directory for each layer's fitted weights as it is done (SavedTensors), so memory holds one
+    layer's, not the model's (a 7B model's fitted experts are several GB); None keeps them in memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = compute_device(device)
@@ -183,6 +186,9 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
                 layers[i], y_hat, before, after, t = fit_layer(x, y, Layer(**ffn, plan=plan.layers[i],
                                                                         top_k=plan.meta.top_k), opts, layer_seed)
                 fits.append(LayerFit(i, before, after, t))
+                if spill is not None:
+                    spill.mkdir(parents=True, exist_ok=True)
+                    layers[i] = replace(layers[i], fitted=SavedTensors(layers[i].fitted, spill / f"layer-{i}.safetensors"))
                 for b, part in enumerate(y_hat.split([len(xb) for xb in xs])):
                     hidden[b] = mids[b] + part.view_as(mids[b])
         layer.to("meta")  # free this layer's weights before the next one is read

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from moefy.construct.plan import PAD
+from moefy.errors import MoefyError
 
 # Temperatures tried for the router logits; each is judged by the layer error after the closed-form expert fit.
 TEMPERATURES = (0.25, 0.5, 1.0, 2.0)
@@ -59,14 +60,24 @@ class Normal:
 
     def solve(self, ridge: float) -> torch.Tensor:
         """Ridge solution Wᵀ [cols, outputs]; the penalty is relative to the mean feature energy, and all-zero
-        columns (PAD slots, experts no token chose) get exactly zero weights."""
+        columns (PAD slots, experts no token chose) get exactly zero weights. Consumes the sums: the penalty is
+        added in place and the factorisation overwrites them, so memory peaks at two Gram-sized matrices (a 7B
+        layer's Gram is 11008² float64, ~1 GB) instead of four."""
         diag = self.gram.diagonal()
         live = diag > 0
         solution = torch.zeros_like(self.cross)
         if live.any():
-            g = self.gram[live][:, live]
-            penalty = ridge * diag[live].mean() * torch.eye(int(live.sum()), dtype=torch.float64, device=g.device)
-            solution[live] = torch.linalg.solve(g + penalty, self.cross[live])
+            idx = live.nonzero().squeeze(1)
+            g = self.gram if live.all() else self.gram[idx][:, idx]
+            penalty = ridge * float(g.diagonal().mean())
+            g.diagonal().add_(penalty)
+            self.gram = None  # the caller's sums are spent: free them as soon as g is the only copy
+            factor, info = torch.linalg.cholesky_ex(g)
+            del g
+            if int(info):
+                raise MoefyError(f"the reconstruction's normal equations are singular at ridge {ridge}: "
+                                 "raise reconstruct.ridge (default 1e-3)")
+            solution[idx] = torch.cholesky_solve(self.cross[idx], factor)
         return solution.float()
 
 

@@ -102,7 +102,7 @@ class OutputFormat(ABC):
             return
         p = self.moe_prefix(layer)
         g, d, u = self.expert_keys
-        fitted = lp.fitted or {}
+        fitted = dict(lp.fitted or {})  # this layer's fitted tensors, read once if they were spilled to disk
         yield p + "gate.weight", lp.router
         for e, row in enumerate(torch.from_numpy(lp.experts)):
             w_gate, w_down, w_up = gather_neurons(gate, row, 0), gather_neurons(down, row, 1), gather_neurons(up, row, 0)

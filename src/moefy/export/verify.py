@@ -155,7 +155,7 @@ def _restore_construction(moe, dense_model, plan) -> None:
     from moefy.export.formats import gather_neurons
 
     for i, lp in plan.layers.items():
-        if lp.fitted is None:
+        if i not in plan.meta.fitted:
             continue
         mlp, dense = moe.model.layers[i].mlp, dense_model.model.layers[i].mlp
         with torch.no_grad():

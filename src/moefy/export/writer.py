@@ -38,13 +38,17 @@ def _shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
 
 
 class ShardedWriter:
-    """Write tensors in exactly the order of `specs`, into shards of at most max_bytes (HF naming + index)."""
+    """Write tensors in exactly the order of `specs`, into shards of at most max_bytes (HF naming + index; `stem`
+    names other files than a model's, such as the profiler's stats)."""
 
-    def __init__(self, directory: Path, specs: list[TensorSpec], max_bytes: int):
+    def __init__(self, directory: Path, specs: list[TensorSpec], max_bytes: int, stem: str = "model",
+                 metadata: dict[str, str] | None = None):
         self.directory = Path(directory)
         self.shards = _shard(specs, max_bytes)
+        self.stem, self.metadata = stem, metadata or {"format": "pt"}
         n = len(self.shards)
-        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                             for i in range(n)]
         self._queue = [(i, s) for i, shard in enumerate(self.shards) for s in shard]
         self._pos = 0
         self._open: tuple[int, object] | None = None
@@ -65,11 +69,11 @@ class ShardedWriter:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for _, s in self._queue)},
                      "weight_map": {s.name: self.files[i] for i, s in self._queue}}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+            (self.directory / f"{self.stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
     def _start(self, shard: int) -> None:
         self._finish()
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for s in self.shards[shard]:
             header[s.name] = {"dtype": _ST_DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}

@@ -16,11 +16,15 @@ from moefy.data.corpus import Corpus
 from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.families import Family
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
-from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_stats
+from moefy.export.writer import TensorSpec
+from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_meta, stats_writer
 from moefy.progress import progress
 from moefy.recipes import ProfileOptions
 from moefy.sources import ModelSource, cache_dir
 from moefy.tensor_io import LazyCheckpoint
+
+
+MOMENTS = ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")  # per domain and neuron, means over tokens
 
 
 def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int,
@@ -62,14 +66,20 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     top_k = max(1, round(opts.top_fraction * width))
 
-    out_tensors: dict[str, torch.Tensor] = {}
-    sample_domain = torch.cat([torch.full((len(p),), d) for (d, _, _), p in zip(batches, picks)])
-    out_tensors["sample_domain"] = sample_domain
+    sample_domain = torch.cat([torch.full((len(p),), d, dtype=torch.int64) for (d, _, _), p in zip(batches, picks)])
+    n_samples = len(sample_domain)
+    per_layer = [(k, (D, width), torch.float64) for k in MOMENTS] + [
+        ("hidden", (n_samples, hidden_size), torch.float16), ("abs_act", (n_samples, width), torch.float16)]
+    specs = [TensorSpec("sample_domain", (n_samples,), torch.int64)]
+    specs += [TensorSpec(f"layers.{i}.{k}", shape, dtype) for i in range(n_layers) for k, shape, dtype in per_layer]
+    if opts.taylor:
+        specs += [TensorSpec(f"layers.{i}.taylor", (D, width), torch.float64) for i in range(n_layers)]
+    writer = stats_writer(out, specs)
+    writer.write("sample_domain", sample_domain)
     for i in progress(range(n_layers), "profiling layers"):
         layer = skeleton.model.layers[i]
         materialise_layer(layer, reader, family.layer_prefix.format(layer=i), dev)
-        acc = {k: torch.zeros(D, width, dtype=torch.float64, device=dev)
-               for k in ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")}
+        acc = {k: torch.zeros(D, width, dtype=torch.float64, device=dev) for k in MOMENTS}
         count = torch.zeros(D, dtype=torch.float64, device=dev)
         samples_x, samples_a = [], []
         current: dict = {}
@@ -99,17 +109,18 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
             h.remove()
         layer.to("meta")  # free this layer's weights before the next one is read
         for k, v in acc.items():
-            out_tensors[f"layers.{i}.{k}"] = (v / count[:, None]).cpu()
-        out_tensors[f"layers.{i}.hidden"] = torch.cat(samples_x)
-        out_tensors[f"layers.{i}.abs_act"] = torch.cat(samples_a)
+            writer.write(f"layers.{i}.{k}", (v / count[:, None]).cpu())
+        writer.write(f"layers.{i}.hidden", torch.cat(samples_x))
+        writer.write(f"layers.{i}.abs_act", torch.cat(samples_a))
     if opts.taylor:
         for i, score in enumerate(_taylor_scores(source, tokens, batches, dev)):
-            out_tensors[f"layers.{i}.taylor"] = score
+            writer.write(f"layers.{i}.taylor", score)
+    writer.close()
     meta = StatsMeta(model=source.spec, corpus=corpus.source, domains=tokens.domains,
                      tokens=[int(tokens.blocks[d].numel()) for d in tokens.domains], num_layers=n_layers,
                      ffn_width=width, hidden_size=hidden_size, seq_len=tokens.seq_len, top_fraction=opts.top_fraction,
-                     sample_tokens=int(len(sample_domain)), taylor=opts.taylor, seed=seed)
-    return save_stats(out, meta, out_tensors)
+                     sample_tokens=n_samples, taylor=opts.taylor, seed=seed)
+    return save_meta(out, meta)
 
 
 def embed_blocks(reader: LazyCheckpoint, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

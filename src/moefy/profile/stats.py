@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from moefy.errors import MoefyError
+from moefy.export.writer import ShardedWriter, TensorSpec
 
 STATS_JSON = "stats.json"
 STATS_FILE = "stats.safetensors"
@@ -57,10 +57,16 @@ class NeuronStats:
             return fh.get_tensor("sample_domain")
 
 
-def save_stats(directory: Path, meta: StatsMeta, tensors: dict[str, torch.Tensor]) -> NeuronStats:
+def stats_writer(directory: Path, specs: list[TensorSpec]) -> ShardedWriter:
+    """The stats file, written tensor by tensor as the profiler finishes each layer (a 7B model's samples are
+    ~2 GB: they never sit in memory all at once)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / STATS_FILE),
-              metadata={"format": "moefy-stats"})
+    return ShardedWriter(directory, specs, max_bytes=2**62, stem=STATS_FILE.removesuffix(".safetensors"),
+                         metadata={"format": "moefy-stats"})
+
+
+def save_meta(directory: Path, meta: StatsMeta) -> NeuronStats:
+    """The stats' description, written last: a directory without it holds no finished profile."""
     (directory / STATS_JSON).write_text(meta.model_dump_json(indent=2))
     return NeuronStats(directory, meta)
 
