@@ -101,9 +101,12 @@ def test_killed_run_resumes_exactly(tiny_moe, corpus, tmp_path):
     assert cli.main(["train", "--resume", str(tmp_path / "killed")]) == 0
     straight, resumed = records(tmp_path / "straight"), records(tmp_path / "killed")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(1, 71))  # 6 + 4 + 60 steps
+    # Bit-exact on the CPU. A GPU's kernels (atomic adds in backward) need not repeat bit for bit, and a run
+    # parts by rounding there (2e-4 relative seen on an H100).
+    tol = {"abs": 1e-6} if not torch.cuda.is_available() else {"rel": 1e-2}
     for a, b in zip(straight, resumed):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
-        assert a.get("distill_loss", 0) == pytest.approx(b.get("distill_loss", 0), abs=1e-6), a["step"]
+        assert a["loss"] == pytest.approx(b["loss"], **tol), a["step"]
+        assert a.get("distill_loss", 0) == pytest.approx(b.get("distill_loss", 0), **tol), a["step"]
         assert a["weights"] == b["weights"]
 
 

@@ -28,7 +28,8 @@ class GatingWrapper:
         for i, router in enumerate(self.routers):
             noise = None
             if gating.noise > 0:
-                noise = torch.nn.Linear(router.weight.shape[1], router.weight.shape[0], bias=False)
+                noise = torch.nn.Linear(router.weight.shape[1], router.weight.shape[0], bias=False,
+                                        device=router.weight.device)
                 torch.nn.init.zeros_(noise.weight)  # starts as plain top-k; learns where noise helps exploration
                 # A submodule of the router, so DDP/FSDP see and synchronise it; `remove` takes it off again.
                 router.moefy_noise = noise
