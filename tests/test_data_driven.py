@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,6 +137,45 @@ def test_profile_is_cached_and_reused(tiny_llama, corpus, tmp_path):
     stats_dirs = list((tmp_path / "cache" / "stats").iterdir())
     build(tiny_llama, tmp_path / "b", corpus, method="coactivation", experts=4, top_k=1)
     assert list((tmp_path / "cache" / "stats").iterdir()) == stats_dirs
+
+
+def test_profile_only_then_build_reuses_it(capsys, tiny_llama, corpus, tmp_path):
+    argv = ["build", str(tiny_llama), "--method", "carve", "--experts", "4", "--top-k", "1", "--calib", str(corpus),
+            "--seq-len", "16", "--tokens-per-domain", "512"]
+    assert cli.main([*argv, "--profile-only"]) == 0
+    assert "calibration stats:" in capsys.readouterr().out
+    stats_dirs = list((tmp_path / "cache" / "stats").iterdir())
+    assert len(stats_dirs) == 1 and not (tmp_path / "moe").exists()
+    assert cli.main([*argv, "--out", str(tmp_path / "moe")]) == 0
+    assert list((tmp_path / "cache" / "stats").iterdir()) == stats_dirs  # reused, not profiled again
+    assert cli.main(argv) == 2 and "build needs --out DIR" in capsys.readouterr().err
+
+
+def test_profile_is_data_parallel_under_torchrun(tiny_llama, corpus, tmp_path):
+    """2 gloo processes, each profiling half of the calibration batches (sums all-reduced, samples gathered),
+    write the stats 1 process writes: same samples, same moments up to float summation order."""
+    from moefy.profile.stats import load_stats
+
+    env = {**os.environ, "MOEFY_QUIET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    argv = ["-m", "moefy", "build", str(tiny_llama), "--method", "importance", "--calib", str(corpus),
+            "--seq-len", "16", "--tokens-per-domain", "512", "--profile-only"]  # importance: Taylor scores too
+    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc_per_node", "2"]}
+    stats = {}
+    for name, prefix in launch.items():
+        done = subprocess.run([*prefix, *argv], env={**env, "MOEFY_CACHE": str(tmp_path / name)},
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("calibration stats:") == 1  # printed by process 0 only
+        stats[name] = load_stats(next((tmp_path / name / "stats").iterdir()))
+    one, two = stats["one"], stats["two"]
+    assert one.meta == two.meta and one.meta.taylor
+    assert torch.equal(one.sample_domain(), two.sample_domain())
+    for i in range(one.meta.num_layers):
+        a, b = one.layer(i), two.layer(i)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-9, msg=f"layer {i} {key}")
 
 
 # --- methods -------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
 from moefy.profile.runner import profile_cached
+from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, BuildRecipe, dump_recipe, load_recipe, validate_recipe
 from moefy.sources import ALIASES, SIDE_FILES, resolve_model
@@ -85,9 +86,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
             raise MoefyError("reconstruction does not apply to drop-upcycling: its re-initialised neurons are "
                              "meant to be trained, not fitted to the dense FFN")
         if recipe.calib is not None:
-            options = recipe.profile
-            if (recipe.method == "importance" or recipe.dive.score == "taylor") and not options.taylor:
-                options = options.model_copy(update={"taylor": True})  # these scores are defined by the Taylor term
+            options = _profile_options(recipe)
             corpus = load_corpus(recipe.calib)  # read now, so a bad corpus fails before any work
             calibration = corpus.summary()
             domains = None
@@ -126,6 +125,31 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         architecture = model_config["architectures"][0]
         write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
+
+
+def _profile_options(recipe: BuildRecipe):
+    if (recipe.method == "importance" or recipe.dive.score == "taylor") and not recipe.profile.taylor:
+        return recipe.profile.model_copy(update={"taylor": True})  # these scores are defined by the Taylor term
+    return recipe.profile
+
+
+def profile(recipe: BuildRecipe) -> NeuronStats:
+    """The build's calibration pass alone, into the stats cache, where a build with the same model, corpus, method
+    and profile options finds it. Under torchrun it is data-parallel: each process profiles a share of the
+    calibration batches (on its own GPU where there are GPUs) and process 0 writes."""
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available())  # joins a torchrun launch's process group; alone otherwise
+    if recipe.calib is None:
+        raise MoefyError("profiling needs calibration data: pass --calib CORPUS")
+    if recipe.method == "dive":
+        raise MoefyError("dive profiles its own pruning split of the corpus: run moefy build directly")
+    compute_device(recipe.device)
+    source = resolve_model(_absolute(recipe.model))
+    family = family_for(source.config())
+    family.check(source.config(), LazyCheckpoint(source.directory).names())
+    return profile_cached(source, family, load_corpus(recipe.calib), _profile_options(recipe), recipe.seed,
+                          recipe.device)
 
 
 def _save_build_reports(directory: Path, plan: MoEPlan, mining, fits) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def _build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="split a dense checkpoint's FFNs into experts (Mixtral or Qwen2-MoE output)")
     b.add_argument("model", nargs="?", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
     b.add_argument("--recipe", type=Path, help="YAML build recipe; command-line options override its fields")
-    b.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    b.add_argument("--out", type=Path, help="output directory (must not exist unless --overwrite)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     b.add_argument("--experts", type=int, help="number of experts N (default 8)")
     b.add_argument("--top-k", type=int, dest="top_k", help="experts active per token k (default 2)")
@@ -50,6 +51,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="dive: cluster the calibration documents into M pseudo-domains (automatic when unlabelled)")
     b.add_argument("--prune-score", dest="prune_score", help="dive: neuron score flap (default), wanda or taylor")
     b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
+    b.add_argument("--profile-only", action="store_true", dest="profile_only",
+                   help="run only the calibration pass into the stats cache, which a later build with the same "
+                   "options reuses; data-parallel under torchrun (docs/scale-out.md)")
     b.add_argument("--reconstruct", action="store_const", const=True, default=None,
                    help="refit the experts to the dense model, layer by layer (needs --calib; see README)")
 
@@ -146,6 +150,16 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.recipe is None and args.model is None:
         raise MoefyError("build needs a MODEL or a --recipe")
     recipe = load_recipe(BuildRecipe, args.recipe, overrides)
+    if args.profile_only:
+        stats = api.profile(recipe)
+        if int(os.environ.get("RANK", "0")) == 0:
+            m = stats.meta
+            print(f"calibration stats: {stats.directory} ({m.num_layers} layers, {sum(m.tokens)} tokens over "
+                  f"{len(m.domains)} domains); a build with the same model, --calib, method and profile options "
+                  "reuses them")
+        return 0
+    if args.out is None:
+        raise MoefyError("build needs --out DIR (or --profile-only)")
     result = api.build(recipe, args.out, overwrite=args.overwrite)
     _print_build(result)
     return 0

@@ -1,6 +1,11 @@
 """The calibration pass. Forward statistics are gathered layer by layer (llm-compressor's sequential pipeline):
 embed every calibration block once, then materialise one decoder layer at a time from the lazy checkpoint, run it
-over all cached hidden states, and drop it. Memory is one layer plus the cached activations, whatever the model size."""
+over all cached hidden states, and drop it. Memory is one layer plus the cached activations, whatever the model size.
+
+Data-parallel under torchrun (a process group initialised by the caller): the statistics are sums over batches, so
+each process runs every layer over its share of the batches (and caches only those activations), the sums are
+all-reduced after each layer, the sampled rows gathered in batch order, and process 0 writes the same stats one
+process would."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 from moefy.data.corpus import Corpus
+from moefy.errors import MoefyError
 from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.families import Family
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
@@ -38,18 +44,32 @@ def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: Pr
     target = cache_dir() / "stats" / key
     if (target / "stats.json").is_file():
         return load_stats(target)
-    tmp = target.with_name(f".{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    rank, world = _process()
+    tmp = target.with_name(f".{key}.tmp-{os.getpid()}") if rank == 0 else None  # every process computes; 0 writes
     try:
         profile(source, family, corpus, opts, seed, tmp, device)
-        tmp.rename(target)
+        if tmp is not None:
+            tmp.rename(target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()  # the others read what process 0 wrote (a cache on a shared filesystem)
     return load_stats(target)
 
 
+def _process() -> tuple[int, int]:
+    """(rank, world size) of this process in an initialised torch.distributed group, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int, out,
-            device: str = "auto") -> NeuronStats:
+            device: str = "auto") -> NeuronStats | None:
+    """Write the stats to `out` and return them; under a data-parallel launch, only the process that passes an
+    `out` writes (the others pass None and get None)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = compute_device(device)
@@ -62,7 +82,12 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     D = len(tokens.domains)
     batches = domain_batches(tokens, opts.batch_size)
     picks = _sample_positions(tokens, batches, opts.sample_tokens, seed)
-    hidden = embed_blocks(reader, [ids for _, ids, _ in batches], dev)
+    rank, world = _process()
+    if len(batches) < world:
+        raise MoefyError(f"{world} processes for {len(batches)} calibration batches: launch fewer processes, or "
+                         "give more calibration tokens")
+    mine = list(range(rank, len(batches), world))  # this process's batches (all of them in one process)
+    hidden = embed_blocks(reader, [batches[b][1] for b in mine], dev)
     rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     top_k = max(1, round(opts.top_fraction * width))
 
@@ -74,14 +99,15 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     specs += [TensorSpec(f"layers.{i}.{k}", shape, dtype) for i in range(n_layers) for k, shape, dtype in per_layer]
     if opts.taylor:
         specs += [TensorSpec(f"layers.{i}.taylor", (D, width), torch.float64) for i in range(n_layers)]
-    writer = stats_writer(out, specs)
-    writer.write("sample_domain", sample_domain)
+    writer = stats_writer(out, specs) if out is not None else None
+    if writer is not None:
+        writer.write("sample_domain", sample_domain)
     for i in progress(range(n_layers), "profiling layers"):
         layer = skeleton.model.layers[i]
         materialise_layer(layer, reader, family.layer_prefix.format(layer=i), dev)
         acc = {k: torch.zeros(D, width, dtype=torch.float64, device=dev) for k in MOMENTS}
         count = torch.zeros(D, dtype=torch.float64, device=dev)
-        samples_x, samples_a = [], []
+        samples: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (x, |a|) rows at its sampled positions
         current: dict = {}
         mlp = layer.mlp
         hooks = [
@@ -90,8 +116,9 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
             mlp.down_proj.register_forward_pre_hook(lambda m, args: current.__setitem__("a", args[0])),
         ]
         with torch.no_grad():
-            for b, (d, _, _) in enumerate(batches):
-                hidden[b] = layer(hidden[b], position_embeddings=rope, position_ids=positions)
+            for j, b in enumerate(mine):
+                d = batches[b][0]
+                hidden[j] = layer(hidden[j], position_embeddings=rope, position_ids=positions)
                 # Per-batch sums in fp32 (a few thousand tokens), accumulated across batches in fp64.
                 a = current["a"].reshape(-1, width)
                 g = current["g"].reshape(-1, width)
@@ -103,18 +130,28 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
                 top = torch.zeros_like(a, dtype=torch.bool).scatter_(1, a_abs.topk(top_k, dim=1, sorted=False).indices, True)
                 acc["top_freq"][d] += top.sum(0)
                 count[d] += a.shape[0]
-                samples_x.append(current["x"].reshape(-1, hidden_size)[picks[b]].half().cpu())
-                samples_a.append(a_abs[picks[b]].half().cpu())
+                samples[b] = (current["x"].reshape(-1, hidden_size)[picks[b]].half().cpu(),
+                              a_abs[picks[b]].half().cpu())
         for h in hooks:
             h.remove()
         layer.to("meta")  # free this layer's weights before the next one is read
-        for k, v in acc.items():
-            writer.write(f"layers.{i}.{k}", (v / count[:, None]).cpu())
-        writer.write(f"layers.{i}.hidden", torch.cat(samples_x))
-        writer.write(f"layers.{i}.abs_act", torch.cat(samples_a))
+        if world > 1:
+            for v in (*acc.values(), count):
+                torch.distributed.all_reduce(v)
+            shares: list = [None] * world
+            torch.distributed.all_gather_object(shares, samples)
+            samples = {b: rows for share in shares for b, rows in share.items()}
+        if writer is not None:
+            for k, v in acc.items():
+                writer.write(f"layers.{i}.{k}", (v / count[:, None]).cpu())
+            writer.write(f"layers.{i}.hidden", torch.cat([samples[b][0] for b in range(len(batches))]))
+            writer.write(f"layers.{i}.abs_act", torch.cat([samples[b][1] for b in range(len(batches))]))
     if opts.taylor:
-        for i, score in enumerate(_taylor_scores(source, tokens, batches, dev)):
-            writer.write(f"layers.{i}.taylor", score)
+        for i, score in enumerate(_taylor_scores(source, tokens, [batches[b] for b in mine], dev, world)):
+            if writer is not None:
+                writer.write(f"layers.{i}.taylor", score)
+    if writer is None:
+        return None
     writer.close()
     meta = StatsMeta(model=source.spec, corpus=corpus.source, domains=tokens.domains,
                      tokens=[int(tokens.blocks[d].numel()) for d in tokens.domains], num_layers=n_layers,
@@ -171,8 +208,10 @@ def materialise_layer(module: torch.nn.Module, reader: LazyCheckpoint, prefix: s
     module.eval()
 
 
-def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, device: torch.device) -> list[torch.Tensor]:
-    """LLaMA-MoE's importance: per domain, mean over tokens of |a_j · ∂L/∂a_j| (needs the full model and backward)."""
+def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, device: torch.device, world: int = 1
+                   ) -> list[torch.Tensor]:
+    """LLaMA-MoE's importance: per domain, mean over tokens of |a_j · ∂L/∂a_j| (needs the full model and backward).
+    `batches` are this process's; with world > 1 the sums are all-reduced."""
     model = load_causal_lm(source.directory).to(device)
     layers = model.model.layers
     D, width = len(tokens.domains), model.config.intermediate_size
@@ -197,4 +236,13 @@ def _taylor_scores(source: ModelSource, tokens: TokenBlocks, batches, device: to
         counts[d] += ids.numel()
     for h in hooks:
         h.remove()
+    if world > 1:  # all_reduce on gloo/NCCL wants the tensors on the process group's device
+        for s in (*scores, counts):
+            s.copy_(_all_reduced(s, device))
     return [s / counts[:, None] for s in scores]
+
+
+def _all_reduced(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    on = t.to(device)
+    torch.distributed.all_reduce(on)
+    return on.cpu()
