@@ -37,7 +37,6 @@ def leftovers(parent: Path) -> list[str]:
     (["--experts", "0"], "experts must be at least 1"),
     (["--experts", "49", "--top-k", "2"], "cannot make 49 experts from an FFN of width 48"),
     (["--method", "nope"], "unknown method 'nope'"),
-    (["--dtype", "int3"], "dtype"),
     (["--scale", "-1"], "scale must be positive"),
     (["--device", "tpu7"], "unknown device 'tpu7'"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA GPU here", marks=pytest.mark.skipif(

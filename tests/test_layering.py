@@ -10,7 +10,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "moefy"
 
 # Top floor first. A module's floor is that of its longest listed prefix.
 FLOORS = [
-    ["cli", "__main__", "demo", "api"],
+    ["cli", "recipe_flags", "__main__", "demo", "api"],
     ["train", "evaluate", "analyze"],
     ["construct", "export", "profile"],
     ["data"],

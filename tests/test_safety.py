@@ -205,11 +205,12 @@ def test_damaged_configs(capsys, model, tmp_path, edit, fragment):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--layers", "0,x"], "--layers takes"),
+    (["--layers", "0,x"], "layers takes all, every_other, last:N or comma-separated"),
     (["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
     (["--scale", "nan"], "scale: Input should be a finite number"),
     (["--scale", "inf"], "scale: Input should be a finite number"),
     (["--experts", "four"], "invalid int value"),
+    (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),  # choices generated from the recipe's Literal
 ])
 def test_bad_options(capsys, model, tmp_path, argv, fragment):
     try:

@@ -104,3 +104,28 @@ def test_recipe_method_names_match_the_registry():
     from moefy.recipes import METHOD_NAMES
 
     assert set(METHOD_NAMES) == set(METHODS)
+
+
+def test_every_build_recipe_field_has_a_generated_flag():
+    """cli's build flags come from BuildRecipe itself: each field and each section's field has one (the model is
+    the positional argument), and the flags given become a nested override of exactly those fields."""
+    from pydantic import BaseModel
+
+    from moefy.cli import _build_parser
+    from moefy.recipe_flags import PREFIX, recipe_overrides
+    from moefy.recipes import BuildRecipe
+
+    def leaves(model, path=()):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from leaves(field.annotation, (*path, name))
+            else:
+                yield ".".join((*path, name))
+
+    build = _build_parser()._subparsers._group_actions[0].choices["build"]
+    dests = {a.dest[len(PREFIX):] for a in build._actions if a.dest.startswith(PREFIX)}
+    assert dests == set(leaves(BuildRecipe)) - {"model"}
+    args = _build_parser().parse_args(["build", "m", "--reconstruct-steps", "7", "--no-reconstruct", "--layers",
+                                       "0,2", "--dive-affinity", "iou", "--tokens-per-domain", "64"])
+    assert recipe_overrides(args) == {"reconstruct": {"steps": 7, "enabled": False}, "layers": "0,2",
+                                      "dive": {"affinity": "iou"}, "profile": {"tokens_per_domain": 64}}

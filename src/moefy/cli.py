@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from moefy.errors import MoefyError
+from moefy.recipe_flags import add_recipe_flags, recipe_overrides
+from moefy.recipes import BuildRecipe, load_recipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,35 +29,10 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recipe", type=Path, help="YAML build recipe; command-line options override its fields")
     b.add_argument("--out", type=Path, help="output directory (must not exist unless --overwrite)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    b.add_argument("--experts", type=int, help="number of experts N (default 8)")
-    b.add_argument("--top-k", type=int, dest="top_k", help="experts active per token k (default 2)")
-    b.add_argument("--method", help="construction method: random, sequential, cluster, coactivation, carve, "
-                                    "importance, upcycle, dive (default random)")
-    b.add_argument("--calib", help="calibration corpus (.jsonl/.parquet/.txt or a directory) for data-driven methods")
-    b.add_argument("--layers", help="MoE layers: all, every_other, last:N, or a comma list (others stay dense)")
-    b.add_argument("--shared-fraction", type=float, dest="shared_fraction",
-                   help="fraction of FFN neurons kept always-on as a shared expert (carve, importance inter)")
-    b.add_argument("--importance", help="importance variant: independent, inner, inter")
-    b.add_argument("--tokens-per-domain", type=int, dest="tokens_per_domain", help="calibration tokens per domain")
-    b.add_argument("--seq-len", type=int, dest="seq_len", help="calibration sequence length")
-    b.add_argument("--seed", type=int, help="seed for every random choice (default 0)")
-    b.add_argument("--scale", type=float, help="expert output scale folded into down_proj (default N/k)")
-    b.add_argument("--dtype", help="output dtype: source, float32, bfloat16, float16 (default source)")
-    b.add_argument("--device", help="where profiling and reconstruction compute: auto (a GPU when present), cpu, "
-                   "cuda, cuda:N (default auto)")
-    b.add_argument("--router-init", dest="router_init",
-                   help="router init: random, zero, centroid, hidden-kmeans, domain, representative, fit")
-    b.add_argument("--router-std", type=float, dest="router_std", help="std of the random router init (0.02)")
-    b.add_argument("--keep", type=float, help="dive: fraction of FFN neurons each expert keeps (default 1/N)")
-    b.add_argument("--discover-domains", type=int, dest="discover_domains", metavar="M",
-                   help="dive: cluster the calibration documents into M pseudo-domains (automatic when unlabelled)")
-    b.add_argument("--prune-score", dest="prune_score", help="dive: neuron score flap (default), wanda or taylor")
-    b.add_argument("--cluster-rows", dest="cluster_rows", help="cluster method: cluster rows of up or gate (default up)")
     b.add_argument("--profile-only", action="store_true", dest="profile_only",
                    help="run only the calibration pass into the stats cache, which a later build with the same "
                    "options reuses; data-parallel under torchrun (docs/scale-out.md)")
-    b.add_argument("--reconstruct", action="store_const", const=True, default=None,
-                   help="refit the experts to the dense model, layer by layer (needs --calib; see README)")
+    add_recipe_flags(b, BuildRecipe, skip=("model",))  # every recipe field: --experts, --method, --reconstruct-steps…
 
     t = sub.add_parser("train", help="train a built MoE through the stages of a recipe (or --resume a run)")
     t.add_argument("moe_dir", nargs="?", type=Path)
@@ -132,21 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from moefy import api
-    from moefy.recipes import BuildRecipe, load_recipe
 
-    keys = ("model", "experts", "top_k", "method", "seed", "scale", "dtype", "device", "calib", "shared_fraction",
-            "importance", "keep")
-    overrides = {k: getattr(args, k) for k in keys}
-    if args.layers is not None:
-        overrides["layers"] = _layers(args.layers)
-    nested = {"router": {"kind": args.router_init, "std": args.router_std}, "cluster": {"rows": args.cluster_rows},
-              "profile": {"tokens_per_domain": args.tokens_per_domain, "seq_len": args.seq_len},
-              "dive": {"discover_domains": args.discover_domains, "score": args.prune_score},
-              "reconstruct": {"enabled": args.reconstruct}}
-    for key, fields in nested.items():
-        given = {k: v for k, v in fields.items() if v is not None}
-        if given:
-            overrides[key] = given
+    overrides = {**recipe_overrides(args), "model": args.model}
     if args.recipe is None and args.model is None:
         raise MoefyError("build needs a MODEL or a --recipe")
     recipe = load_recipe(BuildRecipe, args.recipe, overrides)
@@ -163,16 +127,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     result = api.build(recipe, args.out, overwrite=args.overwrite)
     _print_build(result)
     return 0
-
-
-def _layers(text: str) -> str | list[int]:
-    if not text[:1].isdigit():
-        return text  # all, every_other, last:N: checked with the recipe
-    try:
-        return [int(i) for i in text.split(",")]
-    except ValueError:
-        raise MoefyError(f"--layers takes all, every_other, last:N or comma-separated layer numbers "
-                         f"(got {text!r})") from None
 
 
 def _print_build(result) -> None:

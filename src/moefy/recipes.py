@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moefy.errors import MoefyError
 
@@ -22,63 +22,77 @@ class Frozen(BaseModel):
 
 
 class ClusterOptions(Frozen):
-    rows: Literal["up", "gate"] = "up"  # which projection's rows are clustered (not "on": YAML reads that as true)
-    iterations: int = Field(20, ge=1)  # Lloyd iterations before the balanced assignment rounds
-    balanced_rounds: int = Field(3, ge=1)  # exact balanced re-assignments (~10 ms each per layer at I=1536)
+    # not "on": YAML reads that as true
+    rows: Literal["up", "gate"] = Field("up", description="cluster method: which projection's rows are clustered")
+    iterations: int = Field(20, ge=1, description="cluster method: Lloyd iterations before the balanced rounds")
+    balanced_rounds: int = Field(3, ge=1, description="cluster method: exact balanced re-assignments "
+                                                      "(~10 ms each per layer at 1536 neurons)")
 
 
 class RouterInit(Frozen):
     # random/zero need no data; the rest need --calib: centroid (mean hidden state of the tokens that activate an
     # expert's neurons most), hidden-kmeans (balanced k-means of MLP inputs), domain (mean hidden state per domain),
     # representative (the gate row of each expert's most typical neuron, CMoE), fit (see construct/router_fit.py).
-    # None: the method's default (fit for carve, random otherwise), filled in before the recipe is saved.
-    kind: Literal["random", "zero", "centroid", "hidden-kmeans", "domain", "representative", "fit"] | None = None
-    std: float = Field(0.02, ge=0.0)  # for kind=random
-    ridge: float = Field(1e-2, ge=0.0)  # for kind=fit: ridge penalty, relative to the mean feature variance
+    # None is filled in with the method's default before the recipe is saved.
+    kind: Literal["random", "zero", "centroid", "hidden-kmeans", "domain", "representative", "fit"] | None = Field(
+        None, description="router init (default: fit for carve, random otherwise)",
+        json_schema_extra={"flag": "--router-init"})
+    std: float = Field(0.02, ge=0.0, description="std of the random router init")
+    ridge: float = Field(1e-2, ge=0.0, description="fitted router's ridge penalty, relative to the mean feature "
+                                                   "variance")
 
 
 class ProfileOptions(Frozen):
-    seq_len: int = Field(256, ge=8)
-    tokens_per_domain: int | None = Field(4096, ge=1)  # None: every token of the calibration corpus
-    top_fraction: float = Field(0.25, gt=0, le=1)  # a neuron is "top-activated" if in its token's top fraction by |a|
-    sample_tokens: int = Field(2048, ge=16)  # tokens whose hidden states and |a| are kept for clustering/router fits
-    taylor: bool = False  # also |a·∂L/∂a| (needs a backward pass over the full model)
-    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=8, description="calibration sequence length", json_schema_extra={"flag": "--seq-len"})
+    tokens_per_domain: int | None = Field(4096, ge=1, description="calibration tokens per domain",
+                                          json_schema_extra={"flag": "--tokens-per-domain"})
+    top_fraction: float = Field(0.25, gt=0, le=1, description="a neuron is top-activated for a token if in its top "
+                                                              "fraction by |activation|")
+    sample_tokens: int = Field(2048, ge=16, description="tokens whose hidden states and |activations| are kept for "
+                                                        "clustering and router fits")
+    taylor: bool = Field(False, description="also LLaMA-MoE's |a·∂L/∂a| scores (a backward pass over the full "
+                                            "model; on for importance and dive --prune-score taylor)")
+    batch_size: int = Field(8, ge=1, description="calibration sequences per forward")
 
 
 class DiveOptions(Frozen):
     """DIVE (DESIGN §4): per-domain pruning, affinity mining, one expert per domain group."""
-    score: Literal["flap", "wanda", "taylor"] = "flap"  # structured neuron score from the profiler's moments
-    affinity: Literal["both", "iou", "loss"] = "both"  # mask IoU, cross-domain loss, or their mean
-    discover_domains: int | None = Field(None, ge=2)  # cluster documents into M pseudo-domains (also when unlabelled)
-    affinity_fraction: float = Field(0.2, gt=0, lt=1)  # share of each domain's documents held out for the loss
-    affinity_tokens_per_domain: int = Field(1024, ge=16)
-    embed_tokens: int = Field(256, ge=8)  # tokens of each document mean-pooled for its embedding
+    score: Literal["flap", "wanda", "taylor"] = Field("flap", description="dive: structured neuron score",
+                                                      json_schema_extra={"flag": "--prune-score"})
+    affinity: Literal["both", "iou", "loss"] = Field("both", description="dive: domain affinity from mask IoU, "
+                                                                         "cross-domain loss, or their mean")
+    discover_domains: int | None = Field(None, ge=2, description="dive: cluster the documents into M pseudo-domains "
+                                                                 "(automatic when unlabelled)",
+                                         json_schema_extra={"flag": "--discover-domains", "metavar": "M"})
+    affinity_fraction: float = Field(0.2, gt=0, lt=1, description="dive: share of each domain's documents held out "
+                                                                  "for the cross-domain loss")
+    affinity_tokens_per_domain: int = Field(1024, ge=16, description="dive: tokens per domain for the loss")
+    embed_tokens: int = Field(256, ge=8, description="dive: tokens of each document mean-pooled for its embedding")
 
 
 class ReconstructOptions(Frozen):
     """Layer-wise reconstruction after construction (construct/reconstruct.py): fit each MoE layer's router and
     down projections to the dense FFN on inputs from the already-converted layers. Closed form; no LM loss."""
     # Defaults are the best setting measured on SmolLM2 at 25% active (docs/results.md, bench_reconstruct.py).
-    enabled: bool = False
-    # "stream": make the layer's output bring the residual stream back to the dense model's own (corrects the drift
-    # of everything before, attention included); "ffn": match the dense FFN's output on the same inputs.
-    target: Literal["ffn", "stream"] = "stream"
-    rounds: int = Field(1, ge=1)  # alternations of router fit and closed-form expert fit
-    # Refit the router on the converted model's inputs. Off by default: in an exploratory run at 25% (target ffn),
-    # carve's routers, fitted on dense inputs, generalised better to held-out text than the refitted ones.
-    router: bool = False
-    ridge: float = Field(1e-3, ge=0.0)  # down projections' ridge penalty, relative to the mean feature energy
-    router_ridge: float = Field(1e-2, ge=0.0)
-    seq_len: int = Field(256, ge=8)
-    tokens_per_domain: int | None = Field(8192, ge=1)  # calibration tokens per domain (None: all)
-    batch_size: int = Field(8, ge=1)
-    # After the closed form: Adam steps on every expert weight (gate, up, down; routed and shared) per layer, each
-    # tensor at lr_ratio × its own RMS, on step_tokens random calibration tokens a step. 0: closed form only, about
-    # a third of the time (SmolLM2 25%: ×1.98 closed form, ×1.65 with 300 steps; docs/results.md).
-    steps: int = Field(300, ge=0)
-    lr_ratio: float = Field(1e-2, gt=0)
-    step_tokens: int = Field(512, ge=1)
+    enabled: bool = Field(False, description="refit the experts to the dense model, layer by layer (needs --calib)",
+                          json_schema_extra={"flag": "--reconstruct"})
+    # "stream" also corrects the drift of everything before, attention included.
+    target: Literal["ffn", "stream"] = Field("stream", description="what each layer is fitted to: the dense "
+                                             "residual stream, or the dense FFN's output on the same inputs")
+    rounds: int = Field(1, ge=1, description="alternations of router fit and closed-form expert fit")
+    # Off by default: in an exploratory run at 25% (target ffn), carve's routers, fitted on dense inputs,
+    # generalised better to held-out text than the refitted ones.
+    router: bool = Field(False, description="also refit the routers on the converted model's inputs")
+    ridge: float = Field(1e-3, ge=0.0, description="down projections' ridge penalty, relative to the mean feature "
+                                                   "energy")
+    router_ridge: float = Field(1e-2, ge=0.0, description="refitted routers' ridge penalty")
+    seq_len: int = Field(256, ge=8, description="reconstruction sequence length")
+    tokens_per_domain: int | None = Field(8192, ge=1, description="reconstruction calibration tokens per domain")
+    batch_size: int = Field(8, ge=1, description="sequences per forward")
+    # 0: closed form only, about a third of the time (SmolLM2 25%: ×1.98 closed form, ×1.65 with 300 steps).
+    steps: int = Field(300, ge=0, description="Adam steps on every expert weight per layer after the closed form")
+    lr_ratio: float = Field(1e-2, gt=0, description="each tensor's Adam lr, as a fraction of its own RMS")
+    step_tokens: int = Field(512, ge=1, description="random calibration tokens per Adam step")
 
 
 # The construction methods (construct/registry.py's METHODS holds their code; a test keeps the two lists equal).
@@ -86,33 +100,49 @@ METHOD_NAMES = ("random", "sequential", "cluster", "coactivation", "carve", "imp
 
 
 class BuildRecipe(Frozen):
-    model: str
-    experts: int = 8
-    top_k: int = 2
-    method: str = "random"  # one of METHOD_NAMES, checked when the recipe is read (before any model is touched)
-    seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds only
-    # Output scale folded into down_proj; None means N/k (LLaMA-MoE's convention).
-    scale: float | None = None
-    dtype: DTypeName = "source"
-    # Where the calibration passes (profiling, reconstruction) compute, one decoder layer at a time: auto (a GPU
-    # when torch sees one), cpu, cuda or cuda:N. The weights written are the same up to float rounding.
-    device: str = "auto"
+    model: str = Field(description="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
+    experts: int = Field(8, description="number of experts N")
+    top_k: int = Field(2, description="experts active per token k")
+    # checked against METHOD_NAMES when the recipe is read, before any model is touched
+    method: str = Field("random", description=f"construction method: {', '.join(METHOD_NAMES)}")
+    seed: int = Field(0, ge=0, description="seed for every random choice")  # numpy takes non-negative seeds only
+    scale: float | None = Field(None, description="expert output scale folded into down_proj (default N/k, "
+                                                  "LLaMA-MoE's convention)")
+    dtype: DTypeName = Field("source", description="output dtype")
+    # The weights written are the same up to float rounding, wherever they were fitted.
+    device: str = Field("auto", description="where profiling and reconstruction compute: auto (a GPU when present),"
+                                            " cpu, cuda, cuda:N")
     router: RouterInit = RouterInit()
     cluster: ClusterOptions = ClusterOptions()
-    calib: str | None = None  # calibration corpus, for the data-driven methods and router inits
+    calib: str | None = Field(None, description="calibration corpus (.jsonl/.parquet/.txt or a directory), for the "
+                                                "data-driven methods and router inits")
     profile: ProfileOptions = ProfileOptions()
-    layers: str | list[int] = "all"  # all, every_other, last:N, or a list; other layers stay dense
-    # Always-on shared neurons (carve, importance-inter); None: the method's default (0.125 for carve, else 0).
-    shared_fraction: float | None = Field(None, ge=0.0, lt=1.0)
-    importance: Literal["independent", "inner", "inter"] = "independent"
-    # Drop-upcycling: in each full-FFN copy, re-initialise this fraction of neurons (seeded, per expert), so that
-    # copies can diverge in training. Only for method upcycle.
-    drop_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    max_shard_bytes: int = Field(2 * 1024**3, ge=1024**2)
-    # dive: fraction of FFN neurons each expert keeps; None resolves to 1/N, so k active experts are k/N of the FFN
-    keep: float | None = Field(None, gt=0, le=1)
+    layers: str | list[int] = Field("all", description="MoE layers: all, every_other, last:N, or a comma list "
+                                                       "(others stay dense)")
+    shared_fraction: float | None = Field(None, ge=0.0, lt=1.0, description="fraction of FFN neurons kept always-on"
+                                          " as a shared expert, carve and importance inter (default 0.125 for carve)")
+    importance: Literal["independent", "inner", "inter"] = Field("independent", description="importance variant")
+    # Drop-upcycling: re-initialised neurons (seeded, per expert) let the copies diverge in training.
+    drop_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="upcycle: fraction of neurons re-initialised in "
+                                                                  "each full-FFN copy")
+    max_shard_bytes: int = Field(2 * 1024**3, ge=1024**2, description="largest output safetensors shard")
+    # None resolves to 1/N, so k active experts are k/N of the FFN
+    keep: float | None = Field(None, gt=0, le=1, description="dive: fraction of FFN neurons each expert keeps "
+                                                             "(default 1/N)")
     dive: DiveOptions = DiveOptions()
     reconstruct: ReconstructOptions = ReconstructOptions()
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_list(cls, value):
+        """A comma list of layer numbers may come as text ("0,2,5", from the command line or YAML)."""
+        if isinstance(value, str) and value[:1].isdigit():
+            try:
+                return [int(i) for i in value.split(",")]
+            except ValueError:
+                raise ValueError(f"layers takes all, every_other, last:N or comma-separated layer numbers "
+                                 f"(got {value!r})") from None
+        return value
 
     @model_validator(mode="after")
     def _counts(self) -> "BuildRecipe":

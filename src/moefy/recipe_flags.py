@@ -1,0 +1,70 @@
+"""Command-line flags generated from a recipe's fields (mergekit's add_merge_options is the model): every field of
+the recipe and of its sections becomes a flag whose type, choices, default and help come from the pydantic field,
+so a new recipe field is a new flag with nothing else to edit. A flag given overrides that field of the YAML recipe;
+a flag not given overrides nothing. Sections become help groups; a field may name a shorter flag in its
+json_schema_extra (`--seq-len` for profile.seq_len)."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel
+
+PREFIX = "recipe:"  # argparse dest of a generated flag: recipe:section.field
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser, recipe: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
+    _add(parser, recipe, (), skip)
+
+
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given, as a nested dict of recipe fields (for recipes.load_recipe)."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(PREFIX) and value is not None:
+            *sections, name = dest[len(PREFIX):].split(".")
+            node = out
+            for s in sections:
+                node = node.setdefault(s, {})
+            node[name] = value
+    return out
+
+
+def _add(parser, model: type[BaseModel], path: tuple[str, ...], skip: tuple[str, ...]) -> None:
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
+        here = (*path, name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):  # a section: its own help group
+            summary = " ".join((annotation.__doc__ or "").split()).split(". ")[0]  # the docstring's first sentence
+            group = parser.add_argument_group(f"{name} options", summary.rstrip(".") + "." if summary else None)
+            _add(group, annotation, here, ())
+            continue
+        kind, choices = _flag_type(annotation)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flag = extra.get("flag", "--" + "-".join(here).replace("_", "-"))
+        default = field.get_default()
+        text = field.description or ""
+        if kind is bool:
+            parser.add_argument(flag, dest=PREFIX + ".".join(here), action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{text} (default {'on' if default else 'off'})")
+            continue
+        shown = f" (default {default})" if default is not None and not field.is_required() else ""
+        parser.add_argument(flag, dest=PREFIX + ".".join(here), type=kind, choices=choices, default=None,
+                            metavar=None if choices else extra.get("metavar", name.upper()), help=text + shown)
+
+
+def _flag_type(annotation) -> tuple[type, list | None]:
+    """(argparse type, choices) of a field: Optional is unwrapped, a Literal gives its choices, and a union of
+    several types (layers: str | list[int]) is read as text, which the recipe's own validator parses."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _flag_type(inner[0]) if len(inner) == 1 else (str, None)
+    if origin is Literal:
+        return type(args[0]), list(args)
+    return annotation, None
