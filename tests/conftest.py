@@ -86,3 +86,16 @@ def write_domain_corpus(path: Path, alphabets: dict[str, str], docs: dict[str, i
                 text = "".join(rng.choice(alphabet) for _ in range(chars[domain]))
                 fh.write(json.dumps({"text": text, "domain": domain}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def llama3(tmp_path_factory) -> Path:
+    """FFN width 64, 3 layers: the reconstruction and GPU tests' model."""
+    return make_tiny_llama(tmp_path_factory.mktemp("llama3") / "llama", intermediate=64, layers=3)
+
+
+@pytest.fixture(scope="session")
+def ab_corpus(tmp_path_factory) -> Path:
+    """Two domains of 8 documents, letters and digits: the reconstruction and GPU tests' calibration data."""
+    return write_domain_corpus(tmp_path_factory.mktemp("ab") / "c.jsonl", {"a": "ab ", "d": "0123 "},
+                               {"a": 8, "d": 8}, {"a": 300, "d": 300}, seed=0)

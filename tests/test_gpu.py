@@ -14,33 +14,19 @@ import yaml
 from moefy import api, cli
 from moefy.construct.plan import load_plan
 from moefy.recipes import BuildRecipe, ProfileOptions, validate_recipe
-from conftest import make_tiny_llama, write_domain_corpus
+from test_reconstruct import SEQ
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here")]
 
-SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("gpu") / "llama", intermediate=64, layers=3)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_domain_corpus(tmp_path_factory.mktemp("gpu") / "c.jsonl", {"a": "ab ", "d": "0123 "},
-                               {"a": 8, "d": 8}, {"a": 300, "d": 300}, seed=0)
-
-
-def test_profile_on_the_gpu_gives_the_cpu_stats(model, corpus, tmp_path):
+def test_profile_on_the_gpu_gives_the_cpu_stats(llama3, ab_corpus, tmp_path):
     from moefy.data.corpus import load_corpus
     from moefy.families import family_for
     from moefy.profile.runner import profile
     from moefy.sources import resolve_model
 
-    source = resolve_model(str(model))
-    family, data = family_for(source.config()), load_corpus(corpus)
+    source = resolve_model(str(llama3))
+    family, data = family_for(source.config()), load_corpus(ab_corpus)
     opts = ProfileOptions(seq_len=SEQ, taylor=True)
     cpu = profile(source, family, data, opts, 0, tmp_path / "cpu", device="cpu")
     gpu = profile(source, family, data, opts, 0, tmp_path / "gpu", device="cuda")
@@ -61,15 +47,15 @@ def build(model, corpus, out, device):
     return api.build(recipe, out)
 
 
-def test_reconstructed_build_on_the_gpu_matches_the_cpu_build(model, corpus, tmp_path):
+def test_reconstructed_build_on_the_gpu_matches_the_cpu_build(llama3, ab_corpus, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cpu, gpu = build(model, corpus, tmp_path / "cpu", "cpu"), build(model, corpus, tmp_path / "gpu", "cuda")
+    cpu, gpu = build(llama3, ab_corpus, tmp_path / "cpu", "cpu"), build(llama3, ab_corpus, tmp_path / "gpu", "cuda")
     assert yaml.safe_load((tmp_path / "gpu" / "moefy.yaml").read_text())["device"] == "cuda"
     for a, b in zip(cpu.reconstruction, gpu.reconstruction):
         assert b.after < b.before
         assert b.before == pytest.approx(a.before, rel=1e-3) and b.after == pytest.approx(a.after, rel=0.05)
-    assert api.verify(tmp_path / "gpu", str(model)).passed  # the construction under the fitted weights is exact
+    assert api.verify(tmp_path / "gpu", str(llama3)).passed  # the construction under the fitted weights is exact
     assert load_plan(tmp_path / "gpu").meta.fitted == load_plan(tmp_path / "cpu").meta.fitted
     ids = torch.randint(0, 200, (2, SEQ), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -78,9 +64,9 @@ def test_reconstructed_build_on_the_gpu_matches_the_cpu_build(model, corpus, tmp
     assert (la - lb).abs().max() / la.abs().max() < 0.05
 
 
-def test_a_missing_gpu_is_one_line(capsys, model, corpus, tmp_path):
+def test_a_missing_gpu_is_one_line(capsys, llama3, ab_corpus, tmp_path):
     count = torch.cuda.device_count()
-    argv = ["build", str(model), "--method", "carve", "--calib", str(corpus), "--seq-len", str(SEQ),
+    argv = ["build", str(llama3), "--method", "carve", "--calib", str(ab_corpus), "--seq-len", str(SEQ),
             "--device", f"cuda:{count}", "--out", str(tmp_path / "moe")]
     assert cli.main(argv) == 2
     assert f"torch sees {count} GPU(s)" in capsys.readouterr().err and not (tmp_path / "moe").exists()
@@ -90,21 +76,21 @@ def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_on_the_gpu_in_bf16_with_a_bf16_teacher_and_resume(model, corpus, tmp_path):
+def test_training_on_the_gpu_in_bf16_with_a_bf16_teacher_and_resume(llama3, ab_corpus, tmp_path):
     from moefy.train.distill import load_teacher
     from moefy.train.loop import make_accelerator
     from moefy.train.recipe import TrainRecipe
 
     assert make_accelerator(TrainRecipe(stages=[{"tokens": 4 * SEQ, "seq_len": SEQ}])).mixed_precision == "bf16"
-    assert load_teacher(model, torch.device("cuda")).dtype == torch.bfloat16
+    assert load_teacher(llama3, torch.device("cuda")).dtype == torch.bfloat16
     moe = tmp_path / "moe"
-    api.build(validate_recipe(BuildRecipe, {"model": str(model), "method": "cluster", "experts": 4, "top_k": 2}), moe)
+    api.build(validate_recipe(BuildRecipe, {"model": str(llama3), "method": "cluster", "experts": 4, "top_k": 2}), moe)
     stages = [{"name": "kd", "trainable": "experts-lora", "tokens": 12 * 4 * SEQ, "seq_len": SEQ, "lr": 1e-2,
                "distill": {"temperature": 2.0, "lm_weight": 0.5, "hidden_weight": 0.1}},
               {"name": "all", "trainable": "all", "tokens": 12 * 4 * SEQ, "seq_len": SEQ, "lr": 3e-3}]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"stages": stages, "checkpoint_every": 6, "keep_last": 10}))
-    api.train(moe, str(corpus), recipe, tmp_path / "run")
+    api.train(moe, str(ab_corpus), recipe, tmp_path / "run")
     straight = records(tmp_path / "run")
     assert len(straight) == 24 and all(r["loss"] == r["loss"] for r in straight)  # no NaN
     assert all(r["distill_loss"] > 0 for r in straight[:12])

@@ -15,20 +15,8 @@ from moefy import api, cli
 from moefy.construct import refit
 from moefy.construct.plan import load_plan
 from moefy.recipes import BuildRecipe, validate_recipe
-from conftest import make_tiny_llama, write_domain_corpus
 
 SEQ = 32
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_llama(tmp_path_factory.mktemp("rec") / "llama", intermediate=64, layers=3)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_domain_corpus(tmp_path_factory.mktemp("rec") / "c.jsonl", {"a": "ab ", "d": "0123 "},
-                               {"a": 8, "d": 8}, {"a": 300, "d": 300}, seed=0)
 
 
 def build(model, corpus, out, **fields):
@@ -63,31 +51,31 @@ def test_pad_slots_and_unused_experts_get_zero_weights():
 
 @pytest.mark.parametrize("steps", [0, 5])
 @pytest.mark.parametrize("method,architecture", [("carve", "Qwen2MoeForCausalLM"), ("random", "MixtralForCausalLM")])
-def test_exported_model_computes_what_the_fit_computed(model, corpus, tmp_path, method, architecture, steps):
+def test_exported_model_computes_what_the_fit_computed(llama3, ab_corpus, tmp_path, method, architecture, steps):
     """Layer 0 sees the same inputs in the dense and the converted model, so the exported MoE layer's error there
     must equal the fit's reported error: fitted weights, scale, shared doubling and routing all land as fitted."""
     from moefy.data.corpus import load_corpus
     from moefy.data.tokens import token_blocks
     from moefy.models import load_causal_lm, load_tokenizer
 
-    result = build(model, corpus, tmp_path / "moe", method=method,
+    result = build(llama3, ab_corpus, tmp_path / "moe", method=method,
                    reconstruct={"enabled": True, "seq_len": SEQ, "steps": steps, "lr_ratio": 1e-2})
     assert result.architecture == architecture
     assert all(f.after < f.before for f in result.reconstruction)
-    blocks = token_blocks(load_corpus(corpus), load_tokenizer(model), SEQ, 4096, 0)
+    blocks = token_blocks(load_corpus(ab_corpus), load_tokenizer(llama3), SEQ, 4096, 0)
     ids = torch.cat([blocks.blocks[d] for d in blocks.domains])
-    dense, moe = load_causal_lm(model), load_causal_lm(tmp_path / "moe")
+    dense, moe = load_causal_lm(llama3), load_causal_lm(tmp_path / "moe")
     seen = {}
     dense.model.layers[0].mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
     with torch.no_grad():
         dense(input_ids=ids)
         y_hat = moe.model.layers[0].mlp(seen["x"])
     assert refit.nmse(seen["y"], y_hat) == pytest.approx(result.reconstruction[0].after, rel=1e-3)
-    assert api.verify(tmp_path / "moe", str(model)).passed  # the construction under the fitted weights is exact
+    assert api.verify(tmp_path / "moe", str(llama3)).passed  # the construction under the fitted weights is exact
 
 
-def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpus, tmp_path):
-    argv = ["build", str(model), "--method", "carve", "--experts", "8", "--top-k", "2", "--calib", str(corpus),
+def test_reconstruction_is_saved_verified_and_deterministic(capsys, llama3, ab_corpus, tmp_path):
+    argv = ["build", str(llama3), "--method", "carve", "--experts", "8", "--top-k", "2", "--calib", str(ab_corpus),
             "--seq-len", str(SEQ), "--reconstruct", "--recipe"]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"reconstruct: {{seq_len: {SEQ}}}\n")
@@ -96,7 +84,7 @@ def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpu
     fits = json.loads((tmp_path / "a" / "reconstruction.json").read_text())
     assert [f["layer"] for f in fits] == [0, 1, 2] and all(f["nmse_after"] < f["nmse_before"] for f in fits)
     assert (tmp_path / "a" / "reconstruction.png").is_file()
-    report = api.verify(tmp_path / "a", str(model))  # the construction under the fitted weights is still exact
+    report = api.verify(tmp_path / "a", str(llama3))  # the construction under the fitted weights is still exact
     assert report.passed and report.check == "uniform"
     assert cli.main([*argv, str(recipe), "--out", str(tmp_path / "b")]) == 0
     a, b = load_plan(tmp_path / "a"), load_plan(tmp_path / "b")
@@ -111,15 +99,15 @@ def test_reconstruction_is_saved_verified_and_deterministic(capsys, model, corpu
     assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir()) == []
 
 
-def test_dense_layers_pass_through_and_refitted_routers(model, corpus, tmp_path):
-    result = build(model, corpus, tmp_path / "moe", method="carve", layers=[0, 2],
+def test_dense_layers_pass_through_and_refitted_routers(llama3, ab_corpus, tmp_path):
+    result = build(llama3, ab_corpus, tmp_path / "moe", method="carve", layers=[0, 2],
                    reconstruct={"enabled": True, "seq_len": SEQ, "target": "ffn", "rounds": 2, "router": True})
     assert [f.layer for f in result.reconstruction] == [0, 2]
     assert all(f.temperature is not None and f.after < f.before for f in result.reconstruction)
-    assert api.verify(tmp_path / "moe", str(model)).passed
+    assert api.verify(tmp_path / "moe", str(llama3)).passed
 
 
-def test_reconstruction_needs_calibration_data(capsys, model, tmp_path):
-    code = cli.main(["build", str(model), "--reconstruct", "--out", str(tmp_path / "moe")])
+def test_reconstruction_needs_calibration_data(capsys, llama3, tmp_path):
+    code = cli.main(["build", str(llama3), "--reconstruct", "--out", str(tmp_path / "moe")])
     err = capsys.readouterr().err
     assert code == 2 and "pass --calib" in err and not (tmp_path / "moe").exists()
