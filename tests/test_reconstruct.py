@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from moefy import api, cli
 from moefy.construct import refit
@@ -97,6 +97,12 @@ def test_reconstruction_is_saved_verified_and_deterministic(capsys, llama3, ab_c
     assert a.meta.fitted == {i: ["down", "gate", "shared_down", "shared_gate", "shared_up", "up"] for i in range(3)}
     assert not any("fitted" in k for k in load_file(str(tmp_path / "a" / "moefy_plan.safetensors")))
     assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.is_dir()) == []
+    # A plan written before (fitted weights copied into it, no list in its JSON) still tells verify which they are.
+    plan_json = tmp_path / "a" / "moefy_plan.json"
+    plan_json.write_text(json.dumps({k: v for k, v in json.loads(plan_json.read_text()).items() if k != "fitted"}))
+    old = load_file(str(tmp_path / "a" / "moefy_plan.safetensors"))
+    save_file({**old, "layers.1.fitted.down": torch.zeros(1)}, str(tmp_path / "a" / "moefy_plan.safetensors"))
+    assert load_plan(tmp_path / "a").meta.fitted == {1: ["down"]}
 
 
 def test_dense_layers_pass_through_and_refitted_routers(llama3, ab_corpus, tmp_path):

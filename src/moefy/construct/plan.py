@@ -149,6 +149,12 @@ def load_plan(directory: Path) -> MoEPlan:
     try:
         meta = PlanMeta.model_validate_json(meta_path.read_text())
         tensors = load_file(str(tensor_path))
+        if not meta.fitted:  # a plan written before fitted weights stopped being copied into it: list them
+            keys = [k.split(".") for k in tensors if ".fitted." in k]  # layers.{i}.fitted.{key}
+            fitted: dict[int, list[str]] = {}
+            for _, layer, _, key in keys:
+                fitted.setdefault(int(layer), []).append(key)
+            meta = meta.model_copy(update={"fitted": {i: sorted(v) for i, v in fitted.items()}})
     except (ValidationError, SafetensorError, ValueError, OSError) as exc:
         raise MoefyError(f"corrupt plan in {directory}: {str(exc).splitlines()[0]}") from exc
     try:

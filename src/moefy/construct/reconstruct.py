@@ -148,6 +148,8 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = compute_device(device)
+    if spill is not None:
+        spill.mkdir(parents=True, exist_ok=True)
     tokens = token_blocks(corpus, load_tokenizer(source.directory), opts.seq_len, opts.tokens_per_domain, seed)
     config = AutoConfig.from_pretrained(source.directory)
     with torch.device("meta"):
@@ -187,8 +189,8 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
                                                                         top_k=plan.meta.top_k), opts, layer_seed)
                 fits.append(LayerFit(i, before, after, t))
                 if spill is not None:
-                    spill.mkdir(parents=True, exist_ok=True)
-                    layers[i] = replace(layers[i], fitted=SavedTensors(layers[i].fitted, spill / f"layer-{i}.safetensors"))
+                    on_disk = SavedTensors(layers[i].fitted, spill / f"layer-{i}.safetensors")
+                    layers[i] = replace(layers[i], fitted=on_disk)
                 for b, part in enumerate(y_hat.split([len(xb) for xb in xs])):
                     hidden[b] = mids[b] + part.view_as(mids[b])
         layer.to("meta")  # free this layer's weights before the next one is read

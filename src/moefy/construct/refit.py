@@ -61,8 +61,8 @@ class Normal:
     def solve(self, ridge: float) -> torch.Tensor:
         """Ridge solution Wᵀ [cols, outputs]; the penalty is relative to the mean feature energy, and all-zero
         columns (PAD slots, experts no token chose) get exactly zero weights. Consumes the sums: the penalty is
-        added in place and the factorisation overwrites them, so memory peaks at two Gram-sized matrices (a 7B
-        layer's Gram is 11008² float64, ~1 GB) instead of four."""
+        added in place and the Gram matrix is dropped once its factor exists, so memory peaks at two Gram-sized
+        matrices (a 7B layer's Gram is 11008² float64, ~1 GB) instead of four."""
         diag = self.gram.diagonal()
         live = diag > 0
         solution = torch.zeros_like(self.cross)

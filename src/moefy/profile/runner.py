@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from moefy.data.corpus import Corpus
-from moefy.errors import MoefyError
 from moefy.data.tokens import TokenBlocks, token_blocks
+from moefy.errors import MoefyError
+from moefy.export.writer import TensorSpec
 from moefy.families import Family
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
-from moefy.export.writer import TensorSpec
 from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_meta, stats_writer
 from moefy.progress import progress
 from moefy.recipes import ProfileOptions
@@ -46,6 +46,8 @@ def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: Pr
         return load_stats(target)
     rank, world = _process()
     tmp = target.with_name(f".{key}.tmp-{os.getpid()}") if rank == 0 else None  # every process computes; 0 writes
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run that had this pid
     try:
         profile(source, family, corpus, opts, seed, tmp, device)
         if tmp is not None:
