@@ -25,7 +25,7 @@ def child(kind: str, model: str, out: Path) -> dict:
     from safetensors.torch import load_file, save_file
 
     from moefy import api
-    from moefy.recipes import BuildRecipe
+    from moefy.construct.recipe import BuildRecipe
     from moefy.sources import resolve_model
 
     source = resolve_model(model)  # cached after the first run; not timed

@@ -29,14 +29,15 @@ def rss() -> int:
 def child(model: str, device: str, tokens: int, steps: int) -> dict:
     import torch
 
+    from moefy.construct.recipe import BuildRecipe, ReconstructOptions
     from moefy.construct.reconstruct import reconstruct
     from moefy.construct.registry import make_plan, resolve_defaults
     from moefy.data.corpus import load_corpus
     from moefy.data.demo_corpus import build_demo_corpus
     from moefy.families import family_for
     from moefy.models import compute_device
+    from moefy.profile.options import ProfileOptions
     from moefy.profile.runner import profile
-    from moefy.recipes import BuildRecipe, ProfileOptions, ReconstructOptions
     from moefy.sources import resolve_model
     from moefy.tensor_io import LazyCheckpoint
 

@@ -51,7 +51,8 @@ def main() -> None:
         os.symlink(gguf_cache, Path(fresh) / "gguf")
         os.environ["MOEFY_CACHE"] = fresh
         from moefy import api
-        from moefy.recipes import BuildRecipe, validate_recipe
+        from moefy.construct.recipe import BuildRecipe
+        from moefy.recipes import validate_recipe
 
         recipe = validate_recipe(BuildRecipe, {"model": "smollm2-135m", "calib": str(calib),
                                                "profile": {"tokens_per_domain": 4096}, **fields[which]})

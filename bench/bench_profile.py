@@ -25,14 +25,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="moefy-profile-bench-"))
 
     from moefy import api
+    from moefy.construct.recipe import BuildRecipe
     from moefy.construct.registry import make_plan, resolve_defaults
     from moefy.data.corpus import load_corpus
     from moefy.data.demo_corpus import build_demo_corpus
     from moefy.data.tokens import token_blocks
     from moefy.families import family_for
     from moefy.models import load_causal_lm, load_tokenizer
+    from moefy.profile.options import ProfileOptions
     from moefy.profile.runner import profile
-    from moefy.recipes import BuildRecipe, ProfileOptions
     from moefy.sources import resolve_model
     from moefy.tensor_io import LazyCheckpoint
 

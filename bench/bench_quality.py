@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from moefy import api
+from moefy.construct.recipe import BuildRecipe
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
-from moefy.profile.perplexity import heldout_perplexity
 from moefy.export.oracle import active_fraction, neuron_oracle
 from moefy.models import load_causal_lm, load_tokenizer
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.profile.perplexity import heldout_perplexity
+from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))

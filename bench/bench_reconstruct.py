@@ -15,14 +15,16 @@ from pathlib import Path
 
 from moefy import api
 from moefy.construct.plan import load_plan
+from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.construct.reconstruct import reconstruct
 from moefy.data.corpus import load_corpus
-from moefy.profile.perplexity import heldout_perplexity
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.families import family_for
 from moefy.models import load_causal_lm
+from moefy.profile.options import ProfileOptions
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.profile.runner import profile
-from moefy.recipes import BuildRecipe, ProfileOptions, ReconstructOptions, validate_recipe
+from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))

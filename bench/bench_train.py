@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from moefy import api
+from moefy.construct.recipe import BuildRecipe
 from moefy.evaluate.speed import matmul_params
 from moefy.models import load_causal_lm
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))

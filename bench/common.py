@@ -10,11 +10,12 @@ from pathlib import Path
 import yaml
 
 from moefy import api
+from moefy.construct.recipe import BuildRecipe
 from moefy.data.corpus import Corpus, load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
-from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.profile.perplexity import Perplexity, heldout_perplexity
+from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
 MODEL = "smollm2-135m"

@@ -55,7 +55,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 def tiny_moe(tiny_llama, tmp_path_factory) -> Path:
     """A 4-expert top-2 Mixtral built from tiny_llama (read-only for the tests that share it)."""
     from moefy import api
-    from moefy.recipes import BuildRecipe, validate_recipe
+    from moefy.construct.recipe import BuildRecipe
+    from moefy.recipes import validate_recipe
 
     out = tmp_path_factory.mktemp("moe") / "moe"
     recipe = validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "cluster"})

@@ -7,13 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_domain_corpus
 from safetensors import safe_open
 
 from moefy import api
 from moefy.construct.plan import PAD, load_plan
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.construct.recipe import BuildRecipe
 from moefy.errors import MoefyError
-from conftest import write_domain_corpus
+from moefy.recipes import validate_recipe
 
 METHODS = ["random", "sequential", "cluster"]
 

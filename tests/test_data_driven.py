@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_domain_corpus
 
 from moefy import api, cli
 from moefy.construct.plan import PAD, load_plan
+from moefy.construct.recipe import BuildRecipe
 from moefy.data.corpus import load_corpus
 from moefy.errors import MoefyError
-from moefy.recipes import BuildRecipe, validate_recipe
-from conftest import write_domain_corpus
+from moefy.recipes import validate_recipe
 
 TINY_PROFILE = {"seq_len": 16, "tokens_per_domain": 512, "sample_tokens": 128, "batch_size": 4}
 DOMAINS = {"alpha": "abcdefgh ", "digits": "0123456789 ", "punct": "!?.,;:-+ ", "upper": "ABCDEFGH "}
@@ -103,8 +104,8 @@ def test_sequential_profile_matches_full_model(tiny_llama, corpus, tmp_path):
 
     from moefy.data.tokens import token_blocks
     from moefy.families import family_for
+    from moefy.profile.options import ProfileOptions
     from moefy.profile.runner import _sample_positions, domain_batches, profile
-    from moefy.recipes import ProfileOptions
     from moefy.sources import resolve_model
 
     opts = ProfileOptions(**TINY_PROFILE)

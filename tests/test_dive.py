@@ -7,12 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import write_domain_corpus
 
 from moefy import api, cli
-from moefy.construct.dive import (group_domains, group_moments, keep_top, loss_affinity, mask_iou, neuron_scores,
-                                  overlap_stats)
-from moefy.recipes import BuildRecipe, validate_recipe
-from conftest import write_domain_corpus
+from moefy.construct.dive import (
+    group_domains,
+    group_moments,
+    keep_top,
+    loss_affinity,
+    mask_iou,
+    neuron_scores,
+    overlap_stats,
+)
+from moefy.construct.recipe import BuildRecipe
+from moefy.recipes import validate_recipe
 
 # two pairs of similar alphabets and one outlier: the grouping should find the pairs
 ALPHABETS = {"ab": "ab ", "abc": "abc ", "digits": "0123 ", "digits2": "01234 ", "punct": "!?.,; "}

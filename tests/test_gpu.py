@@ -10,11 +10,13 @@ import shutil
 import pytest
 import torch
 import yaml
+from test_reconstruct import SEQ
 
 from moefy import api, cli
 from moefy.construct.plan import load_plan
-from moefy.recipes import BuildRecipe, ProfileOptions, validate_recipe
-from test_reconstruct import SEQ
+from moefy.construct.recipe import BuildRecipe
+from moefy.profile.options import ProfileOptions
+from moefy.recipes import validate_recipe
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here")]

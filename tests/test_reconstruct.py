@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from moefy import api, cli
 from moefy.construct import refit
 from moefy.construct.plan import load_plan
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.construct.recipe import BuildRecipe
+from moefy.recipes import validate_recipe
 
 SEQ = 32
 

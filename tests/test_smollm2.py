@@ -11,7 +11,8 @@ import pytest
 
 from moefy import api
 from moefy.construct.plan import load_plan
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.construct.recipe import BuildRecipe
+from moefy.recipes import validate_recipe
 
 pytestmark = [
     pytest.mark.smollm2,

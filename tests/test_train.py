@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import write_domain_corpus
 
 from moefy import api, cli
 from moefy.errors import MoefyError
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Mixture
-from conftest import write_domain_corpus
 
 DOMAINS = {"alpha": "ab ", "digits": "0123 ", "punct": "!?. "}
 
@@ -175,7 +175,8 @@ def test_corrupt_checkpoint_on_resume(capsys, tiny_moe, corpus, tmp_path):
 def test_distillation_from_the_dense_teacher(tiny_llama, corpus, tmp_path):
     """An upcycled MoE (exact copies, top-1, scale 1) is the dense model: the KL to its teacher must be 0. A lossy
     MoE starts far from its teacher and distillation brings it closer."""
-    from moefy.recipes import BuildRecipe, validate_recipe
+    from moefy.construct.recipe import BuildRecipe
+    from moefy.recipes import validate_recipe
 
     exact = tmp_path / "upcycled"
     api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "method": "upcycle", "experts": 2,

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_domain_corpus
 
 from moefy import api
+from moefy.construct.recipe import BuildRecipe
 from moefy.errors import MoefyError
-from moefy.recipes import BuildRecipe, validate_recipe
+from moefy.recipes import validate_recipe
 from moefy.train.recipe import Lora, TrainRecipe
-from conftest import write_domain_corpus
 
 DOMAINS = {"alpha": "ab ", "digits": "0123 "}
 

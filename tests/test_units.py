@@ -100,8 +100,8 @@ def test_plan_validation():
 
 
 def test_recipe_method_names_match_the_registry():
+    from moefy.construct.recipe import METHOD_NAMES
     from moefy.construct.registry import METHODS
-    from moefy.recipes import METHOD_NAMES
 
     assert set(METHOD_NAMES) == set(METHODS)
 
@@ -112,8 +112,8 @@ def test_every_build_recipe_field_has_a_generated_flag():
     from pydantic import BaseModel
 
     from moefy.cli import _build_parser
+    from moefy.construct.recipe import BuildRecipe
     from moefy.recipe_flags import PREFIX, recipe_overrides
-    from moefy.recipes import BuildRecipe
 
     def leaves(model, path=()):
         for name, field in model.model_fields.items():

@@ -16,30 +16,30 @@ from moefy.atomic import atomic_file, atomic_output, check_not_input, check_outp
 from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
 from moefy.construct.placement import moe_layers
 from moefy.construct.plan import PLAN_JSON, MoEPlan
+from moefy.construct.recipe import BuildRecipe
 from moefy.construct.reconstruct import SPILL_DIR, reconstruct, save_fits
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.tokens import token_blocks
 from moefy.errors import MoefyError
 from moefy.evaluate.harness import run_tasks
-from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
+from moefy.export import llama_cpp
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
-from moefy.export import llama_cpp
 from moefy.export.formats import choose_format
 from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
+from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.profile.runner import profile_cached
 from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
-from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, BuildRecipe, dump_recipe, load_recipe, validate_recipe
+from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe, load_recipe, validate_recipe
 from moefy.sources import ALIASES, SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
-
 
 __all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
            "filter_corpus", "export_gguf"]

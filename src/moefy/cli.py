@@ -7,9 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from moefy.construct.recipe import BuildRecipe
 from moefy.errors import MoefyError
 from moefy.recipe_flags import add_recipe_flags, recipe_overrides
-from moefy.recipes import BuildRecipe, load_recipe
+from moefy.recipes import load_recipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,7 +257,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from moefy import api
-
     from moefy.atomic import check_writable
 
     tasks = args.tasks.split(",") if args.tasks else None

@@ -13,19 +13,20 @@ import argparse
 import math
 import sys
 import time
-from statistics import mean
 from pathlib import Path
+from statistics import mean
 
 from rich.console import Console
 from rich.table import Table
 
 from moefy import api
+from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.errors import MoefyError
-from moefy.profile.perplexity import heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
-from moefy.recipes import BUILD_RECIPE, BuildRecipe, ReconstructOptions, dump_recipe
+from moefy.profile.perplexity import heldout_perplexity
+from moefy.recipes import BUILD_RECIPE, dump_recipe
 from moefy.sources import resolve_model
 from moefy.train.recipe import Lora, Stage, TrainRecipe
 

@@ -14,17 +14,23 @@ import numpy as np
 import torch
 
 from moefy.construct.dive import dendrogram_linkage, group_domains, loss_affinity, mask_iou, overlap_stats
-from moefy.construct.domains import (cluster_documents, describe_clusters, embed_documents, holdout_split, relabel,
-                                     split_largest)
+from moefy.construct.domains import (
+    cluster_documents,
+    describe_clusters,
+    embed_documents,
+    holdout_split,
+    relabel,
+    split_largest,
+)
 from moefy.construct.methods import dive_experts
 from moefy.construct.plan import MoEPlan
+from moefy.construct.recipe import BuildRecipe
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
-from moefy.profile.perplexity import heldout_perplexity
 from moefy.families import Family
 from moefy.models import load_causal_lm, load_tokenizer
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.profile.stats import NeuronStats
-from moefy.recipes import BuildRecipe
 from moefy.sources import ModelSource
 from moefy.tensor_io import LazyCheckpoint
 

@@ -10,8 +10,8 @@ import torch
 from moefy.construct.cluster import balanced_kmeans
 from moefy.construct.dive import group_moments, keep_top, neuron_scores
 from moefy.construct.plan import balanced_sizes
+from moefy.construct.recipe import BuildRecipe
 from moefy.errors import MoefyError
-from moefy.recipes import BuildRecipe
 
 
 def _groups(labels: np.ndarray, ids: np.ndarray, k: int) -> list[np.ndarray]:

@@ -23,13 +23,13 @@ import torch
 
 from moefy.construct import refit
 from moefy.construct.plan import PAD, LayerPlan, MoEPlan
+from moefy.construct.recipe import ReconstructOptions
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import token_blocks
 from moefy.families import Family
 from moefy.models import compute_device, load_tokenizer
 from moefy.profile.runner import domain_batches, embed_blocks, materialise_layer, rotary_embeddings
 from moefy.progress import progress
-from moefy.recipes import ReconstructOptions
 from moefy.sources import ModelSource
 from moefy.tensor_io import LazyCheckpoint, SavedTensors
 

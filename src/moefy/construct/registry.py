@@ -9,16 +9,16 @@ from typing import Callable
 import numpy as np
 
 from moefy.construct import methods
-from moefy.construct.split import random_split, sequential_split
+from moefy.construct.layer import LayerInput
 from moefy.construct.placement import moe_layers
 from moefy.construct.plan import EXPERT_SIZE_MULTIPLE, LayerPlan, MoEPlan, PlanMeta, pad_groups, pad_to
-from moefy.construct.layer import LayerInput
+from moefy.construct.recipe import BuildRecipe
 from moefy.construct.router_init import ROUTER_INITS, RouterContext
+from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
 from moefy.families import Family
 from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
-from moefy.recipes import BuildRecipe
 from moefy.tensor_io import LazyCheckpoint
 
 

@@ -15,10 +15,9 @@ from scipy.optimize import linear_sum_assignment
 from moefy.construct.cluster import balanced_kmeans
 from moefy.construct.layer import LayerInput
 from moefy.construct.plan import balanced_sizes
+from moefy.construct.recipe import BuildRecipe
 from moefy.construct.router_fit import fit_router
 from moefy.errors import MoefyError
-from moefy.recipes import BuildRecipe
-
 
 
 @dataclass(frozen=True)

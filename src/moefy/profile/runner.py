@@ -23,12 +23,11 @@ from moefy.errors import MoefyError
 from moefy.export.writer import TensorSpec
 from moefy.families import Family
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
+from moefy.profile.options import ProfileOptions
 from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_meta, stats_writer
 from moefy.progress import progress
-from moefy.recipes import ProfileOptions
 from moefy.sources import ModelSource, cache_dir
 from moefy.tensor_io import LazyCheckpoint
-
 
 MOMENTS = ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")  # per domain and neuron, means over tokens
 
