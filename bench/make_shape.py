@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.export.writer import ShardedWriter, TensorSpec
+from moefy.tensor_writer import ShardedWriter, TensorSpec
 
 SHAPES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,

@@ -13,7 +13,7 @@ from moefy.construct.cluster import _balanced_assign, balanced_kmeans
 from moefy.construct.plan import PAD, LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
 from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
-from moefy.export.writer import ShardedWriter, TensorSpec
+from moefy.tensor_writer import ShardedWriter, TensorSpec
 
 
 def test_balanced_kmeans_recovers_planted_clusters():

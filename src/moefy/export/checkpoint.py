@@ -9,10 +9,10 @@ import torch
 
 from moefy.construct.plan import MoEPlan
 from moefy.export.formats import OutputFormat
-from moefy.export.writer import ShardedWriter, TensorSpec
 from moefy.families import Family
 from moefy.progress import progress
 from moefy.tensor_io import LazyCheckpoint
+from moefy.tensor_writer import ShardedWriter, TensorSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -11,7 +11,7 @@ import torch
 
 from moefy.construct.plan import EXPERT_SIZE_MULTIPLE, PAD, LayerPlan, PlanMeta, pad_to
 from moefy.errors import MoefyError
-from moefy.export.writer import TensorSpec
+from moefy.tensor_writer import TensorSpec
 
 # Attention/embedding facts copied verbatim from the dense config; the MoE classes share LLaMA's attention.
 _SHARED_CONFIG_KEYS = (

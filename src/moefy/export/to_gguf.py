@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import torch
 
 from moefy.errors import MoefyError
-from moefy.export.writer import ShardedWriter, TensorSpec
 from moefy.sources import read_config
 from moefy.tensor_io import LazyCheckpoint
+from moefy.tensor_writer import ShardedWriter, TensorSpec
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "granitemoe"}

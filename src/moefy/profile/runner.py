@@ -20,7 +20,6 @@ import torch
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.errors import MoefyError
-from moefy.export.writer import TensorSpec
 from moefy.families import Family
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
 from moefy.profile.options import ProfileOptions
@@ -28,6 +27,7 @@ from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_meta, s
 from moefy.progress import progress
 from moefy.sources import ModelSource, cache_dir
 from moefy.tensor_io import LazyCheckpoint
+from moefy.tensor_writer import TensorSpec
 
 MOMENTS = ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")  # per domain and neuron, means over tokens
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import SafetensorError, safe_open
 
 from moefy.errors import MoefyError
-from moefy.export.writer import ShardedWriter, TensorSpec
+from moefy.tensor_writer import ShardedWriter, TensorSpec
 
 STATS_JSON = "stats.json"
 STATS_FILE = "stats.safetensors"
