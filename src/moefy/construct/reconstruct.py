@@ -182,7 +182,8 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
                     dense_hidden[b] = layer(dense_hidden[b], position_embeddings=rope, position_ids=positions)
                 ys = [(d - m).reshape(-1, h) for d, m in zip(dense_hidden, mids)]
             if i in plan.layers:
-                ffn = {w: reader.get(family.ffn_key(i, w)).float().to(dev) for w in ("gate", "up", "down")}
+                # the dense FFN as the materialised layer holds it (fp32, on the device): no second copy is read
+                ffn = {w: layer.get_parameter(getattr(family, w)).detach() for w in ("gate", "up", "down")}
                 x, y = torch.cat(xs), torch.cat(ys)
                 layer_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
                 layers[i], y_hat, before, after, t = fit_layer(x, y, Layer(**ffn, plan=plan.layers[i],
