@@ -4,13 +4,13 @@ Skipped, with the reason, where torch sees no CUDA GPU (CI has none; run them on
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 import yaml
 from test_reconstruct import SEQ
+from test_train import records
 
 from moefy import api, cli
 from moefy.construct.plan import load_plan
@@ -20,6 +20,7 @@ from moefy.recipes import validate_recipe
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here")]
+
 
 def test_profile_on_the_gpu_gives_the_cpu_stats(llama3, ab_corpus, tmp_path):
     from moefy.data.corpus import load_corpus
@@ -72,10 +73,6 @@ def test_a_missing_gpu_is_one_line(capsys, llama3, ab_corpus, tmp_path):
             "--device", f"cuda:{count}", "--out", str(tmp_path / "moe")]
     assert cli.main(argv) == 2
     assert f"torch sees {count} GPU(s)" in capsys.readouterr().err and not (tmp_path / "moe").exists()
-
-
-def records(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_training_on_the_gpu_in_bf16_with_a_bf16_teacher_and_resume(llama3, ab_corpus, tmp_path):
