@@ -65,15 +65,16 @@ def heldout_perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 256, tok
             raise MoefyError(f"domain {domain!r} has {len(ids)} held-out tokens, fewer than the context length "
                              f"{seq_len} + 1")
         spans = windows(len(ids), seq_len, stride)
+        targets = ids.to(model.device)  # scored where the logits are: no vocabulary-wide copy back to the CPU
         nll, scored = 0.0, 0
         for b in progress(range(0, len(spans), batch_size), f"perplexity {domain}"):
             chunk = spans[b:b + batch_size]
             width = max(end - start for start, end, _ in chunk)
             batch = torch.stack([torch.nn.functional.pad(ids[s:e], (0, width - (e - s))) for s, e, _ in chunk])
-            logp = model(input_ids=batch.to(model.device)).logits.float().log_softmax(-1).cpu()
+            logp = model(input_ids=batch.to(model.device)).logits.float().log_softmax(-1)
             for row, (s, e, first) in enumerate(chunk):
                 # pred[j] is the log-probability of token s+1+j; a later window scores only tokens from s+first on.
-                pred = logp[row, : e - s - 1].gather(1, ids[s + 1:e, None]).squeeze(1)
+                pred = logp[row, : e - s - 1].gather(1, targets[s + 1:e, None]).squeeze(1)
                 keep = pred[first - 1:] if first else pred
                 nll -= keep.sum().item()
                 scored += len(keep)
