@@ -118,3 +118,41 @@ def test_reconstruction_needs_calibration_data(capsys, llama3, tmp_path):
     code = cli.main(["build", str(llama3), "--reconstruct", "--out", str(tmp_path / "moe")])
     err = capsys.readouterr().err
     assert code == 2 and "pass --calib" in err and not (tmp_path / "moe").exists()
+
+
+def test_training_runs_a_reconstruction_stage_first(capsys, llama3, ab_corpus, tmp_path):
+    """`reconstruct: {enabled: true}` in a train recipe refits the MoE as built (without reconstruction) on the
+    training data, before the first stage: bit-identical to `build --reconstruct` on that corpus, then trained."""
+    import yaml
+
+    plain = build(llama3, ab_corpus, tmp_path / "moe", method="carve", reconstruct={"enabled": False})
+    assert plain.reconstruction is None
+    rec = {"enabled": True, "seq_len": SEQ, "steps": 5}
+    built = build(llama3, ab_corpus, tmp_path / "built", method="carve", reconstruct=rec)
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(yaml.safe_dump({"reconstruct": rec, "stages": [
+        {"trainable": "router", "tokens": 2 * 2 * SEQ, "seq_len": SEQ, "batch_size": 2}]}))
+    final = api.train(tmp_path / "moe", str(ab_corpus), recipe, tmp_path / "run")
+    staged = tmp_path / "run" / api.RECONSTRUCTED
+    ws, wb = (load_file(str(d / "model.safetensors")) for d in (staged, tmp_path / "built"))
+    assert ws.keys() == wb.keys() and all(torch.equal(ws[k], wb[k]) for k in ws)
+    fits = json.loads((staged / "reconstruction.json").read_text())
+    assert [f["nmse_after"] for f in fits] == [f.after for f in built.reconstruction]
+    # training started from the reconstructed MoE: its experts, not the plain build's, are in the final model
+    wf, wp = load_file(str(final / "model.safetensors")), load_file(str(tmp_path / "moe" / "model.safetensors"))
+    down = next(k for k in wf if "experts" in k and "down" in k)
+    assert torch.equal(wf[down], ws[down]) and not torch.equal(wf[down], wp[down])
+    # what the stage saved reproduces it: a build from its recipe gives the same checkpoint
+    assert cli.main(["build", "--recipe", str(staged / "moefy.yaml"), "--out", str(tmp_path / "again")]) == 0
+    wa = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(wa[k], ws[k]) for k in ws)
+
+
+def test_a_reconstruction_stage_needs_a_moefy_build(capsys, llama3, ab_corpus, tmp_path):
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text(f"reconstruct: {{enabled: true}}\nstages: [{{tokens: {2 * SEQ}, seq_len: {SEQ}, batch_size: 2}}]\n")
+    code = cli.main(["train", str(llama3), "--data", str(ab_corpus), "--recipe", str(recipe),
+                     "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no moefy plan and build recipe" in err and not (tmp_path / "run").exists()
+

@@ -15,8 +15,8 @@ import torch
 from moefy.atomic import atomic_file, atomic_output, check_not_input, check_output, claim, swap_into_place
 from moefy.construct.dive_mining import MINING_DIR, mine, settle_domains
 from moefy.construct.placement import moe_layers
-from moefy.construct.plan import PLAN_JSON, MoEPlan
-from moefy.construct.recipe import BuildRecipe
+from moefy.construct.plan import PLAN_JSON, MoEPlan, load_plan
+from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.construct.reconstruct import SPILL_DIR, reconstruct, save_fits
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
@@ -41,9 +41,10 @@ from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe, load_recipe, 
 from moefy.sources import ALIASES, SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
-__all__ = ["BuildResult", "build", "verify", "VerifyReport", "EvalResult", "evaluate", "analyze", "train",
-           "filter_corpus", "export_gguf"]
+__all__ = ["BuildResult", "build", "reconstruct_built", "verify", "VerifyReport", "EvalResult", "evaluate",
+           "analyze", "train", "filter_corpus", "export_gguf"]
 RUN_JSON = "run.json"
+RECONSTRUCTED = "reconstructed"  # a training run's reconstruction stage writes its MoE here
 LLAMA_CPP = "llama.cpp:"  # `moefy eval llama.cpp:FILE.gguf`: score that GGUF in llama.cpp, not transformers
 
 
@@ -107,24 +108,62 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         if recipe.reconstruct.enabled:
             plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed,
                                      recipe.device, spill=tmp / SPILL_DIR)
-        fmt = choose_format(family.formats, plan.meta, config)
-        dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
-        total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
-        source_dtype = str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
-        dtype = recipe.dtype if recipe.dtype != "source" else source_dtype
-        model_config = fmt.config(config, plan.meta, dtype)
-        (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
-        for name in SIDE_FILES:
-            if (source.directory / name).is_file():
-                shutil.copy2(source.directory / name, tmp / name)
-        plan.save(tmp)
-        shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)  # written into the checkpoint by now
-        if mining is not None or fits is not None:
-            _save_build_reports(tmp, plan, mining, fits)
-        dump_recipe(recipe, tmp / BUILD_RECIPE)
-        architecture = model_config["architectures"][0]
-        write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
+        architecture, total, dense_params = _write_moe(tmp, recipe, source, reader, plan, mining, fits)
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
+
+
+def _write_moe(tmp: Path, recipe: BuildRecipe, source, reader: LazyCheckpoint, plan: MoEPlan, mining, fits
+               ) -> tuple[str, int, int]:
+    """Everything a build leaves in its output: checkpoint, config, tokenizer, plan, reports, recipe and card;
+    returns the architecture, the total and the dense parameter counts."""
+    config = source.config()
+    family = family_for(config)
+    fmt = choose_format(family.formats, plan.meta, config)
+    dense_params = sum(_numel(reader.shape(n)) for n in reader.names())
+    total = write_checkpoint(reader, family, config, plan, fmt, tmp, recipe.dtype, recipe.max_shard_bytes)
+    source_dtype = str(reader.dtype(family.ffn_key(0, "down"))).removeprefix("torch.")
+    dtype = recipe.dtype if recipe.dtype != "source" else source_dtype
+    model_config = fmt.config(config, plan.meta, dtype)
+    (tmp / "config.json").write_text(json.dumps(model_config, indent=2))
+    for name in SIDE_FILES:
+        if (source.directory / name).is_file():
+            shutil.copy2(source.directory / name, tmp / name)
+    plan.save(tmp)
+    shutil.rmtree(tmp / SPILL_DIR, ignore_errors=True)  # written into the checkpoint by now
+    if mining is not None or fits is not None:
+        _save_build_reports(tmp, plan, mining, fits)
+    dump_recipe(recipe, tmp / BUILD_RECIPE)
+    architecture = model_config["architectures"][0]
+    write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
+    return architecture, total, dense_params
+
+
+def reconstruct_built(moe_dir: Path, data: str, options: ReconstructOptions, out: Path, device: str = "auto",
+                      overwrite: bool = False) -> BuildResult:
+    """Layer-wise reconstruction of an MoE that moefy built, on `data`: its own plan (partition and routers) is
+    fitted to its dense source with the build's seed, and written as a new checkpoint. The result is what `moefy
+    build --reconstruct` gives with this corpus, and the recipe saved beside it says so: building from that recipe
+    reproduces it. Training's `reconstruct` stage (train recipe) runs this before the first stage."""
+    moe_dir = Path(moe_dir)
+    plan = load_plan(moe_dir)
+    built = load_recipe(BuildRecipe, moe_dir / BUILD_RECIPE, {}) if (moe_dir / BUILD_RECIPE).is_file() else None
+    if built is None:
+        raise MoefyError(f"{moe_dir} has no {BUILD_RECIPE}: reconstruction needs the recipe moefy build saved")
+    if built.drop_fraction:
+        raise MoefyError("reconstruction does not apply to drop-upcycling: its re-initialised neurons are "
+                         "meant to be trained, not fitted to the dense FFN")
+    recipe = built.model_copy(update={"calib": _absolute(data), "reconstruct": options.model_copy(
+        update={"enabled": True}), "device": device})
+    with atomic_output(Path(out), overwrite, inputs=(str(moe_dir), data, plan.meta.source)) as tmp:
+        compute_device(device)
+        corpus = load_corpus(data)
+        source = resolve_model(plan.meta.source)
+        family = family_for(source.config())
+        reader = LazyCheckpoint(source.directory)
+        plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed, device,
+                                 spill=tmp / SPILL_DIR)
+        architecture, total, dense_params = _write_moe(tmp, recipe, source, reader, plan, None, fits)
+    return BuildResult(Path(out), plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
 
 
 def _profile_options(recipe: BuildRecipe):
@@ -345,6 +384,9 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out:
         read = {"data": load_corpus(data).summary(), "heldout": load_corpus(heldout or data).summary()}
         plan_json = moe_source.directory / PLAN_JSON
         source = json.loads(plan_json.read_text())["source"] if plan_json.is_file() else None
+        if recipe.reconstruct.enabled and not (source and (moe_source.directory / BUILD_RECIPE).is_file()):
+            raise MoefyError(f"the recipe reconstructs the MoE, but {moe_dir} has no moefy plan and build recipe: "
+                             "reconstruction refits a moefy build to its dense source")
         # Absolute paths: a run resumed from another directory must find the same model and data.
         spec = {"moe_dir": str(moe_source.directory.resolve()), "data": _absolute(data),
                 "heldout": _absolute(heldout or data), "dense": source, "read": read}
@@ -407,6 +449,11 @@ def _run_training(run: Path, process, resume: bool) -> Path:
         process.wait_for_everyone()
         data = str(run / "filtered")
     moe = resolve_model(spec["moe_dir"]).directory
+    if recipe.reconstruct.enabled:  # the recipe's reconstruction stage: run once, reused on resume
+        if process.is_main_process and not (run / RECONSTRUCTED / "config.json").is_file():
+            reconstruct_built(moe, data, recipe.reconstruct, run / RECONSTRUCTED, overwrite=True)
+        process.wait_for_everyone()
+        moe = run / RECONSTRUCTED
     dense = resolve_model(spec["dense"]).directory if spec["dense"] else None
     final = run_training(moe, recipe, load_corpus(data), load_corpus(spec["heldout"]), run, dense,
                          resume)

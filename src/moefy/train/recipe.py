@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from moefy.construct.recipe import ReconstructOptions
 from moefy.data.filtering import FilterRecipe
 from moefy.recipes import Frozen
 
@@ -112,6 +113,9 @@ class TrainRecipe(Frozen):
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
     # A data-filter stage before training (fluency / advertisements); the kept corpus is written to RUN/filtered.
     filter: FilterRecipe | None = None
+    # Layer-wise reconstruction of the MoE on the (filtered) training data before the first stage, written to
+    # RUN/reconstructed: the MoE's own plan fitted to its dense source, as `build --reconstruct` would (enabled: true).
+    reconstruct: ReconstructOptions = ReconstructOptions()
 
     @model_validator(mode="before")
     @classmethod
