@@ -50,12 +50,24 @@ ROWS = [
     ("50%", "carve + reconstruction (defaults)", {**CARVE50, "reconstruct": REC}),
 ]
 QUICK = {1, 7}
+# --variants: what the Adam steps train, and how much calibration data they get (carve 25%, default first).
+VARIANTS = [
+    ("25%", "carve + reconstruction (defaults: every expert weight trains)", {**CARVE25, "reconstruct": REC}),
+    ("25%", "↳ low-rank deltas instead, rank 128 per layer's stacked experts",
+     {**CARVE25, "reconstruct": {**REC, "delta_rank": 128}}),
+    ("25%", "↳ low-rank deltas instead, rank 32", {**CARVE25, "reconstruct": {**REC, "delta_rank": 32}}),
+    ("25%", "↳ twice the calibration tokens (16,384 per domain)",
+     {**CARVE25, "reconstruct": {**REC, "tokens_per_domain": 16384}}),
+]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="only the default reconstruction rows")
+    p.add_argument("--variants", action="store_true", help="the reconstruction variants' table instead "
+                   "(docs/results.md, section reconstruction-variants)")
     args = p.parse_args()
+    rows, section = (VARIANTS, "reconstruction-variants") if args.variants else (ROWS, "reconstruction")
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
     bench = setup(work)
     unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
@@ -71,9 +83,9 @@ def main() -> None:
     profile(source, family, calib, ProfileOptions(**CALIB), 0, work / "profile")
     profile_s, reconstruct_s = time.perf_counter() - t0, float("nan")
     lines = [
-        "## Layer-wise reconstruction (SmolLM2-135M, demo corpus)",
+        "## Layer-wise reconstruction" + (": variants" if args.variants else "") + " (SmolLM2-135M, demo corpus)",
         "",
-        "Command: `.venv/bin/python bench/bench_reconstruct.py`. Same calibration (4096 tokens per domain of "
+        f"Command: `.venv/bin/python bench/bench_reconstruct.py{' --variants' if args.variants else ''}`. Same calibration (4096 tokens per domain of "
         f"`calib/`) and held-out data ({EVAL_TOKENS} tokens per domain of `heldout/`) as the construction table; "
         "cells are perplexity / dense. 'unseen' is a corpus construction never saw: the READMEs of the Python "
         "packages installed in the venv (8192 tokens). Oracles are computed inside the dense model on the same "
@@ -85,7 +97,7 @@ def main() -> None:
         "|---|---|" + "---|" * len(bench.dense.per_domain) + "---|---|---|",
         dense_row(bench.dense, "100% | dense (absolute ppl)", extra=(f"{dense_unseen:.2f}", "")),
     ]
-    for n, (budget, label, fields) in enumerate(ROWS):
+    for n, (budget, label, fields) in enumerate(rows):
         if args.quick and n not in QUICK:
             continue
         t0 = time.perf_counter()
@@ -97,7 +109,7 @@ def main() -> None:
         lines.append(f"| {budget} | {label} | " + " | ".join(ratio_cells(ppl, bench.dense))
                      + f" | ×{unseen_ppl(moe) / dense_unseen:.3g} | {seconds:.0f} |")
         print(lines[-1], file=sys.stderr, flush=True)
-        if not fields.get("reconstruct"):  # the oracles of this partition, once per construction
+        if not fields.get("reconstruct") and not args.variants:  # the oracles of this partition, once per construction
             plan = load_plan(work / "moe")
             oracles = [("expert oracle of this partition", expert_oracle(dense_model, plan))]
             if label.startswith("carve"):
@@ -117,12 +129,13 @@ def main() -> None:
             fits = result.reconstruction
             print(f"  layer nMSE {sum(f.before for f in fits) / len(fits):.3f} → "
                   f"{sum(f.after for f in fits) / len(fits):.3f}", file=sys.stderr)
-    lines += ["", f"Time: the closed-form reconstruction of carve 25% (30 layers, 32k calibration tokens) took "
-              f"{reconstruct_s:.0f} s, {reconstruct_s / profile_s:.2f}× one profiling pass over 16k tokens "
-              f"({profile_s:.0f} s), both in this run; the Adam steps make up the rest of 'build s'. 'build s' is "
-              "planning, reconstruction and writing: the calibration profile is cached by the library, so it is "
-              "paid once, before these rows. Measured alone on the 2-core machine."]
-    replace_section(Path("docs/results.md"), "reconstruction", "\n".join(lines))
+    if reconstruct_s == reconstruct_s:  # measured (not NaN): this run had the carve 25% row
+        lines += ["", f"Time: the closed-form reconstruction of carve 25% (30 layers, 32k calibration tokens) took "
+                  f"{reconstruct_s:.0f} s, {reconstruct_s / profile_s:.2f}× one profiling pass over 16k tokens "
+                  f"({profile_s:.0f} s), both in this run; the Adam steps make up the rest of 'build s'. 'build s' "
+                  "is planning, reconstruction and writing: the calibration profile is cached by the library, so it "
+                  "is paid once, before these rows. Measured alone on the 2-core machine."]
+    replace_section(Path("docs/results.md"), section, "\n".join(lines))
     print(f"work dir: {work}")
 
 

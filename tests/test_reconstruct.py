@@ -156,3 +156,26 @@ def test_a_reconstruction_stage_needs_a_moefy_build(capsys, llama3, ab_corpus, t
     err = capsys.readouterr().err
     assert code == 2 and "no moefy plan and build recipe" in err and not (tmp_path / "run").exists()
 
+
+
+def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
+    g = torch.Generator().manual_seed(0)
+    t, h, n, size, k, r = 256, 12, 4, 4, 2, 2
+    x, y = torch.randn(t, h, generator=g), torch.randn(t, h, generator=g)
+    params = {"gate": torch.randn(n * size, h, generator=g), "up": torch.randn(n * size, h, generator=g),
+              "down": torch.randn(h, n * size, generator=g) * 0.1, "shared_gate": torch.randn(3, h, generator=g),
+              "shared_up": torch.randn(3, h, generator=g), "shared_down": torch.randn(h, 3, generator=g) * 0.1}
+    weights = refit.route(torch.randn(t, n, generator=g), k)
+    masks = (torch.ones(n * size, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+
+    def error(p):
+        z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
+                         refit.activations(x, p["shared_gate"], p["shared_up"]))
+        return refit.nmse(y, z @ torch.cat([p["down"], p["shared_down"]], dim=1).T)
+
+    low = refit.refine(x, y, weights, params, masks, 40, 1e-2, 64, 0, rank=r)
+    assert error(low) < error(params)
+    for key, w in params.items():
+        assert 0 < torch.linalg.matrix_rank(low[key] - w) <= r
+    full = refit.refine(x, y, weights, params, masks, 40, 1e-2, 64, 0)
+    assert torch.linalg.matrix_rank(full["gate"] - params["gate"]) > r

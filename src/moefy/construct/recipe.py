@@ -72,6 +72,8 @@ class ReconstructOptions(Frozen):
     steps: int = Field(300, ge=0, description="Adam steps on every expert weight per layer after the closed form")
     lr_ratio: float = Field(1e-2, gt=0, description="each tensor's Adam lr, as a fraction of its own RMS")
     step_tokens: int = Field(512, ge=1, description="random calibration tokens per Adam step")
+    delta_rank: int | None = Field(None, ge=1, description="the Adam steps train a rank-r delta of each layer's "
+                                   "stacked expert weights instead of every weight (None: every weight)")
 
 
 # The construction methods (construct/registry.py's METHODS holds their code; a test keeps the two lists equal).

@@ -135,7 +135,8 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
               "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
               "shared_down": fitted["shared_down"]}
     masks = tuple(torch.from_numpy(live).to(x.device) for live in (lp.experts.reshape(-1) != PAD, lp.shared != PAD))
-    out = refit.refine(x, y, weights, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed)
+    out = refit.refine(x, y, weights, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed,
+                       opts.delta_rank)
     return {"gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
             "down": out["down"].view(-1, n, size).permute(1, 0, 2).contiguous(),
             "shared_gate": out["shared_gate"], "shared_up": out["shared_up"], "shared_down": out["shared_down"]}

@@ -111,29 +111,68 @@ def nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
 
 
 def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict[str, torch.Tensor],
-           masks: tuple[torch.Tensor, torch.Tensor], steps: int, lr_ratio: float, batch: int, seed: int
-           ) -> dict[str, torch.Tensor]:
+           masks: tuple[torch.Tensor, torch.Tensor], steps: int, lr_ratio: float, batch: int, seed: int,
+           rank: int | None = None) -> dict[str, torch.Tensor]:
     """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed.
 
     params: gate, up [N·S, H]; down [H, N·S]; shared_gate, shared_up [shared, H]; shared_down [H, shared].
     masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own
-    RMS (weights of very different sizes move by the same share of themselves), on seeded random token batches."""
-    live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    groups = [{"params": [p], "lr": lr_ratio * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
-              for p in live.values() if p.numel()]
-    opt = torch.optim.Adam(groups)
+    RMS (weights of very different sizes move by the same share of themselves), on seeded random token batches.
+    rank: train a low-rank delta A·B per weight (LowRank) instead of every entry (FullDelta)."""
     gen = torch.Generator().manual_seed(seed)
+    deltas = {k: LowRank(v, rank, lr_ratio, gen) if rank else FullDelta(v, lr_ratio) for k, v in params.items()}
+    opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()])
     routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
     with torch.enable_grad():  # the sequential runner holds no_grad around its layer passes
-        _adam_steps(x, y, weights, live, routed, shared, energy, opt, gen, steps, batch)
+        _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps, batch)
     rows = {"gate": routed, "up": routed, "shared_gate": shared, "shared_up": shared}
     cols = {"down": routed, "shared_down": shared}
-    return {k: v.detach() * (rows[k][:, None] if k in rows else cols[k]) for k, v in live.items()}
+    with torch.no_grad():
+        return {k: d.weight().detach() * (rows[k][:, None] if k in rows else cols[k]) for k, d in deltas.items()}
 
 
-def _adam_steps(x, y, weights, live, routed, shared, energy, opt, gen, steps: int, batch: int) -> None:
+class FullDelta:
+    """Every entry of the weight trains, at lr = lr_ratio × the weight's RMS."""
+
+    def __init__(self, weight: torch.Tensor, lr_ratio: float):
+        self.w = weight.clone().requires_grad_(True)
+        self.lr = lr_ratio * float(weight.pow(2).mean().sqrt().clamp_min(1e-8))
+
+    def groups(self) -> list[dict]:
+        return [{"params": [self.w], "lr": self.lr}] if self.w.numel() else []
+
+    def weight(self) -> torch.Tensor:
+        return self.w
+
+
+class LowRank:
+    """W + A·B with A [out, r] from zero and B [r, in] random with unit-norm rows (LoRA's factorisation, over the
+    whole layer's stacked experts, so every expert's delta lives in one shared r-dimensional input subspace). A's lr
+    is set so that an entry of A·B moves about as far per step as FullDelta's would: lr_ratio × RMS(W)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, lr_ratio: float, gen: torch.Generator):
+        out, inp = weight.shape
+        r = min(rank, out, inp)
+        self.base = weight
+        self.a = torch.zeros(out, r, dtype=weight.dtype, device=weight.device, requires_grad=True)
+        b = torch.randn(r, inp, generator=gen, dtype=weight.dtype) / max(inp, 1) ** 0.5
+        self.b = b.to(weight.device).requires_grad_(True)
+        rms = float(weight.pow(2).mean().sqrt().clamp_min(1e-8)) if weight.numel() else 0.0
+        self.lrs = (lr_ratio * rms * (max(inp, 1) / max(r, 1)) ** 0.5, lr_ratio / max(inp, 1) ** 0.5)
+
+    def groups(self) -> list[dict]:
+        if not self.base.numel():
+            return []
+        return [{"params": [self.a], "lr": self.lrs[0]}, {"params": [self.b], "lr": self.lrs[1]}]
+
+    def weight(self) -> torch.Tensor:
+        return self.base + self.a @ self.b
+
+
+def _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps: int, batch: int) -> None:
     for _ in range(steps):
+        live = {k: d.weight() for k, d in deltas.items()}
         pick = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         xb = x[pick]
         a = torch.nn.functional.silu(xb @ live["gate"].T) * (xb @ live["up"].T) * routed
