@@ -146,9 +146,9 @@ def reconstruct_built(moe_dir: Path, data: str, options: ReconstructOptions, out
     reproduces it. Training's `reconstruct` stage (train recipe) runs this before the first stage."""
     moe_dir = Path(moe_dir)
     plan = load_plan(moe_dir)
-    built = load_recipe(BuildRecipe, moe_dir / BUILD_RECIPE, {}) if (moe_dir / BUILD_RECIPE).is_file() else None
-    if built is None:
+    if not (moe_dir / BUILD_RECIPE).is_file():
         raise MoefyError(f"{moe_dir} has no {BUILD_RECIPE}: reconstruction needs the recipe moefy build saved")
+    built = load_recipe(BuildRecipe, moe_dir / BUILD_RECIPE, {})
     if built.drop_fraction:
         raise MoefyError("reconstruction does not apply to drop-upcycling: its re-initialised neurons are "
                          "meant to be trained, not fitted to the dense FFN")
