@@ -85,7 +85,8 @@ def main() -> None:
     lines = [
         "## Layer-wise reconstruction" + (": variants" if args.variants else "") + " (SmolLM2-135M, demo corpus)",
         "",
-        f"Command: `.venv/bin/python bench/bench_reconstruct.py{' --variants' if args.variants else ''}`. Same calibration (4096 tokens per domain of "
+        f"Command: `.venv/bin/python bench/bench_reconstruct.py{' --variants' if args.variants else ''}`. "
+        "Same calibration (4096 tokens per domain of "
         f"`calib/`) and held-out data ({EVAL_TOKENS} tokens per domain of `heldout/`) as the construction table; "
         "cells are perplexity / dense. 'unseen' is a corpus construction never saw: the READMEs of the Python "
         "packages installed in the venv (8192 tokens). Oracles are computed inside the dense model on the same "
@@ -109,7 +110,7 @@ def main() -> None:
         lines.append(f"| {budget} | {label} | " + " | ".join(ratio_cells(ppl, bench.dense))
                      + f" | ×{unseen_ppl(moe) / dense_unseen:.3g} | {seconds:.0f} |")
         print(lines[-1], file=sys.stderr, flush=True)
-        if not fields.get("reconstruct") and not args.variants:  # the oracles of this partition, once per construction
+        if not fields.get("reconstruct"):  # the oracles of this partition, once per construction
             plan = load_plan(work / "moe")
             oracles = [("expert oracle of this partition", expert_oracle(dense_model, plan))]
             if label.startswith("carve"):

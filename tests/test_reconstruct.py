@@ -120,7 +120,7 @@ def test_reconstruction_needs_calibration_data(capsys, llama3, tmp_path):
     assert code == 2 and "pass --calib" in err and not (tmp_path / "moe").exists()
 
 
-def test_training_runs_a_reconstruction_stage_first(capsys, llama3, ab_corpus, tmp_path):
+def test_training_runs_a_reconstruction_stage_first(llama3, ab_corpus, tmp_path):
     """`reconstruct: {enabled: true}` in a train recipe refits the MoE as built (without reconstruction) on the
     training data, before the first stage: bit-identical to `build --reconstruct` on that corpus, then trained."""
     import yaml
