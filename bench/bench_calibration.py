@@ -6,6 +6,7 @@ docs/benchmarks.md.
 
     python bench/bench_calibration.py smollm2-135m --tokens 1024 4096
     python bench/make_shape.py 1b && python bench/bench_calibration.py .cache/shapes/tinyllama-1b --device cuda
+    python bench/bench_calibration.py smollm2-135m --tokens 16384 --max-memory default 0   # spilled vs not
 
 The shapes have random weights: right for time and memory, meaningless for quality."""
 
@@ -26,7 +27,7 @@ def rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(model: str, device: str, tokens: int, steps: int) -> dict:
+def child(model: str, device: str, tokens: int, steps: int, max_memory: str | None) -> dict:
     import torch
 
     from moefy.construct.recipe import BuildRecipe, ReconstructOptions
@@ -51,7 +52,8 @@ def child(model: str, device: str, tokens: int, steps: int) -> dict:
         torch.zeros(1, device=dev)  # the CUDA context is part of the floor, not of the pass
     floor = rss()
     t0 = time.perf_counter()
-    stats = profile(source, family, corpus, ProfileOptions(tokens_per_domain=tokens), 0, work / "stats", device)
+    stats = profile(source, family, corpus, ProfileOptions(tokens_per_domain=tokens), 0, work / "stats", device,
+                    max_memory)
     profile_s = time.perf_counter() - t0
     profile_rss = rss()
     calib = str(work / "corpus" / "calib")
@@ -61,14 +63,16 @@ def child(model: str, device: str, tokens: int, steps: int) -> dict:
     plan_s = time.perf_counter() - t0
     opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps)
     t0 = time.perf_counter()
-    reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill")  # as a build does
+    reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill", max_memory=max_memory)
     reconstruct_s = time.perf_counter() - t0
     layers = int(config["num_hidden_layers"])
     return {"profile_s_per_layer": profile_s / layers, "reconstruct_s_per_layer": reconstruct_s / layers,
             "plan_s_per_layer": plan_s / layers,
-            "profile_rss": profile_rss - floor, "peak_rss": rss() - floor, "tokens": len(stats.meta.domains) * tokens,
+            "profile_rss": profile_rss - floor, "peak_rss": rss() - floor, "tokens": sum(stats.meta.tokens),
             "gpu_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers}
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers,
+            # one carried copy of the hidden states (fp32); the profiler carries one, reconstruction two
+            "activations": sum(stats.meta.tokens) * int(config["hidden_size"]) * 4}
 
 
 def main() -> None:
@@ -77,24 +81,29 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096], help="calibration tokens per domain")
     p.add_argument("--steps", type=int, default=0, help="reconstruction Adam steps per layer (0: closed form only)")
+    p.add_argument("--max-memory", nargs="+", default=["default"],
+                   help="activation budgets to run each token budget under (default: moefy's own; 0: always spill)")
     p.add_argument("--child", type=int)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.device, args.child, args.steps)))
+        budget = None if args.max_memory[0] == "default" else args.max_memory[0]
+        print(json.dumps(child(args.model, args.device, args.child, args.steps, budget)))
         return
     print(f"model {args.model}, device {args.device}, carve 28 experts top-4 + shared 1/8, reconstruction "
           f"{args.steps} Adam steps per layer\n")
-    print("| device | calibration tokens | profile s / layer | carve plan s / layer | reconstruct s / layer "
-          "| reconstruct ÷ profile | peak RSS above imports (profile / build) | GPU peak |")
-    print("|---|---|---|---|---|---|---|---|")
-    for tokens in args.tokens:
+    print("| device | calibration tokens | activations (one copy) | --max-memory | profile s / layer "
+          "| carve plan s / layer | reconstruct s / layer | reconstruct ÷ profile "
+          "| peak RSS above imports (profile / build) | GPU peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for tokens, budget in [(t, m) for t in args.tokens for m in args.max_memory]:
         env = {**os.environ, "MOEFY_QUIET": "1"}
         out = subprocess.run([sys.executable, __file__, args.model, "--device", args.device, "--steps",
-                              str(args.steps), "--child", str(tokens)], env=env, check=True, stdout=subprocess.PIPE,
-                             text=True).stdout
+                              str(args.steps), "--max-memory", budget, "--child", str(tokens)], env=env, check=True,
+                             stdout=subprocess.PIPE, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         gpu = f"{r['gpu_peak'] / 2**30:.2f} GiB" if r["gpu_peak"] is not None else "–"
-        print(f"| {r['device']} | {r['tokens']} | {r['profile_s_per_layer']:.2f} | {r['plan_s_per_layer']:.2f} | "
+        print(f"| {r['device']} | {r['tokens']} | {r['activations'] / 2**20:.0f} MiB | {budget} "
+              f"| {r['profile_s_per_layer']:.2f} | {r['plan_s_per_layer']:.2f} | "
               f"{r['reconstruct_s_per_layer']:.2f}"
               f" | {r['reconstruct_s_per_layer'] / r['profile_s_per_layer']:.2f}× | {r['profile_rss'] / 2**30:.2f} / "
               f"{r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)

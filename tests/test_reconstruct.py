@@ -179,3 +179,59 @@ def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
         assert 0 < torch.linalg.matrix_rank(low[key] - w) <= r
     full = refit.refine(x, y, weights, params, masks, 40, 1e-2, 64, 0)
     assert torch.linalg.matrix_rank(full["gate"] - params["gate"]) > r
+
+
+def test_activations_spilled_to_disk_give_the_same_bits(llama3, ab_corpus, tmp_path, monkeypatch):
+    """Over the --max-memory budget the activations carried between layers wait on disk: the profiler's stats and a
+    reconstructed build (target stream: two carried copies) are bit-identical to keeping them in memory, and the
+    spill file is gone (unlinked at once, so a killed run leaves none)."""
+    from moefy.data.corpus import load_corpus
+    from moefy.families import family_for
+    from moefy.profile.options import ProfileOptions
+    from moefy.profile.runner import profile
+    from moefy.sources import resolve_model
+
+    monkeypatch.setenv("MOEFY_CACHE", str(tmp_path / "cache"))  # each build profiles afresh
+    source = resolve_model(str(llama3))
+    family, corpus, opts = family_for(source.config()), load_corpus(ab_corpus), ProfileOptions(seq_len=SEQ)
+    kept = profile(source, family, corpus, opts, 0, tmp_path / "kept")
+    spilled = profile(source, family, corpus, opts, 0, tmp_path / "spilled", max_memory="1")
+    for i in range(source.config()["num_hidden_layers"]):
+        for key, value in kept.layer(i).items():
+            assert torch.equal(spilled.layer(i)[key], value), (i, key)
+    for budget, out in ((None, "moe-kept"), ("1KiB", "moe-spilled")):
+        build(llama3, ab_corpus, tmp_path / out, method="carve", max_memory=budget,
+              reconstruct={"enabled": True, "seq_len": SEQ, "steps": 3})
+    a, b = (load_file(tmp_path / out / "model.safetensors") for out in ("moe-kept", "moe-spilled"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any((tmp_path / "cache" / "activations").iterdir())
+
+
+def test_activation_store_round_trips_and_refuses_a_wrong_shape(tmp_path):
+    from moefy.profile.activations import Activations
+
+    store = Activations([(2, 3), (4, 3)], torch.device("cpu"), budget=0, directory=tmp_path)
+    x = torch.randn(4, 3)
+    store[1] = x
+    store[0] = torch.ones(2, 3)
+    assert store.spilled and torch.equal(store[1], x) and torch.equal(store[0], torch.ones(2, 3))
+    store[1][0, 0] = 5.0  # a read is a copy: the stored batch is unchanged
+    assert torch.equal(store[1], x)
+    with pytest.raises(ValueError, match="expected"):
+        store[0] = x
+
+
+@pytest.mark.parametrize("size,expected", [("8GiB", 8 * 2**30), ("500MB", 500 * 10**6), ("1.5g", 1_500_000_000),
+                                           ("123", 123)])
+def test_memory_sizes_parse(size, expected):
+    from moefy.recipes import parse_bytes
+
+    assert parse_bytes(size) == expected
+
+
+def test_a_bad_memory_budget_is_refused_before_any_work(capsys, llama3, ab_corpus, tmp_path):
+    code = cli.main(["build", str(llama3), "--method", "carve", "--calib", str(ab_corpus), "--max-memory", "lots",
+                     "--out", str(tmp_path / "moe")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a memory size: 'lots'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "moe").exists()

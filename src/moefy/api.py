@@ -96,7 +96,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
                 corpus = domains.prune
             # Profiled on first use only: methods and router inits that never read stats skip the calibration pass.
             stats = functools.cache(lambda: profile_cached(source, family, corpus, options, recipe.seed,
-                                                              recipe.device))
+                                                              recipe.device, recipe.max_memory))
             if domains is not None:
                 layers = moe_layers(recipe.layers, int(config["num_hidden_layers"]))
                 mining = mine(recipe, source, family, reader, stats(), domains, layers)
@@ -107,7 +107,7 @@ def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResul
         fits = None
         if recipe.reconstruct.enabled:
             plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed,
-                                     recipe.device, spill=tmp / SPILL_DIR)
+                                     recipe.device, spill=tmp / SPILL_DIR, max_memory=recipe.max_memory)
         architecture, total, dense_params = _write_moe(tmp, recipe, source, reader, plan, mining, fits)
     return BuildResult(out, plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
 
@@ -161,7 +161,7 @@ def reconstruct_built(moe_dir: Path, data: str, options: ReconstructOptions, out
         family = family_for(source.config())
         reader = LazyCheckpoint(source.directory)
         plan, fits = reconstruct(plan, source, family, corpus, recipe.reconstruct, recipe.seed, device,
-                                 spill=tmp / SPILL_DIR)
+                                 spill=tmp / SPILL_DIR, max_memory=recipe.max_memory)  # the build's budget
         architecture, total, dense_params = _write_moe(tmp, recipe, source, reader, plan, None, fits)
     return BuildResult(Path(out), plan, architecture, total, plan.meta.active_params(total), dense_params, fits)
 
@@ -188,7 +188,7 @@ def profile(recipe: BuildRecipe) -> NeuronStats:
     family = family_for(source.config())
     family.check(source.config(), LazyCheckpoint(source.directory).names())
     return profile_cached(source, family, load_corpus(recipe.calib), _profile_options(recipe), recipe.seed,
-                          recipe.device)
+                          recipe.device, recipe.max_memory)
 
 
 def _save_build_reports(directory: Path, plan: MoEPlan, mining, fits) -> None:

@@ -5,17 +5,39 @@ in data/filtering.py."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from moefy.errors import MoefyError
 
 # The resolved recipe saved next to every output: a build's, and a training run's (in the run and its final model).
 BUILD_RECIPE = "moefy.yaml"
 TRAIN_RECIPE = "moefy_train.yaml"
+
+
+UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+         "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'8GiB', '500MB', '1.5g', '123456' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if match is None or match.group(2).lower() not in UNITS:
+        raise ValueError(f"not a memory size: {text!r} (write it like 8GiB, 500MB or a number of bytes)")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def _memory_size(text: str) -> str:
+    parse_bytes(text)  # refused when the recipe is read, not when the pass starts
+    return text
+
+
+# A size as people write it ("8GiB"), kept as written in the saved recipe.
+MemorySize = Annotated[str, AfterValidator(_memory_size)]
 
 
 class Frozen(BaseModel):

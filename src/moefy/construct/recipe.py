@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from moefy.profile.options import ProfileOptions
-from moefy.recipes import Frozen
+from moefy.recipes import Frozen, MemorySize
 
 DTypeName = Literal["source", "float32", "bfloat16", "float16"]
 
@@ -93,6 +93,10 @@ class BuildRecipe(Frozen):
     # The weights written are the same up to float rounding, wherever they were fitted.
     device: str = Field("auto", description="where profiling and reconstruction compute: auto (a GPU when present),"
                                             " cpu, cuda, cuda:N")
+    # Spilling changes where the activations wait, not the numbers (profile/activations.py).
+    max_memory: MemorySize | None = Field(None, description="budget for the calibration activations cached between "
+                                          "layers, e.g. 8GiB; above it they wait on disk (default: half the memory "
+                                          "free on the compute device)", json_schema_extra={"metavar": "SIZE"})
     router: RouterInit = RouterInit()
     cluster: ClusterOptions = ClusterOptions()
     calib: str | None = Field(None, description="calibration corpus (.jsonl/.parquet/.txt or a directory), for the "

@@ -28,7 +28,8 @@ from moefy.data.corpus import Corpus
 from moefy.data.tokens import token_blocks
 from moefy.families import Family
 from moefy.models import compute_device, load_tokenizer
-from moefy.profile.runner import domain_batches, embed_blocks, materialise_layer, rotary_embeddings
+from moefy.profile.activations import activation_budget
+from moefy.profile.runner import domain_batches, embed_blocks, materialise_layer, rotary_embeddings, spill_note
 from moefy.progress import progress
 from moefy.sources import ModelSource
 from moefy.tensor_io import LazyCheckpoint, SavedTensors
@@ -143,9 +144,12 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
 
 
 def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corpus, opts: ReconstructOptions,
-                seed: int, device: str = "auto", spill: Path | None = None) -> tuple[MoEPlan, list[LayerFit]]:
+                seed: int, device: str = "auto", spill: Path | None = None, max_memory: str | None = None
+                ) -> tuple[MoEPlan, list[LayerFit]]:
     """spill: a directory for each layer's fitted weights as it is done (SavedTensors), so memory holds one
-    layer's, not the model's (a 7B model's fitted experts are several GB); None keeps them in memory."""
+    layer's, not the model's (a 7B model's fitted experts are several GB); None keeps them in memory.
+    max_memory: the budget of the hidden states carried between layers (profile/activations.py); above it they
+    wait on disk. A layer's own inputs, targets and activations are in memory while it is fitted."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = compute_device(device)
@@ -157,12 +161,14 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
         skeleton = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     reader = LazyCheckpoint(source.directory)
     batches = [ids for _, ids, _ in domain_batches(tokens, opts.batch_size)]
-    hidden = embed_blocks(reader, batches, dev)
-    dense_hidden = [h.clone() for h in hidden] if opts.target == "stream" else None
+    copies = 2 if opts.target == "stream" else 1  # the converted model's stream, and the dense model's
+    budget = activation_budget(max_memory, dev) // copies
+    hidden = embed_blocks(reader, batches, dev, budget)
+    dense_hidden = hidden.copy(budget) if opts.target == "stream" else None
     rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     h = config.hidden_size
     layers, fits = dict(plan.layers), []
-    for i in progress(range(config.num_hidden_layers), "reconstructing layers"):
+    for i in progress(range(config.num_hidden_layers), "reconstructing layers" + spill_note(hidden)):
         layer = skeleton.model.layers[i]
         materialise_layer(layer, reader, family.layer_prefix.format(layer=i), dev)
         seen: dict = {}

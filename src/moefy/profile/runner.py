@@ -22,6 +22,7 @@ from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.errors import MoefyError
 from moefy.families import Family
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
+from moefy.profile.activations import Activations, activation_budget
 from moefy.profile.options import ProfileOptions
 from moefy.profile.stats import NeuronStats, StatsMeta, load_stats, save_meta, stats_writer
 from moefy.progress import progress
@@ -33,9 +34,9 @@ MOMENTS = ("abs_mean", "mean", "sq_mean", "gate_freq", "top_freq")  # per domain
 
 
 def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int,
-                   device: str = "auto") -> NeuronStats:
+                   device: str = "auto", max_memory: str | None = None) -> NeuronStats:
     """Profile once per (model, corpus, options, seed); later builds reuse the saved stats, wherever they ran (the
-    device changes only float rounding)."""
+    device changes only float rounding; the memory budget, nothing)."""
     key = hashlib.sha256(json.dumps({
         "model": str(source.directory.resolve()), "config": source.config(), "options": opts.model_dump(), "seed": seed,
         "corpus": hashlib.sha256("\x00".join(f"{d.domain}\x01{d.text}" for d in corpus.docs).encode()).hexdigest(),
@@ -48,7 +49,7 @@ def profile_cached(source: ModelSource, family: Family, corpus: Corpus, opts: Pr
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run that had this pid
     try:
-        profile(source, family, corpus, opts, seed, tmp, device)
+        profile(source, family, corpus, opts, seed, tmp, device, max_memory)
         if tmp is not None:
             tmp.rename(target)
     finally:
@@ -68,9 +69,10 @@ def _process() -> tuple[int, int]:
 
 
 def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOptions, seed: int, out,
-            device: str = "auto") -> NeuronStats | None:
+            device: str = "auto", max_memory: str | None = None) -> NeuronStats | None:
     """Write the stats to `out` and return them; under a data-parallel launch, only the process that passes an
-    `out` writes (the others pass None and get None)."""
+    `out` writes (the others pass None and get None). max_memory: the budget of the cached activations
+    (profile/activations.py), e.g. "8GiB"; above it they wait on disk between layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = compute_device(device)
@@ -88,7 +90,7 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
         raise MoefyError(f"{world} processes for {len(batches)} calibration batches: launch fewer processes, or "
                          "give more calibration tokens")
     mine = list(range(rank, len(batches), world))  # this process's batches (all of them in one process)
-    hidden = embed_blocks(reader, [batches[b][1] for b in mine], dev)
+    hidden = embed_blocks(reader, [batches[b][1] for b in mine], dev, activation_budget(max_memory, dev))
     rope, positions = rotary_embeddings(skeleton, config, hidden[0], tokens.seq_len)
     top_k = max(1, round(opts.top_fraction * width))
 
@@ -103,7 +105,7 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     writer = stats_writer(out, specs) if out is not None else None
     if writer is not None:
         writer.write("sample_domain", sample_domain)
-    for i in progress(range(n_layers), "profiling layers"):
+    for i in progress(range(n_layers), "profiling layers" + spill_note(hidden)):
         layer = skeleton.model.layers[i]
         materialise_layer(layer, reader, family.layer_prefix.format(layer=i), dev)
         acc = {k: torch.zeros(D, width, dtype=torch.float64, device=dev) for k in MOMENTS}
@@ -161,12 +163,21 @@ def profile(source: ModelSource, family: Family, corpus: Corpus, opts: ProfileOp
     return save_meta(out, meta)
 
 
-def embed_blocks(reader: LazyCheckpoint, batches: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Each batch's input embeddings (fp32) on the device; the embedding table itself is dropped afterwards. Rows are
-    looked up in the checkpoint's dtype and then upcast (the same numbers), so a 7B bf16 table never exists in fp32
-    (0.5 GB)."""
+def embed_blocks(reader: LazyCheckpoint, batches: list[torch.Tensor], device: torch.device, budget: int
+                 ) -> Activations:
+    """Each batch's input embeddings (fp32), on the device or spilled to disk above `budget` bytes; the embedding
+    table itself is dropped afterwards. Rows are looked up in the checkpoint's dtype and then upcast (the same
+    numbers), so a 7B bf16 table never exists in fp32 (0.5 GB)."""
     embed = reader.get("model.embed_tokens.weight").to(device)
-    return [torch.nn.functional.embedding(ids.to(device), embed).float() for ids in batches]
+    hidden = Activations([(*ids.shape, embed.shape[1]) for ids in batches], device, budget)
+    for b, ids in enumerate(batches):
+        hidden[b] = torch.nn.functional.embedding(ids.to(device), embed).float()
+    return hidden
+
+
+def spill_note(hidden: Activations) -> str:
+    """For a progress bar's title: where the activations wait between layers, when that is the disk."""
+    return f" (activations on disk: {hidden.nbytes / 2**30:.2f} GiB over budget)" if hidden.spilled else ""
 
 
 def rotary_embeddings(skeleton, config, sample: torch.Tensor, seq_len: int):
@@ -204,9 +215,10 @@ def _sample_positions(tokens: TokenBlocks, batches, total: int, seed: int) -> li
 def materialise_layer(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str,
                       device: torch.device = torch.device("cpu")) -> None:
     # fp32 whatever the checkpoint stores (a bf16 skeleton would meet fp32 hidden states): the statistics and the
-    # reconstruction's normal equations are sums over thousands of tokens
+    # reconstruction's normal equations are sums over thousands of tokens. Upcast on the device, so a GPU run never
+    # holds the layer in fp32 on the host (0.8 GB at 7B); on the CPU it is the same copy.
     module.to_empty(device=device).float()
-    state = {k: reader.get(prefix + k).float() for k in module.state_dict()}
+    state = {k: reader.get(prefix + k).to(device).float() for k in module.state_dict()}
     module.load_state_dict(state, strict=True)
     module.eval()
 
