@@ -5,8 +5,11 @@ cache (so both pay for their profile); run it alone, once per method:
 
     python bench/bench_dive_time.py carve
     python bench/bench_dive_time.py dive
+    python bench/bench_dive_time.py dive dive.affinity_tokens_per_domain=512 dive.embed_tokens=128
 
-Prints the total and the cumulative time of the build's big steps. Results: docs/benchmarks.md."""
+Prints the total and the cumulative time of the build's big steps. Recipe fields given as SECTION.FIELD=VALUE
+change the build, and the result is then compared with the plain `dive` run's (run that first): the largest change
+of the affinity matrix, and whether the domain splits and the groups are the same. Results: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -39,8 +42,35 @@ def six_domains(work: Path) -> Path:
     return six
 
 
+def overrides(items: list[str]) -> dict:
+    """['dive.embed_tokens=128', ...] -> {'dive': {'embed_tokens': 128}} (values read as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        *sections, name = key.split(".")
+        node = out
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = yaml.safe_load(value)
+    return out
+
+
+def compare(reference: Path, variant: Path) -> None:
+    """How far the variant's mining moved from the reference's."""
+    import numpy as np
+
+    a, b = (json.loads((p / "dive" / "mining.json").read_text()) for p in (reference, variant))
+    delta = np.abs(np.array(a["affinity"]) - np.array(b["affinity"]))
+    print(f"  against {reference.name}: max |Δ affinity| {delta.max():.4f} (mean {delta.mean():.4f}); "
+          f"splits {'same' if a['discovery'].get('assignment') == b['discovery'].get('assignment') else 'DIFFER'}; "
+          f"groups {'same' if a['groups'] == b['groups'] else 'DIFFER: ' + json.dumps(b['groups'])}")
+
+
 def main() -> None:
-    which = sys.argv[1]
+    which, changes = sys.argv[1], overrides(sys.argv[2:])
+    out = WORK / "-".join([which, *(a.replace("=", "").replace(".", "_") for a in sys.argv[2:])])
     fields = {"dive": dict(method="dive", experts=8, top_k=2), "carve": dict(method="carve", experts=56, top_k=8)}
     calib = six_domains(WORK)
     from moefy.sources import cache_dir, resolve_model
@@ -52,19 +82,22 @@ def main() -> None:
         os.environ["MOEFY_CACHE"] = fresh
         from moefy import api
         from moefy.construct.recipe import BuildRecipe
-        from moefy.recipes import validate_recipe
+        from moefy.recipes import deep_merge, validate_recipe
 
-        recipe = validate_recipe(BuildRecipe, {"model": "smollm2-135m", "calib": str(calib),
-                                               "profile": {"tokens_per_domain": 4096}, **fields[which]})
+        recipe = validate_recipe(BuildRecipe, deep_merge({"model": "smollm2-135m", "calib": str(calib),
+                                                          "profile": {"tokens_per_domain": 4096}, **fields[which]},
+                                                         changes))
         prof = cProfile.Profile()
         t0 = time.perf_counter()
-        prof.runcall(api.build, recipe, WORK / which, overwrite=True)
+        prof.runcall(api.build, recipe, out, overwrite=True)
         total = time.perf_counter() - t0
     stats = pstats.Stats(prof).stats
     print(f"{which}: {total:.0f} s")
     for step in STEPS:
         cum = max((v[3] for k, v in stats.items() if step in f"{k[0]}:{k[1]}:{k[2]}"), default=0.0)
         print(f"  {step:22s} {cum:6.0f} s (largest cumulative entry)")
+    if which == "dive" and changes and (WORK / "dive" / "dive" / "mining.json").is_file():
+        compare(WORK / "dive", out)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ class DiveOptions(Frozen):
                                          json_schema_extra={"flag": "--discover-domains", "metavar": "M"})
     affinity_fraction: float = Field(0.2, gt=0, lt=1, description="dive: share of each domain's documents held out "
                                                                   "for the cross-domain loss")
-    affinity_tokens_per_domain: int = Field(1024, ge=16, description="dive: tokens per domain for the loss")
+    # 512: half the time of 1024 for the cross-domain losses; on the bench corpus (docs/benchmarks.md, DIVE against
+    # carve) the affinities moved by at most 0.066 and the groups stayed the same.
+    affinity_tokens_per_domain: int = Field(512, ge=16, description="dive: held-out tokens per domain for the "
+                                            "cross-domain loss")
     embed_tokens: int = Field(256, ge=8, description="dive: tokens of each document mean-pooled for its embedding")
 
 
