@@ -20,6 +20,7 @@ from moefy.errors import MoefyError
 from moefy.recipes import parse_bytes
 from moefy.sources import cache_dir
 
+
 def free_memory(device: torch.device) -> int:
     """Bytes free now: on a GPU, its free memory; on the CPU, what Linux calls available (free plus reclaimable
     cache), else the free physical pages."""
@@ -41,8 +42,9 @@ def activation_budget(max_memory: str | None, device: torch.device) -> int:
 
 
 class Activations:
-    """Per-batch fp32 tensors of fixed shapes, indexable like a list. Reading a batch gives a fresh tensor on the
-    device; writing one stores it (in memory, or in the spill file)."""
+    """Per-batch fp32 tensors of fixed shapes, indexable like a list. Reading a batch gives it on the device (the
+    stored tensor itself when in memory, a fresh copy when spilled); writing one replaces it. The passes only ever
+    replace a batch, never change one in place, so the two behave the same for them."""
 
     def __init__(self, shapes: list[tuple[int, ...]], device: torch.device, budget: int,
                  directory: Path | None = None):
