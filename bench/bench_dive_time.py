@@ -43,18 +43,16 @@ def six_domains(work: Path) -> Path:
 
 
 def overrides(items: list[str]) -> dict:
-    """['dive.embed_tokens=128', ...] -> {'dive': {'embed_tokens': 128}} (values read as YAML)."""
+    """['dive.embed_tokens=128', ...] -> {'dive': {'embed_tokens': 128}} (values read as YAML), nested the way the
+    CLI's recipe flags are."""
+    import argparse
+
     import yaml
 
-    out: dict = {}
-    for item in items:
-        key, value = item.split("=", 1)
-        *sections, name = key.split(".")
-        node = out
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[name] = yaml.safe_load(value)
-    return out
+    from moefy.recipe_flags import PREFIX, recipe_overrides
+
+    pairs = (item.split("=", 1) for item in items)
+    return recipe_overrides(argparse.Namespace(**{PREFIX + key: yaml.safe_load(value) for key, value in pairs}))
 
 
 def compare(reference: Path, variant: Path) -> None:
