@@ -87,7 +87,8 @@ def write_docs(rows: dict) -> None:
     lines = ["### Expert granularity at 25% active: quality against speed", "",
              "`python bench/bench_frontier.py` (needs `make setup-llama`), alone on the 2-core machine. carve with "
              "closed-form reconstruction (no Adam steps), demo held-out; speed ÷ dense in the same client and run "
-             f"(prompt {PROMPT} × 4, generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32). "
+             f"(prompt {PROMPT} × 4, generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32); near-tied as in "
+             "`moefy verify` (k-th and (k+1)-th logits within 1e-3 of the token's logit spread). "
              "Plot: docs/frontier.png.", "",
              "| experts | ppl ÷ dense | near-tied | transformers prompt | transformers gen | llama.cpp prompt | "
              "llama.cpp gen |", "|---|---|---|---|---|---|---|"]

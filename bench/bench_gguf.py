@@ -125,7 +125,7 @@ def write_docs(result: dict) -> None:
              "`python bench/bench_gguf.py` (needs `make setup-llama`); alone on the 2-core machine. Perplexity ÷ "
              "the dense model in transformers; top-1 = share of positions where both clients predict the same next "
              "token on the same ids (1,024 positions); gap = max |Δlogit| ÷ max |logit|; near-tied = routing decisions "
-             "whose k-th and (k+1)-th logits differ by < 1e-4 (`moefy verify`). q8_0 files are written but not run: "
+             "whose k-th and (k+1)-th logits differ by ≤ 1e-3 of the token's logit spread (`moefy verify`). q8_0 files are written but not run: "
              "llama-cpp-python 0.3.36, built natively here, dies with a general protection fault in libggml-cpu "
              "right after its AMX backend repacks the first q8_0 tensor, for the dense model too (a rebuild with "
              "-DGGML_AMX_INT8=OFF still built the AMX backend, which GGML_NATIVE detects; -DGGML_NATIVE=OFF is the "

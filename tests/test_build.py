@@ -188,4 +188,21 @@ def test_near_ties_at_a_budget(tiny_llama, tmp_path):
     assert r.active_fraction == 0.25
     assert r.near_tie_fraction == 1.0  # a zero router ties every decision
     build(tiny_llama, tmp_path / "moe2", method="random", experts=4, top_k=1, router={"kind": "random", "std": 1.0})
-    assert api.verify(tmp_path / "moe2", str(tiny_llama)).near_tie_fraction < 0.1
+    sharp = api.verify(tmp_path / "moe2", str(tiny_llama))
+    assert sharp.near_tie_fraction < 0.1 and sharp.bf16_flip_fraction < 0.1
+
+
+def test_near_ties_do_not_depend_on_the_router_scale(tiny_llama, tmp_path):
+    """A router's logit scale is free (carve's fitted routers pick ~1e-3): scaling it changes no decision, so it must
+    not change how many decisions count as near-tied."""
+    from safetensors.torch import load_file, save_file
+
+    build(tiny_llama, tmp_path / "moe", method="random", experts=8, top_k=2, router={"kind": "random", "std": 1.0})
+    before = api.verify(tmp_path / "moe", str(tiny_llama))
+    weights = tmp_path / "moe" / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1e-3 if k.endswith("mlp.gate.weight") else v for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    after = api.verify(tmp_path / "moe", str(tiny_llama))
+    assert after.near_tie_fraction == pytest.approx(before.near_tie_fraction, abs=0.01)
+    assert after.bf16_flip_fraction == pytest.approx(before.bf16_flip_fraction, abs=0.01)

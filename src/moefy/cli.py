@@ -182,7 +182,8 @@ def _print_verify(r) -> None:
                  (f"oracles at {r.active_fraction:.0%} active: experts / neurons",
                   f"{r.expert_oracle_ppl:.4g} (×{r.expert_oracle_ppl / r.dense_ppl:.2f}) / "
                   f"{r.neuron_oracle_ppl:.4g} (×{r.neuron_oracle_ppl / r.dense_ppl:.2f})"),
-                 ("routing decisions near-tied (< 1e-4)", f"{r.near_tie_fraction:.1%}"),
+                 ("routing decisions near-tied / changed by a bf16 router",
+                  f"{r.near_tie_fraction:.1%} / {r.bf16_flip_fraction:.1%}"),
                  ("probe tokens", str(r.tokens)),
                  ("params: MoE total / active / dense",
                   f"{r.total_params / 1e6:.1f}M / {r.active_params / 1e6:.1f}M / {r.dense_params / 1e6:.1f}M")]:

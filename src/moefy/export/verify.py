@@ -22,8 +22,11 @@ from moefy.sources import read_config, resolve_model
 PROBE_MAX_TOKENS = 256
 
 
-# A routing decision this close is decided by float rounding: it can flip between kernels and clients.
-NEAR_TIE = 1e-4
+# A routing decision whose k-th and (k+1)-th logits are this close, as a share of the token's logit spread (std over
+# experts), is decided by rounding. Relative, because a router's logit scale is free: carve's fitted routers choose
+# a scale of ~1e-3 (uniform weights fit best), so an absolute threshold called most decisions tied whatever their
+# margins, while rounding noise shrinks with the logits.
+NEAR_TIE = 1e-3
 
 # Experts checked one at a time for plans whose experts overlap (each check is two probe forwards).
 MAX_EXPERTS_CHECKED = 8
@@ -45,7 +48,8 @@ class VerifyReport:
     active_fraction: float  # FFN neurons computed per token / dense FFN width
     expert_oracle_loss: float  # the build's experts, routed by an oracle that knows their outputs (export/oracle.py)
     neuron_oracle_loss: float  # each token's own top neurons at the same active fraction
-    near_tie_fraction: float  # token × layer routing decisions whose k-th and (k+1)-th logits differ by < NEAR_TIE
+    near_tie_fraction: float  # token × layer routing decisions within NEAR_TIE of a tie (relative to the spread)
+    bf16_flip_fraction: float  # token × layer routing decisions that change when the router computes in bf16
 
     @property
     def allowed(self) -> float:
@@ -116,7 +120,7 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         _, neuron_loss = _run(dense_model, batch)
     moe = load_causal_lm(moe_dir, storage).float()
     _, built_loss = _run(moe, batch)
-    ties = _near_tie_fraction(moe, batch, plan.meta.top_k)
+    ties, flips = _routing_margins(moe, batch, plan.meta.top_k)
     total = sum(p.numel() for p in moe.parameters())
     _restore_construction(moe, dense_model, plan)
     if plan.meta.coverage == "partition":
@@ -130,21 +134,36 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         delta, uniform_loss, scale = _per_expert_delta(moe, dense_model, plan, batch)
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
                         plan.meta.active_params(total), dense_params, tolerance, scale, fraction, expert_loss,
-                        neuron_loss, ties)
+                        neuron_loss, ties, flips)
 
 
 @torch.no_grad()
-def _near_tie_fraction(moe, batch: list[torch.Tensor], top_k: int) -> float:
-    """Share of token × layer decisions where the k-th and (k+1)-th router logits are within NEAR_TIE."""
-    ties = total = 0
-    for ids in batch:
-        for logits in moe(input_ids=ids, output_router_logits=True).router_logits:
-            if logits.shape[-1] <= top_k:
-                continue  # every expert is chosen: there is no decision to flip
-            top = logits.float().topk(top_k + 1, dim=-1).values
-            ties += int((top[..., -2] - top[..., -1] < NEAR_TIE).sum())
-            total += top.shape[0]
-    return ties / max(total, 1)
+def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float, float]:
+    """Shares of token × layer routing decisions that are near-tied (NEAR_TIE) and that change when the same router
+    inputs meet the router in bf16, as a GPU client runs it: how much of the routing rounding decides."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    routers = [layer.mlp.gate for layer in moe.model.layers if hasattr(layer.mlp, "experts")]
+    hooks = [r.register_forward_pre_hook(lambda m, args: seen.append((m.weight, args[0]))) for r in routers]
+    ties = flips = total = 0
+    try:
+        for ids in batch:
+            seen.clear()
+            moe(input_ids=ids)
+            for weight, x in seen:
+                if weight.shape[0] <= top_k:
+                    continue  # every expert is chosen: there is no decision to flip
+                x = x.reshape(-1, x.shape[-1]).float()
+                logits = x @ weight.float().T
+                top = logits.topk(top_k + 1, dim=-1)
+                spread = logits.std(dim=-1)
+                ties += int((top.values[:, -2] - top.values[:, -1] <= NEAR_TIE * spread).sum())
+                low = (x.bfloat16() @ weight.bfloat16().T).float().topk(top_k, dim=-1).indices
+                flips += int((top.indices[:, :-1].sort(-1).values != low.sort(-1).values).any(-1).sum())
+                total += len(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return ties / max(total, 1), flips / max(total, 1)
 
 
 def _restore_construction(moe, dense_model, plan) -> None:
