@@ -129,3 +129,25 @@ def test_every_build_recipe_field_has_a_generated_flag():
                                        "0,2", "--dive-affinity", "iou", "--tokens-per-domain", "64"])
     assert recipe_overrides(args) == {"reconstruct": {"steps": 7, "enabled": False}, "layers": "0,2",
                                       "dive": {"affinity": "iou"}, "profile": {"tokens_per_domain": 64}}
+
+
+def test_filter_flags_come_from_the_filter_recipe():
+    """Optional sections, list and dict fields get flags too: `--fluency none` switches a scorer off, `--domains`
+    is a comma list and `--drop-quantile` KEY=NUMBER pairs, and each lands on its recipe field."""
+    from moefy.cli import _build_parser
+    from moefy.data.filtering import FilterRecipe
+    from moefy.recipe_flags import recipe_overrides
+    from moefy.recipes import load_recipe
+
+    def recipe(*flags):
+        args = _build_parser().parse_args(["data", "filter", "c.jsonl", "--out", "o", *flags])
+        return load_recipe(FilterRecipe, None, recipe_overrides(args))
+
+    r = recipe("--fluency", "none", "--domains", "cc, web", "--threshold", "ads=0.7", "--text-field", "body")
+    assert r.fluency is None and r.domains == ["cc", "web"] and r.threshold == {"ads": 0.7}
+    assert r.drop_quantile == {} and r.text_field == "body"  # fluency off: no default fluency cut
+    r = recipe("--fluency", "m", "--cache", "c", "--fluency-max-tokens", "64", "--ads", "none",
+               "--drop-quantile", "fluency=0.2")
+    assert (r.fluency.model, r.fluency.cache, r.fluency.max_tokens) == ("m", "c", 64)
+    assert r.ads is None and r.drop_quantile == {"fluency": 0.2} and r.threshold == {}
+    assert recipe() == FilterRecipe()  # no flag given: the recipe's defaults

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from moefy.construct.recipe import BuildRecipe
+from moefy.data.filtering import FilterRecipe
 from moefy.errors import MoefyError
 from moefy.recipe_flags import add_recipe_flags, recipe_overrides
 from moefy.recipes import load_recipe
@@ -54,13 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
     df.add_argument("--out", type=Path, required=True, help="output directory (data/, dropped.jsonl, report/)")
     df.add_argument("--overwrite", action="store_true")
     df.add_argument("--recipe", type=Path, help="YAML filter recipe; the options below override its fields")
-    df.add_argument("--fluency", help="reference LM for perplexity (default smollm2-135m), or 'none'")
-    df.add_argument("--ads", help="'heuristic' (default), a classifier dir from train-classifier, or 'none'")
-    df.add_argument("--domains", help="comma list of domains to filter (default: all); others pass through")
-    df.add_argument("--drop-quantile", dest="drop_quantile", metavar="SCORE=Q,...",
-                    help="per domain, drop this top fraction by score, e.g. fluency=0.15,ads=0.5")
-    df.add_argument("--threshold", metavar="SCORE=V,...", help="drop documents scoring above V, e.g. ads=0.5")
-    df.add_argument("--cache", help="fluency score cache file (resumable)")
+    add_recipe_flags(df, FilterRecipe)  # --fluency, --ads, --domains, --drop-quantile, --threshold, --cache…
     tc = dsub.add_parser("train-classifier", help="train a fastText ad/quality classifier from labelled JSONL")
     tc.add_argument("labelled", type=Path, help="JSONL with 'text' and 'label' fields")
     tc.add_argument("--out", type=Path, required=True, help="classifier directory (model.bin, report.json)")
@@ -205,32 +200,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(text: str | None, flag: str) -> dict[str, float] | None:
-    if text is None:
-        return None
-    out = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = float(value)  # no "=" leaves value empty, which float() refuses too
-        except ValueError:
-            raise MoefyError(f"{flag} takes SCORE=NUMBER pairs, e.g. fluency=0.15 (got {item!r})") from None
-    return out
-
-
 def _cmd_filter(args: argparse.Namespace) -> int:
     from moefy import api
 
-    overrides: dict = {"drop_quantile": _pairs(args.drop_quantile, "--drop-quantile"),
-                       "threshold": _pairs(args.threshold, "--threshold"),
-                       "domains": args.domains.split(",") if args.domains else None}
-    if args.fluency is not None:
-        overrides["fluency"] = "none" if args.fluency == "none" else {"model": args.fluency, "cache": args.cache}
-    elif args.cache is not None:
-        overrides["fluency"] = {"cache": args.cache}
-    if args.ads is not None:
-        overrides["ads"] = args.ads if args.ads == "none" else {"scorer": args.ads}
-    summary = api.filter_corpus(args.corpus, args.recipe, overrides, args.out, overwrite=args.overwrite)
+    summary = api.filter_corpus(args.corpus, args.recipe, recipe_overrides(args), args.out, overwrite=args.overwrite)
     for domain, c in summary["per_domain"].items():
         print(f"{domain:16s} kept {c['kept']:6d}   dropped {c['dropped']:6d}")
     if summary["malformed"]:

@@ -1,8 +1,9 @@
 """Command-line flags generated from a recipe's fields (mergekit's add_merge_options is the model): every field of
 the recipe and of its sections becomes a flag whose type, choices, default and help come from the pydantic field,
 so a new recipe field is a new flag with nothing else to edit. A flag given overrides that field of the YAML recipe;
-a flag not given overrides nothing. Sections become help groups; a field may name a shorter flag in its
-json_schema_extra (`--seq-len` for profile.seq_len)."""
+a flag not given overrides nothing. Sections (optional ones too) become help groups; a field may name a shorter flag
+in its json_schema_extra (`--seq-len` for profile.seq_len). A list field takes a comma list (`--domains a,b`), a
+dict field KEY=NUMBER pairs (`--drop-quantile fluency=0.15,ads=0.5`)."""
 
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ def _add(parser, model: type[BaseModel], path: tuple[str, ...], skip: tuple[str,
         if name in skip:
             continue
         here = (*path, name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):  # a section: its own help group
-            summary = " ".join((annotation.__doc__ or "").split()).split(". ")[0]  # the docstring's first sentence
+        section = _section(field.annotation)
+        if section is not None:  # a section: its own help group
+            summary = " ".join((section.__doc__ or "").split()).split(". ")[0]  # the docstring's first sentence
             group = parser.add_argument_group(f"{name} options", summary.rstrip(".") + "." if summary else None)
-            _add(group, annotation, here, ())
+            _add(group, section, here, ())
             continue
-        kind, choices = _flag_type(annotation)
+        kind, choices = _flag_type(field.annotation)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         flag = extra.get("flag", "--" + "-".join(here).replace("_", "-"))
         default = field.get_default()
@@ -54,8 +55,35 @@ def _add(parser, model: type[BaseModel], path: tuple[str, ...], skip: tuple[str,
                                 default=None, help=f"{text} (default {'on' if default else 'off'})")
             continue
         shown = f" (default {default})" if default is not None and not field.is_required() else ""
+        metavar = extra.get("metavar", METAVARS.get(kind, name.upper()))
         parser.add_argument(flag, dest=PREFIX + ".".join(here), type=kind, choices=choices, default=None,
-                            metavar=None if choices else extra.get("metavar", name.upper()), help=text + shown)
+                            metavar=None if choices else metavar, help=text + shown)
+
+
+def _section(annotation) -> type[BaseModel] | None:
+    """The section class of a field (`Options` or `Options | None`), or None for a plain field."""
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def number_pairs(text: str) -> dict[str, float]:
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)  # no "=" leaves value empty, which float() refuses too
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes KEY=NUMBER pairs, e.g. fluency=0.15 (got {item!r})") from None
+    return out
+
+
+METAVARS = {comma_list: "A,B,...", number_pairs: "KEY=NUMBER,..."}
 
 
 def _flag_type(annotation) -> tuple[type, list | None]:
@@ -67,4 +95,8 @@ def _flag_type(annotation) -> tuple[type, list | None]:
         return _flag_type(inner[0]) if len(inner) == 1 else (str, None)
     if origin is Literal:
         return type(args[0]), list(args)
+    if origin is list and args == (str,):
+        return comma_list, None
+    if origin is dict and args[1:] == (float,):
+        return number_pairs, None
     return annotation, None

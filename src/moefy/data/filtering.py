@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from moefy.atomic import atomic_output, check_output
 from moefy.data.records import FILTER_RECIPE, FILTER_SOURCE, KEPT_DIR, Record, read_records, write_records
@@ -29,45 +29,54 @@ DEFAULT_CUTS = {"drop_quantile": {"fluency": 0.15}, "threshold": {"ads": 0.5}}
 
 
 class FluencyOptions(Frozen):
-    # any causal LM moefy can load. None: as a training stage, the MoE's dense source model; standalone, the small
-    # SmolLM2-135M (fast, and fluency ranks documents; it need not be the model being trained)
-    model: str | None = None
-    max_tokens: int = Field(256, ge=2)  # tokens scored per document (its opening)
-    batch_size: int = Field(8, ge=1)
-    cache: str | None = None  # score cache (JSONL); None: <MOEFY_CACHE>/fluency-scores.jsonl
+    """Fluency: each document's perplexity under a reference LM, its opening only."""
+    # None: as a training stage, the MoE's dense source model; standalone, the small SmolLM2-135M (fast, and fluency
+    # ranks documents; it need not be the model being trained)
+    model: str | None = Field(None, description="reference LM for perplexity (default smollm2-135m), or 'none' to "
+                              "turn fluency scoring off", json_schema_extra={"flag": "--fluency", "metavar": "MODEL"})
+    max_tokens: int = Field(256, ge=2, description="tokens scored per document (its opening)")
+    batch_size: int = Field(8, ge=1, description="documents per forward")
+    cache: str | None = Field(None, description="fluency score cache file, resumable (default "
+                              "<MOEFY_CACHE>/fluency-scores.jsonl)", json_schema_extra={"flag": "--cache"})
 
 
 class AdsOptions(Frozen):
-    scorer: str = "heuristic"  # "heuristic", or a classifier directory from `moefy data train-classifier`
+    """Advertisement-likeness: a keyword heuristic or a fastText classifier."""
+    scorer: str = Field("heuristic", description="'heuristic', a classifier dir from `moefy data "
+                        "train-classifier`, or 'none'", json_schema_extra={"flag": "--ads", "metavar": "SCORER"})
+
+
+# The field of each scorer's section whose value 'none' turns that scorer off (`--fluency none`, `--ads none`).
+SWITCHES = {"fluency": "model", "ads": "scorer"}
 
 
 class FilterRecipe(Frozen):
     fluency: FluencyOptions | None = FluencyOptions()
     ads: AdsOptions | None = AdsOptions()
-    domains: list[str] | None = None  # domains that are filtered; the others pass through. None: every domain
-    # per domain, drop this top fraction by score (LLaMA-MoE: fluency 0.15, ads 0.5) ...
-    drop_quantile: dict[Score, float]
-    # ... and/or every document whose score exceeds this value (ads: probability or heuristic score)
-    threshold: dict[Score, float]
-    text_field: str = "text"
-    domain_field: str = "domain"
+    domains: list[str] | None = Field(None, description="domains to filter (default: all); the others pass through")
+    # LLaMA-MoE dropped fluency 0.15 and ads 0.5 by quantile; unset cut-offs take DEFAULT_CUTS
+    drop_quantile: dict[Score, float] = Field(description="per domain, drop this top fraction by score, e.g. "
+                                              "fluency=0.15,ads=0.5")
+    threshold: dict[Score, float] = Field(description="drop every document scoring above this, e.g. ads=0.5 "
+                                          "(ads: probability or heuristic score)")
+    text_field: str = Field("text", description="the records' text field")
+    domain_field: str = Field("domain", description="the records' domain field")
 
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, data):
-        """Unset cut-offs default to DEFAULT_CUTS for the scorers that are on."""
+        """Scorers switched off become None; unset cut-offs default to DEFAULT_CUTS for the scorers that are on."""
         if isinstance(data, dict):
-            on = {s for s in ("fluency", "ads") if data.get(s, "default") not in (None, "none", False)}
             data = dict(data)
+            for score, switch in SWITCHES.items():
+                value = data.get(score)
+                if value in ("none", False) or isinstance(value, dict) and value.get(switch) == "none":
+                    data[score] = None
+            on = {s for s in SWITCHES if data.get(s, "default") is not None}
             for key, defaults in DEFAULT_CUTS.items():
                 if data.get(key) is None:
                     data[key] = {s: v for s, v in defaults.items() if s in on}
         return data
-
-    @field_validator("fluency", "ads", mode="before")
-    @classmethod
-    def _off(cls, value):
-        return None if value in ("none", False) else value  # `--fluency none`, `ads: none` in YAML
 
     @model_validator(mode="after")
     def _consistent(self) -> "FilterRecipe":
