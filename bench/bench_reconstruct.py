@@ -3,7 +3,8 @@ perplexity of carve and DIVE builds with and without `--reconstruct` (and its va
 neurons active; the expert and neuron oracles on the same held-out data; a corpus construction never saw; and the
 reconstruction's time against one profiling pass, measured in the same run. Writes docs/results.md.
 
-Usage: python bench/bench_reconstruct.py [--quick]   (--quick: the default rows only)"""
+Usage: python bench/bench_reconstruct.py [--quick | --variants | --half]   (--quick: the default rows only;
+--variants: what the Adam steps train, at 25%; --half: the split of the active half between shared and routed)"""
 
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ VARIANTS = [
     ("25%", "↳ twice the calibration tokens (16,384 per domain)",
      {**CARVE25, "reconstruct": {**REC, "tokens_per_domain": 16384}}),
 ]
+# --half: at 50% active, how the active half is split between the shared block and routed experts (carve defaults:
+# a shared eighth). Each row computes 768 of the 1536 neurons per token.
+HALF = [
+    ("50%", "carve + reconstruction (defaults: shared 1/8 + 24 of 56 × 24)", {**CARVE50, "reconstruct": REC}),
+    ("50%", "↳ shared 1/4 + 16 of 48 × 24", dict(method="carve", experts=48, top_k=16, shared_fraction=0.25,
+                                                  reconstruct=REC)),
+    ("50%", "↳ shared 3/8 + 8 of 40 × 24", dict(method="carve", experts=40, top_k=8, shared_fraction=0.375,
+                                                 reconstruct=REC)),
+]
 
 
 def main() -> None:
@@ -66,8 +76,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="only the default reconstruction rows")
     p.add_argument("--variants", action="store_true", help="the reconstruction variants' table instead "
                    "(docs/results.md, section reconstruction-variants)")
+    p.add_argument("--half", action="store_true", help="the 50%% active variants instead (section reconstruction-half)")
     args = p.parse_args()
-    rows, section = (VARIANTS, "reconstruction-variants") if args.variants else (ROWS, "reconstruction")
+    rows, section = ((VARIANTS, "reconstruction-variants") if args.variants else (HALF, "reconstruction-half")
+                     if args.half else (ROWS, "reconstruction"))
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
     bench = setup(work)
     unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
@@ -83,9 +95,11 @@ def main() -> None:
     profile(source, family, calib, ProfileOptions(**CALIB), 0, work / "profile")
     profile_s, reconstruct_s = time.perf_counter() - t0, float("nan")
     lines = [
-        "## Layer-wise reconstruction" + (": variants" if args.variants else "") + " (SmolLM2-135M, demo corpus)",
+        "## Layer-wise reconstruction" + (": variants" if args.variants else ": 50% active" if args.half else "")
+        + " (SmolLM2-135M, demo corpus)",
         "",
-        f"Command: `.venv/bin/python bench/bench_reconstruct.py{' --variants' if args.variants else ''}`. "
+        f"Command: `.venv/bin/python bench/bench_reconstruct.py{' --variants' if args.variants else ''}"
+        f"{' --half' if args.half else ''}`. "
         "Same calibration (4096 tokens per domain of "
         f"`calib/`) and held-out data ({EVAL_TOKENS} tokens per domain of `heldout/`) as the construction table; "
         "cells are perplexity / dense. 'unseen' is a corpus construction never saw: the READMEs of the Python "
