@@ -206,3 +206,30 @@ def test_near_ties_do_not_depend_on_the_router_scale(tiny_llama, tmp_path):
     after = api.verify(tmp_path / "moe", str(tiny_llama))
     assert after.near_tie_fraction == pytest.approx(before.near_tie_fraction, abs=0.01)
     assert after.bf16_flip_fraction == pytest.approx(before.bf16_flip_fraction, abs=0.01)
+
+
+def test_vllm_check_reads_what_vllm_loads(tiny_llama, tmp_path):
+    """Both output formats carry every config field and tensor vLLM's loaders read; a checkpoint missing a q bias,
+    or with a head_dim vLLM's Qwen2-MoE would not use, is reported."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from moefy.export.vllm_check import vllm_problems
+
+    build(tiny_llama, tmp_path / "mixtral", method="random", experts=4, top_k=1)
+    build(tiny_llama, tmp_path / "qwen", method="random", experts=4, top_k=1, layers="every_other")
+    assert json.loads((tmp_path / "qwen" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+    assert vllm_problems(tmp_path / "mixtral") == [] and vllm_problems(tmp_path / "qwen") == []
+    assert api.verify(tmp_path / "qwen", str(tiny_llama)).vllm_problems == []
+
+    weights = tmp_path / "qwen" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.self_attn.q_proj.bias"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_path = tmp_path / "qwen" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "head_dim": config["hidden_size"] // config["num_attention_heads"] * 2}))
+    problems = vllm_problems(tmp_path / "qwen")
+    assert any("head_dim" in p for p in problems)
+    assert any("model.layers.1.self_attn.q_proj.bias" in p for p in problems)

@@ -179,6 +179,7 @@ def _print_verify(r) -> None:
                   f"{r.neuron_oracle_ppl:.4g} (×{r.neuron_oracle_ppl / r.dense_ppl:.2f})"),
                  ("routing decisions near-tied / changed by a bf16 router",
                   f"{r.near_tie_fraction:.1%} / {r.bf16_flip_fraction:.1%}"),
+                 ("vLLM: config fields and tensor names it reads", "; ".join(r.vllm_problems) or "all present"),
                  ("probe tokens", str(r.tokens)),
                  ("params: MoE total / active / dense",
                   f"{r.total_params / 1e6:.1f}M / {r.active_params / 1e6:.1f}M / {r.dense_params / 1e6:.1f}M")]:

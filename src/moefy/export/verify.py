@@ -16,6 +16,7 @@ from moefy.errors import MoefyError
 from moefy.export.checkpoint import DTYPES
 from moefy.export.formats import FORMATS
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
+from moefy.export.vllm_check import vllm_problems
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.sources import read_config, resolve_model
 
@@ -50,6 +51,7 @@ class VerifyReport:
     neuron_oracle_loss: float  # each token's own top neurons at the same active fraction
     near_tie_fraction: float  # token × layer routing decisions within NEAR_TIE of a tie (relative to the spread)
     bf16_flip_fraction: float  # token × layer routing decisions that change when the router computes in bf16
+    vllm_problems: list[str]  # what would stop vLLM from computing the same function (export/vllm_check.py)
 
     @property
     def allowed(self) -> float:
@@ -134,7 +136,7 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         delta, uniform_loss, scale = _per_expert_delta(moe, dense_model, plan, batch)
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
                         plan.meta.active_params(total), dense_params, tolerance, scale, fraction, expert_loss,
-                        neuron_loss, ties, flips)
+                        neuron_loss, ties, flips, vllm_problems(moe_dir))
 
 
 @torch.no_grad()
