@@ -9,7 +9,8 @@ recovery: from the best training-free 25% build (carve defaults), train a fixed 
 distill: from carve + layer-wise reconstruction, the same experts-lora stage trained with LM loss, with
   distillation from the dense teacher, and with both, at equal tokens.
 
-Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000]"""
+Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000] [--objective lm|kl|kl+lm]...
+(distill at a budget other than 30,000 tokens writes its own section, so the runs at 30k and 200k stand side by side)"""
 
 from __future__ import annotations
 
@@ -138,19 +139,25 @@ def recovery(work: Path, tokens: int) -> str:
 
 
 DISTILL_LORA = {"trainable": "experts-lora", "lr": 1e-3, "router_lr_ratio": 0.01, "lora": {"rank": 16, "alpha": 32}}
-OBJECTIVES = {"LM loss": {}, "distillation (KL, T=1)": {"distill": {"temperature": 1.0}}}
+# --objective key: (row label, the stage fields it sets)
+OBJECTIVES = {"lm": ("LM loss", {}),
+              "kl": ("distillation (KL, T=1)", {"distill": {"temperature": 1.0}}),
+              "kl+lm": ("distillation + LM loss (KL, T=1, LM weight 1)",
+                        {"distill": {"temperature": 1.0, "lm_weight": 1.0}})}
 
 
-def distillation(work: Path, tokens: int) -> str:
+def distillation(work: Path, tokens: int, objectives: list[str]) -> str:
     """From carve + reconstruction, the same experts-lora stage with each objective, at equal tokens."""
     bench = setup(work)
     moe = bench.build("carve25-rec", method="carve", experts=56, top_k=8, reconstruct={"enabled": True})
     before = bench.evaluate(moe)
     domains = list(bench.dense.per_domain)
     lines = [
-        "## Distillation recovery after reconstruction (`moefy train`)",
+        f"## Distillation recovery after reconstruction, {tokens:,} tokens (`moefy train`)",
         "",
-        f"Command: `.venv/bin/python bench/bench_train.py --part distill --tokens {tokens}`. Start: carve 25% + "
+        f"Command: `.venv/bin/python bench/bench_train.py --part distill --tokens {tokens}"
+        + "".join(f" --objective {o}" for o in objectives if objectives != list(OBJECTIVES))
+        + "`. Start: carve 25% + "
         "layer-wise reconstruction (defaults). Each row trains the same `experts-lora` stage (LoRA r=16 on experts, "
         f"routers at 1% of their RMS, norms; lr 1e-3, cosine, 3 warm-up steps; seq 256, batch 4) for {tokens:,} "
         "tokens of `calib/`, changing only the objective; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
@@ -162,10 +169,11 @@ def distillation(work: Path, tokens: int) -> str:
         dense_row(bench.dense, extra=("", "")),
         "| carve 25% + reconstruction, training-free | " + " | ".join(ratio_cells(before, bench.dense)) + " | 0% | |",
     ]
-    for name, objective in OBJECTIVES.items():
+    for key in objectives:
+        name, objective = OBJECTIVES[key]
         stage = {"name": "recovery", "tokens": tokens, "seq_len": 256, "batch_size": 4, "warmup_steps": 3,
                  **DISTILL_LORA, **objective}
-        tag = name.split()[0] + str(len(objective.get("distill", {})))
+        tag = key.replace("+", "-")
         final = bench.train(moe, tag, {"stages": [stage], "checkpoint_every": 10_000})
         ppl = bench.evaluate(final)
         metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
@@ -180,6 +188,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["throughput", "recovery", "distill", "all"], default="all")
     p.add_argument("--tokens", type=int, default=30_000)
+    p.add_argument("--objective", action="append", choices=list(OBJECTIVES),
+                   help="distill: the objectives to compare (repeatable; default all)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moefy-train-bench-"))
     if args.part in ("throughput", "all"):
@@ -187,7 +197,9 @@ def main() -> None:
     if args.part in ("recovery", "all"):
         replace_section(Path("docs/results.md"), "train-recovery", recovery(work, args.tokens))
     if args.part in ("distill", "all"):
-        replace_section(Path("docs/results.md"), "train-distill", distillation(work, args.tokens))
+        # each token budget keeps its own table: the 200k run does not replace the 30k comparison
+        section = "train-distill" if args.tokens == 30_000 else f"train-distill-{args.tokens}"
+        replace_section(Path("docs/results.md"), section, distillation(work, args.tokens, args.objective or list(OBJECTIVES)))
     print(f"work dir: {work}")
 
 
