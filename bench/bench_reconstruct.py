@@ -61,13 +61,17 @@ VARIANTS = [
      {**CARVE25, "reconstruct": {**REC, "tokens_per_domain": 16384}}),
 ]
 # --half: at 50% active, how the active half is split between the shared block and routed experts (carve defaults:
-# a shared eighth). Each row computes 768 of the 1536 neurons per token.
+# a shared eighth), and the best split with twice the calibration tokens. Each row computes 768 of the 1536 neurons
+# per token.
 HALF = [
     ("50%", "carve + reconstruction (defaults: shared 1/8 + 24 of 56 × 24)", {**CARVE50, "reconstruct": REC}),
     ("50%", "↳ shared 1/4 + 16 of 48 × 24", dict(method="carve", experts=48, top_k=16, shared_fraction=0.25,
                                                   reconstruct=REC)),
     ("50%", "↳ shared 3/8 + 8 of 40 × 24", dict(method="carve", experts=40, top_k=8, shared_fraction=0.375,
                                                  reconstruct=REC)),
+    ("50%", "↳ shared 3/8 + 8 of 40 × 24, twice the calibration tokens (16,384 per domain)",
+     dict(method="carve", experts=40, top_k=8, shared_fraction=0.375,
+          reconstruct={**REC, "tokens_per_domain": 16384})),
 ]
 
 
