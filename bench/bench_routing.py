@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moefy.data.tokens import stream
-from moefy.export.verify import NEAR_TIE
+from moefy.export.verify import NEAR_TIE, router_inputs, routing_decisions
 from moefy.models import load_causal_lm
 from moefy.profile.perplexity import heldout_perplexity
 from moefy.sources import read_config, resolve_model
@@ -33,39 +33,21 @@ OLD_NEAR_TIE = 1e-4  # verify's absolute threshold before it measured ties relat
 
 
 @torch.no_grad()
-def _run(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Logits and each MoE layer's (router weight, router input) for one forward."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    routers = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "experts")]
-    hooks = [r.register_forward_pre_hook(lambda m, args: seen.append((m.weight, args[0]))) for r in routers]
-    try:
-        logits = model(input_ids=ids).logits.float()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return logits, seen
-
-
-@torch.no_grad()
 def routing(directory: Path, ids: torch.Tensor, dense_top1: float, bench: Bench) -> dict[str, float]:
     full, low = load_causal_lm(directory), load_causal_lm(directory, torch.bfloat16)
     ppl = [heldout_perplexity(m, bench.tokenizer, bench.held, seq_len=256, tokens_per_domain=EVAL_TOKENS).ppl()
            for m in (full, low)]
     k = full.config.num_experts_per_tok
-    logits32, seen32 = _run(full, ids)
-    logits16, seen16 = _run(low, ids)
+    logits32, seen32 = router_inputs(full, ids)
+    logits16, seen16 = router_inputs(low, ids)
     counts = dict.fromkeys(("near_tied", "near_tied_abs", "bf16_router", "bf16_model"), 0)
     total = 0
     for (w, x), (_, x16) in zip(seen32, seen16):
-        x = x.reshape(-1, x.shape[-1]).float()
-        logits = x @ w.float().T
-        top = logits.topk(k + 1, dim=-1)
-        margin = top.values[:, -2] - top.values[:, -1]
-        chosen = top.indices[:, :-1].sort(-1).values
-        router16 = (x.bfloat16() @ w.bfloat16().T).topk(k, dim=-1).indices.sort(-1).values
-        model16 = (x16.reshape(-1, x16.shape[-1]) @ w.bfloat16().T).topk(k, dim=-1).indices.sort(-1).values
-        counts["near_tied"] += int((margin <= NEAR_TIE * logits.std(dim=-1)).sum())
-        counts["near_tied_abs"] += int((margin < OLD_NEAR_TIE).sum())
+        chosen, tied, router16 = routing_decisions(w, x, k)
+        model16 = (x16 @ w.bfloat16().T).topk(k, dim=-1).indices.sort(-1).values
+        top = (x.float() @ w.float().T).topk(k + 1, dim=-1).values
+        counts["near_tied"] += int(tied.sum())
+        counts["near_tied_abs"] += int((top[:, -2] - top[:, -1] < OLD_NEAR_TIE).sum())
         counts["bf16_router"] += int((chosen != router16).any(-1).sum())
         counts["bf16_model"] += int((chosen != model16).any(-1).sum())
         total += len(x)
@@ -73,8 +55,7 @@ def routing(directory: Path, ids: torch.Tensor, dense_top1: float, bench: Bench)
     out["top1_bf16"] = float((logits32.argmax(-1) == logits16.argmax(-1)).float().mean())
     out["dense_top1_bf16"] = dense_top1
     out["ppl_bf16_x_fp32"] = ppl[1] / ppl[0]
-    out["logit_std"] = float(torch.cat([(x.reshape(-1, x.shape[-1]).float() @ w.float().T).std(-1)
-                                        for w, x in seen32]).median())
+    out["logit_std"] = float(torch.cat([(x.float() @ w.float().T).std(-1) for w, x in seen32]).median())
     return out
 
 
@@ -86,8 +67,8 @@ def main() -> None:
     bench = setup(Path(tempfile.mkdtemp(prefix="moefy-routing-")))
     ids = torch.stack([stream(texts, bench.tokenizer, 256) for texts in bench.held.by_domain().values()])
     dense_dir = resolve_model(MODEL).directory
-    d32, _ = _run(load_causal_lm(dense_dir), ids)
-    d16, _ = _run(load_causal_lm(dense_dir, torch.bfloat16), ids)
+    d32, _ = router_inputs(load_causal_lm(dense_dir), ids)
+    d16, _ = router_inputs(load_causal_lm(dense_dir, torch.bfloat16), ids)
     dense_top1 = float((d32.argmax(-1) == d16.argmax(-1)).float().mean())
     lines = ["## Routing margins (SmolLM2-135M, demo held-out)", "",
              f"`python bench/bench_routing.py LABEL=MOE_DIR...`, on 256 tokens of each held-out domain. Shares of token × "

@@ -140,31 +140,44 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
 
 
 @torch.no_grad()
-def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float, float]:
-    """Shares of token × layer routing decisions that are near-tied (NEAR_TIE) and that change when the same router
-    inputs meet the router in bf16, as a GPU client runs it: how much of the routing rounding decides."""
+def router_inputs(moe, ids: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One forward: its logits, and each MoE layer's (router weight, router input [tokens, hidden])."""
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     routers = [layer.mlp.gate for layer in moe.model.layers if hasattr(layer.mlp, "experts")]
     hooks = [r.register_forward_pre_hook(lambda m, args: seen.append((m.weight, args[0]))) for r in routers]
-    ties = flips = total = 0
     try:
-        for ids in batch:
-            seen.clear()
-            moe(input_ids=ids)
-            for weight, x in seen:
-                if weight.shape[0] <= top_k:
-                    continue  # every expert is chosen: there is no decision to flip
-                x = x.reshape(-1, x.shape[-1]).float()
-                logits = x @ weight.float().T
-                top = logits.topk(top_k + 1, dim=-1)
-                spread = logits.std(dim=-1)
-                ties += int((top.values[:, -2] - top.values[:, -1] <= NEAR_TIE * spread).sum())
-                low = (x.bfloat16() @ weight.bfloat16().T).float().topk(top_k, dim=-1).indices
-                flips += int((top.indices[:, :-1].sort(-1).values != low.sort(-1).values).any(-1).sum())
-                total += len(x)
+        logits = moe(input_ids=ids).logits.float()
     finally:
         for hook in hooks:
             hook.remove()
+    return logits, [(w, x.reshape(-1, x.shape[-1])) for w, x in seen]
+
+
+@torch.no_grad()
+def routing_decisions(weight: torch.Tensor, x: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Per token: the chosen experts (sorted), whether the choice is near-tied (NEAR_TIE), and the experts a bf16
+    router chooses from the same input (sorted)."""
+    x = x.float()
+    logits = x @ weight.float().T
+    top = logits.topk(top_k + 1, dim=-1)
+    tied = top.values[:, -2] - top.values[:, -1] <= NEAR_TIE * logits.std(dim=-1)
+    low = (x.bfloat16() @ weight.bfloat16().T).float().topk(top_k, dim=-1).indices
+    return top.indices[:, :-1].sort(-1).values, tied, low.sort(-1).values
+
+
+def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float, float]:
+    """Shares of token × layer routing decisions that are near-tied (NEAR_TIE) and that change when the same router
+    inputs meet the router in bf16, as a GPU client runs it: how much of the routing rounding decides."""
+    ties = flips = total = 0
+    for ids in batch:
+        for weight, x in router_inputs(moe, ids)[1]:
+            if weight.shape[0] <= top_k:
+                continue  # every expert is chosen: there is no decision to flip
+            chosen, tied, low = routing_decisions(weight, x, top_k)
+            ties += int(tied.sum())
+            flips += int((chosen != low).any(-1).sum())
+            total += len(x)
     return ties / max(total, 1), flips / max(total, 1)
 
 
