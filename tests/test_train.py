@@ -16,6 +16,7 @@ from conftest import write_domain_corpus
 
 from moefy import api, cli
 from moefy.errors import MoefyError
+from moefy.recipes import TRAIN_RECIPE
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Mixture
 
@@ -122,6 +123,19 @@ def test_dynamic_mixture_moves_weights(tiny_moe, corpus, tmp_path, tiny_llama):
     assert recs[-1]["weights"] != recs[0]["weights"]
     assert sum(recs[-1]["weights"].values()) == pytest.approx(1.0)
     assert "eval_loss" in recs[1]
+
+
+def test_train_from_flags_alone(capsys, tiny_moe, corpus, tmp_path):
+    """No YAML: the stage flags are the one stage, and the resolved recipe is saved in the run; a resumed run keeps
+    the recipe it started with, so recipe flags beside --resume are refused."""
+    run = tmp_path / "run"
+    assert cli.main(["train", str(tiny_moe), "--data", str(corpus), "--out", str(run), "--trainable", "norm",
+                     "--tokens", str(2 * 4 * 32), "--seq-len", "32", "--lr", "0.01", "--seed", "3"]) == 0
+    saved = yaml.safe_load((run / TRAIN_RECIPE).read_text())
+    assert saved["seed"] == 3 and saved["stages"][0]["trainable"] == "norm" and saved["stages"][0]["lr"] == 0.01
+    assert [r["stage"] for r in records(run)] == ["stage"] * 2
+    assert cli.main(["train", "--resume", str(run), "--lr", "0.1"]) == 2
+    assert "a resumed run keeps the recipe it started with" in capsys.readouterr().err
 
 
 def test_mixture_functions():

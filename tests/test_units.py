@@ -131,6 +131,42 @@ def test_every_build_recipe_field_has_a_generated_flag():
                                       "dive": {"affinity": "iou"}, "profile": {"tokens_per_domain": 64}}
 
 
+def test_train_flags_set_every_stage_or_make_the_one_stage(tmp_path):
+    """train's flags come from TrainRecipe and Stage: stage flags set every stage of a recipe (a preset's too),
+    `--distill` turns the off-by-default section on, and without a recipe the stage flags are the one stage."""
+    import yaml
+
+    from moefy.cli import _build_parser
+    from moefy.errors import MoefyError
+    from moefy.recipe_flags import recipe_overrides
+    from moefy.train.recipe import Distill, load_train_recipe
+
+    def recipe(source, *flags):
+        return load_train_recipe(source, recipe_overrides(_build_parser().parse_args(["train", "m", *flags])))
+
+    r = recipe(None, "--tokens", "4096", "--trainable", "experts-lora", "--lora-rank", "4", "--distill",
+               "--mixture-preset", "custom", "--mixture-weights", "a=1,b=3", "--seed", "7", "--reconstruct")
+    (stage,) = r.stages
+    assert (stage.tokens, stage.trainable, stage.lora.rank, stage.lora.alpha) == (4096, "experts-lora", 4, 16.0)
+    assert stage.distill == Distill() and stage.mixture.weights == {"a": 1.0, "b": 3.0}
+    assert r.seed == 7 and r.reconstruct.enabled
+    assert recipe(None, "--tokens", "4096", "--distill-temperature", "2").stages[0].distill.temperature == 2.0
+    dive = recipe("dive", "--seq-len", "64")
+    assert [s.seq_len for s in dive.stages] == [64, 64, 64]
+    assert [s.lr for s in dive.stages] == [s.lr for s in load_train_recipe("dive").stages]  # the rest: the preset's
+    yml = tmp_path / "r.yaml"
+    yml.write_text(yaml.safe_dump({"stages": [{"tokens": 2048, "lr": 0.1, "distill": {"temperature": 3.0}},
+                                              {"tokens": 1024}]}))
+    two = recipe(yml, "--lr", "0.01", "--distill-lm-weight", "0.5")
+    assert [s.lr for s in two.stages] == [0.01, 0.01]
+    assert (two.stages[0].distill.temperature, two.stages[0].distill.lm_weight) == (3.0, 0.5)  # merged, not replaced
+    assert recipe(yml) == load_train_recipe(yml)  # no flag given: the file as it is
+    with pytest.raises(MoefyError, match="train needs --recipe .* or --tokens"):
+        recipe(None, "--lr", "0.01")
+    with pytest.raises(MoefyError, match="token budget 100 is smaller than one optimizer step"):
+        recipe(None, "--tokens", "100")
+
+
 def test_filter_flags_come_from_the_filter_recipe():
     """Optional sections, list and dict fields get flags too: `--fluency none` switches a scorer off, `--domains`
     is a comma list and `--drop-quantile` KEY=NUMBER pairs, and each lands on its recipe field."""

@@ -37,7 +37,7 @@ from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.profile.runner import profile_cached
 from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
-from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe, load_recipe, validate_recipe
+from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe, load_recipe
 from moefy.sources import ALIASES, SIDE_FILES, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
@@ -352,33 +352,28 @@ def filter_corpus(corpus: str | Path, recipe_path: Path | None, overrides: dict,
     return run_filter(Path(corpus), recipe, Path(out), overwrite)
 
 
-def load_train_recipe(recipe: Path | str):
-    """A training recipe from a YAML file, or a built-in preset by name (e.g. `dive`)."""
-    from moefy.train.presets import PRESETS
-    from moefy.train.recipe import TrainRecipe
-
-    if str(recipe) in PRESETS and not Path(recipe).exists():
-        return validate_recipe(TrainRecipe, {"preset": str(recipe)})
-    if not Path(recipe).is_file():
-        raise MoefyError(f"recipe file not found: {recipe} (built-in presets: {', '.join(PRESETS)})")
-    return load_recipe(TrainRecipe, Path(recipe), {})
-
-
-def train(moe_dir: Path | None, data: str | None, recipe_path: Path | None, out: Path, heldout: str | None = None,
-          resume: bool = False, overwrite: bool = False) -> Path:
+def train(moe_dir: Path | None, data: str | None, recipe_path: Path | str | None, out: Path,
+          heldout: str | None = None, resume: bool = False, overwrite: bool = False,
+          overrides: dict | None = None) -> Path:
     """Train a built MoE through the recipe's stages; returns the exported checkpoint (out/final).
 
-    With resume=True only `out` is needed: the run directory records the MoE, the data and the recipe."""
+    recipe_path: a YAML recipe or a preset name; overrides: recipe fields on top of it (the CLI's flags), where
+    overrides["stage"] sets every stage, or is the one stage when there is no recipe. With resume=True only `out`
+    is needed: the run directory records the MoE, the data and the resolved recipe."""
     from accelerate import PartialState
+
+    from moefy.train.recipe import load_train_recipe
 
     out = Path(out)
     process = PartialState(cpu=not torch.cuda.is_available())  # one process, or one of a torchrun/accelerate launch
+    if resume and overrides:
+        raise MoefyError("a resumed run keeps the recipe it started with: drop the recipe options")
     if not resume and process.is_main_process:  # only the main process checks inputs and creates the run
-        if moe_dir is None or data is None or recipe_path is None:
-            raise MoefyError("train needs MOE_DIR, --data and --recipe (or --resume RUN_DIR)")
+        if moe_dir is None or data is None:
+            raise MoefyError("train needs MOE_DIR and --data (or --resume RUN_DIR)")
+        recipe = load_train_recipe(recipe_path, overrides)  # validated before any file is looked at
         # Every input is checked before the run directory is touched.
         check_output(out, overwrite, inputs=(moe_dir, data, heldout))
-        recipe = load_train_recipe(recipe_path)
         moe_source = resolve_model(str(moe_dir))
         # Read now, so a bad corpus fails before the run directory is touched; what was skipped goes in run.json.
         read = {"data": load_corpus(data).summary(), "heldout": load_corpus(heldout or data).summary()}

@@ -12,6 +12,7 @@ from moefy.data.filtering import FilterRecipe
 from moefy.errors import MoefyError
 from moefy.recipe_flags import add_recipe_flags, recipe_overrides
 from moefy.recipes import load_recipe
+from moefy.train.recipe import Stage, TrainRecipe
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,10 +41,16 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("moe_dir", nargs="?", type=Path)
     t.add_argument("--data", help="training corpus (domains = streams)")
     t.add_argument("--heldout", help="held-out corpus for dynamic mixtures (default: --data)")
-    t.add_argument("--recipe", help="training recipe YAML (stages), or a preset name: dive")
+    t.add_argument("--recipe", help="training recipe YAML (stages), or a preset name: dive; the options below "
+                   "override its fields, the stage options in every stage. Without it, the stage options (--tokens "
+                   "at least) are the one stage trained")
     t.add_argument("--out", type=Path, help="run directory")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--overwrite", action="store_true")
+    # The data filter before training stays in the recipe YAML (or `moefy data filter` first): its flags are
+    # `moefy data filter`'s, and a second copy here would collide with --data.
+    add_recipe_flags(t, TrainRecipe, skip=("stages", "filter"))  # --seed, --checkpoint-every, --reconstruct…
+    add_recipe_flags(t, Stage, under=("stage",))  # --trainable, --tokens, --lr, --lora-rank, --distill…
 
     d = sub.add_parser("data", help="corpus tools")
     dsub = d.add_subparsers(dest="data_verb", required=True, parser_class=_Parser)
@@ -310,7 +317,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume is None and args.out is None:
         raise MoefyError("train needs --out RUN_DIR (or --resume RUN_DIR)")
     final = api.train(args.moe_dir, args.data, args.recipe, args.resume or args.out, heldout=args.heldout,
-                      resume=args.resume is not None, overwrite=args.overwrite)
+                      resume=args.resume is not None, overwrite=args.overwrite, overrides=recipe_overrides(args))
     print(f"trained model: {final}  (metrics, loss.png and domain_weights.png in {final.parent})")
     return 0
 

@@ -47,20 +47,23 @@ class Frozen(BaseModel):
 
 def load_recipe(model_cls: type[Frozen], path: Path | None, overrides: dict[str, Any]) -> Any:
     """Read a YAML recipe (if given), apply CLI overrides (None means 'not given'), validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MoefyError(f"recipe file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as exc:
-            raise MoefyError(f"recipe {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
-        except yaml.YAMLError as exc:
-            raise MoefyError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-        if not isinstance(data, dict):
-            raise MoefyError(f"recipe {path} must be a mapping of fields")
-    return validate_recipe(model_cls, deep_merge(data, overrides))
+    return validate_recipe(model_cls, deep_merge(read_recipe(path) if path is not None else {}, overrides))
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    """A YAML recipe's fields, unvalidated; a missing, undecodable or non-mapping file is a MoefyError."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoefyError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise MoefyError(f"recipe {path} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    except yaml.YAMLError as exc:
+        raise MoefyError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise MoefyError(f"recipe {path} must be a mapping of fields")
+    return data
 
 
 def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

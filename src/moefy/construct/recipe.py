@@ -53,10 +53,11 @@ class DiveOptions(Frozen):
 
 
 class ReconstructOptions(Frozen):
-    """Layer-wise reconstruction after construction (construct/reconstruct.py): fit each MoE layer's router and
-    down projections to the dense FFN on inputs from the already-converted layers. Closed form; no LM loss."""
+    """Layer-wise reconstruction after construction (construct/reconstruct.py): fit each MoE layer's experts to
+    the dense model on inputs from the already-converted layers. Closed form, then Adam steps; no LM loss."""
     # Defaults are the best setting measured on SmolLM2 at 25% active (docs/results.md, bench_reconstruct.py).
-    enabled: bool = Field(False, description="refit the experts to the dense model, layer by layer (needs --calib)",
+    enabled: bool = Field(False, description="refit the experts to the dense model, layer by layer, on the "
+                          "calibration corpus (build: --calib; train: --data)",
                           json_schema_extra={"flag": "--reconstruct"})
     # "stream" also corrects the drift of everything before, attention included.
     target: Literal["ffn", "stream"] = Field("stream", description="what each layer is fitted to: the dense "
