@@ -59,6 +59,10 @@ VARIANTS = [
     ("25%", "↳ low-rank deltas instead, rank 32", {**CARVE25, "reconstruct": {**REC, "delta_rank": 32}}),
     ("25%", "↳ twice the calibration tokens (16,384 per domain)",
      {**CARVE25, "reconstruct": {**REC, "tokens_per_domain": 16384}}),
+    ("25%", "↳ Adam lr 2% of each tensor's RMS instead of 1%", {**CARVE25, "reconstruct": {**REC, "lr_ratio": 0.02}}),
+    # the ridge, on the closed form alone (its default, 1e-3, is the reconstruction table's 'closed form only' row)
+    *[("25%", f"↳ closed form only, ridge {r:g}", {**CARVE25, "reconstruct": {**CLOSED, "ridge": r}})
+      for r in (1e-4, 1e-2, 1e-1)],
 ]
 # --half: at 50% active, how the active half is split between the shared block and routed experts (carve defaults:
 # a shared eighth), and the best split with twice the calibration tokens. Each row computes 768 of the 1536 neurons
