@@ -73,9 +73,10 @@ HALF = [
                                                   reconstruct=REC)),
     ("50%", "↳ shared 3/8 + 8 of 40 × 24", dict(method="carve", experts=40, top_k=8, shared_fraction=0.375,
                                                  reconstruct=REC)),
-    ("50%", "↳ shared 3/8 + 8 of 40 × 24, twice the calibration tokens (16,384 per domain)",
-     dict(method="carve", experts=40, top_k=8, shared_fraction=0.375,
-          reconstruct={**REC, "tokens_per_domain": 16384})),
+    *[("50%", f"↳ shared 3/8 + 8 of 40 × 24, {times} the calibration tokens ({tokens:,} per domain)",
+       dict(method="carve", experts=40, top_k=8, shared_fraction=0.375,
+            reconstruct={**REC, "tokens_per_domain": tokens})) for times, tokens in (("twice", 16384),
+                                                                                      ("four times", 32768))],
 ]
 
 
