@@ -9,7 +9,8 @@ recovery: from the best training-free 25% build (carve defaults), train a fixed 
 distill: from carve + layer-wise reconstruction, the same experts-lora stage trained with LM loss, with
   distillation from the dense teacher, and with both, at equal tokens.
 
-Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000] [--objective lm|kl|kl+lm]...
+Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000]
+    [--objective lm|kl|kl+lm]...
 (distill at a budget other than 30,000 tokens writes its own section, so the runs at 30k and 200k stand side by side)"""
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def main() -> None:
     if args.part in ("distill", "all"):
         # each token budget keeps its own table: the 200k run does not replace the 30k comparison
         section = "train-distill" if args.tokens == 30_000 else f"train-distill-{args.tokens}"
-        replace_section(Path("docs/results.md"), section, distillation(work, args.tokens, args.objective or list(OBJECTIVES)))
+        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES))
+        replace_section(Path("docs/results.md"), section, table)
     print(f"work dir: {work}")
 
 

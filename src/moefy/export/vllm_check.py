@@ -33,7 +33,8 @@ VLLM_READS: dict[str, dict[str, Any]] = {
         "moe_layer": ("block_sparse_moe.gate.weight",),
         "expert": ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w2.weight",
                    "block_sparse_moe.experts.{e}.w3.weight"),
-        "dense_layer": (),  # Mixtral has no dense layers
+        "dense_layer": (),
+        "all_moe": True,  # vLLM's Mixtral makes every layer MoE
         "shared": (),
         "head_dim_from_config": True,
     },
@@ -51,17 +52,18 @@ VLLM_READS: dict[str, dict[str, Any]] = {
         "dense_layer": ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),
         "shared": ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight",
                    "mlp.shared_expert.down_proj.weight"),
+        "all_moe": False,  # layers in mlp_only_layers, or off decoder_sparse_step, stay dense
         "head_dim_from_config": False,
     },
 }
 
 
-def _moe_layers(arch: str, config: dict[str, Any]) -> set[int]:
+def _moe_layers(reads: dict[str, Any], config: dict[str, Any]) -> set[int]:
     n = config["num_hidden_layers"]
-    if arch == "MixtralForCausalLM":
+    if reads["all_moe"]:
         return set(range(n))
     step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
-    return {i for i in range(n) if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0}
+    return {i for i in range(n) if i not in dense and config[reads["experts_field"]] > 0 and (i + 1) % step == 0}
 
 
 def vllm_problems(directory: Path) -> list[str]:
@@ -84,7 +86,7 @@ def vllm_problems(directory: Path) -> list[str]:
     wanted = ["model.embed_tokens.weight", "model.norm.weight"]
     if not config.get("tie_word_embeddings", False):
         wanted.append("lm_head.weight")
-    moe = _moe_layers(arch, config)
+    moe = _moe_layers(reads, config)
     shared = reads["shared"] if config.get("shared_expert_intermediate_size", 0) > 0 else ()
     for i in range(config["num_hidden_layers"]):
         per_layer = [*reads["layer"], *(reads["moe_layer"] + shared if i in moe else reads["dense_layer"])]
