@@ -3,8 +3,9 @@ perplexity of carve and DIVE builds with and without `--reconstruct` (and its va
 neurons active; the expert and neuron oracles on the same held-out data; a corpus construction never saw; and the
 reconstruction's time against one profiling pass, measured in the same run. Writes docs/results.md.
 
-Usage: python bench/bench_reconstruct.py [--quick | --variants | --half]   (--quick: the default rows only;
---variants: what the Adam steps train, at 25%; --half: the split of the active half between shared and routed)"""
+Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self]   (--quick: the default rows only;
+--variants: what the Adam steps train, at 25%; --half: the split of the active half between shared and routed;
+--self: the demo calibration with and without text sampled from the model itself)"""
 
 from __future__ import annotations
 
@@ -79,6 +80,36 @@ HALF = [
                                                                                       ("four times", 32768))],
 ]
 
+# --self: the demo calibration with text sampled from SmolLM2 itself beside it (`moefy data generate`), against the
+# demo calibration alone, at 25% and at the best 50% split. WITH_SELF in a row's fields stands for that corpus.
+SELF_TOKENS = 16384
+WITH_SELF = {"calib": "demo calib/ + self.jsonl"}
+HALF38 = dict(method="carve", experts=40, top_k=8, shared_fraction=0.375)
+REC16K = {**REC, "tokens_per_domain": 16384}
+SELF = [
+    ("25%", "carve + reconstruction (defaults), demo calibration", {**CARVE25, "reconstruct": REC}),
+    ("25%", f"↳ + {SELF_TOKENS:,} tokens sampled from SmolLM2 as a fifth domain",
+     {**CARVE25, "reconstruct": REC, **WITH_SELF}),
+    ("50%", "shared 3/8 + 8 of 40 × 24 + reconstruction, 16,384 tokens per domain, demo calibration",
+     {**HALF38, "reconstruct": REC16K}),
+    ("50%", f"↳ + {SELF_TOKENS:,} tokens sampled from SmolLM2 as a fifth domain",
+     {**HALF38, "reconstruct": REC16K, **WITH_SELF}),
+]
+
+# option -> (rows, docs/results.md section, title suffix)
+TABLES = {"": (ROWS, "reconstruction", ""), "variants": (VARIANTS, "reconstruction-variants", ": variants"),
+          "half": (HALF, "reconstruction-half", ": 50% active"),
+          "self_calib": (SELF, "reconstruction-self", ": calibration text sampled from the model")}
+
+
+def with_self(calib: Path, out: Path) -> Path:
+    """The demo calibration files and SELF_TOKENS tokens sampled from the dense model, in one directory."""
+    out.mkdir()
+    for f in calib.iterdir():
+        (out / f.name).symlink_to(f.resolve())
+    api.generate_calibration(MODEL, out / "self.jsonl", SELF_TOKENS, seed=0)
+    return out
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -86,9 +117,12 @@ def main() -> None:
     p.add_argument("--variants", action="store_true", help="the reconstruction variants' table instead "
                    "(docs/results.md, section reconstruction-variants)")
     p.add_argument("--half", action="store_true", help="the 50%% active variants instead (section reconstruction-half)")
+    p.add_argument("--self", action="store_true", dest="self_calib", help="calibration with text sampled from the "
+                   "model itself instead (section reconstruction-self)")
     args = p.parse_args()
-    rows, section = ((VARIANTS, "reconstruction-variants") if args.variants else (HALF, "reconstruction-half")
-                     if args.half else (ROWS, "reconstruction"))
+    table = next((name for name in ("variants", "half", "self_calib") if getattr(args, name)), "")
+    rows, section, title = TABLES[table]
+    flag = f" --{table.removesuffix('_calib')}" if table else ""
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
     bench = setup(work)
     unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
@@ -103,19 +137,22 @@ def main() -> None:
     t0 = time.perf_counter()  # one profiling pass over the same calibration tokens, uncached, for the time ratio
     profile(source, family, calib, ProfileOptions(**CALIB), 0, work / "profile")
     profile_s, reconstruct_s = time.perf_counter() - t0, float("nan")
+    self_calib = str(with_self(Path(bench.calib), work / "calib-self")) if rows is SELF else None
     lines = [
-        "## Layer-wise reconstruction" + (": variants" if args.variants else ": 50% active" if args.half else "")
-        + " (SmolLM2-135M, demo corpus)",
+        f"## Layer-wise reconstruction{title} (SmolLM2-135M, demo corpus)",
         "",
-        f"Command: `.venv/bin/python bench/bench_reconstruct.py{' --variants' if args.variants else ''}"
-        f"{' --half' if args.half else ''}`. "
+        f"Command: `.venv/bin/python bench/bench_reconstruct.py{flag}`. "
         "Same calibration (4096 tokens per domain of "
         f"`calib/`) and held-out data ({EVAL_TOKENS} tokens per domain of `heldout/`) as the construction table; "
         "cells are perplexity / dense. 'unseen' is a corpus construction never saw: the READMEs of the Python "
         "packages installed in the venv (8192 tokens). Oracles are computed inside the dense model on the same "
         "held-out data (export/oracle.py). Reconstruction defaults: target = the dense model's residual stream, "
         "the construction's routers kept, down projections solved in closed form (ridge 1e-3), then 300 Adam steps "
-        "on every expert weight per layer (512 tokens a step, lr 1% of each tensor's RMS); 8192 tokens per domain.",
+        "on every expert weight per layer (512 tokens a step, lr 1% of each tensor's RMS); 8192 tokens per domain."
+        + (f" '↳ + sampled' rows add a fifth calibration domain, {SELF_TOKENS:,} tokens sampled from SmolLM2 itself "
+           "(`moefy data generate smollm2-135m --tokens 16384`: 64 texts of 256 tokens, each from a random first "
+           "token at temperature 1, seed 0), to profiling, router fit and reconstruction alike." if rows is SELF
+           else ""),
         "",
         "| budget | model | " + " | ".join(bench.dense.per_domain) + " | overall | unseen | build s |",
         "|---|---|" + "---|" * len(bench.dense.per_domain) + "---|---|---|",
@@ -125,7 +162,9 @@ def main() -> None:
         if args.quick and n not in QUICK:
             continue
         t0 = time.perf_counter()
-        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB, **fields})
+        calib_fields = {"calib": self_calib} if fields.get("calib") == WITH_SELF["calib"] else {}
+        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB, **fields,
+                                               **calib_fields})
         result = api.build(recipe, work / "moe", overwrite=True)
         seconds = time.perf_counter() - t0
         moe = load_causal_lm(work / "moe")

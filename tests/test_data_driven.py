@@ -97,6 +97,36 @@ def test_demo_corpus_is_reproducible(tmp_path):
     assert load_corpus(tmp_path / "a" / "heldout").domains() == ["code", "docs", "html", "unicode"]
 
 
+def test_generated_calibration_is_seeded_and_calibrates_a_build(capsys, tiny_llama, corpus, tmp_path):
+    def generate(out, *extra):
+        return cli.main(["data", "generate", str(tiny_llama), "--out", str(out), "--tokens", "40", "--seq-len", "16",
+                         "--batch-size", "2", *extra])
+
+    assert generate(tmp_path / "calib" / "self.jsonl") == 0 and generate(tmp_path / "again.jsonl") == 0
+    assert generate(tmp_path / "other.jsonl", "--seed", "1") == 0
+    first = (tmp_path / "calib" / "self.jsonl").read_bytes()
+    assert first == (tmp_path / "again.jsonl").read_bytes() and first != (tmp_path / "other.jsonl").read_bytes()
+    records = [json.loads(line) for line in first.decode().splitlines()]
+    assert len(records) == 3  # ceil(40 / 16) texts
+    assert all(r["domain"] == "self" and r["generated"]["seed"] == 0 and r["text"] for r in records)
+    # it is one domain beside the user's own files, and a data-driven build calibrates on both
+    (tmp_path / "calib" / "user.jsonl").write_bytes(corpus.read_bytes())
+    assert "self" in load_corpus(tmp_path / "calib").domains()
+    build(tiny_llama, tmp_path / "moe", tmp_path / "calib", method="carve", experts=4, top_k=2,
+          profile={**TINY_PROFILE, "tokens_per_domain": 32})
+    # bad input: one line, exit 2, nothing written or replaced
+    capsys.readouterr()
+    for out, extra, fragment in [(tmp_path / "again.jsonl", (), "already exists"),
+                                 (tmp_path / "x.txt", (), "should end in .jsonl"),
+                                 (tmp_path / "y.jsonl", ("--tokens", "0"), "--tokens must be at least 1"),
+                                 (tmp_path / "z.jsonl", ("--temperature", "0"), "--temperature must be positive")]:
+        assert generate(out, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "again.jsonl").read_bytes() == first
+    assert not any((tmp_path / n).exists() for n in ("x.txt", "y.jsonl", "z.jsonl"))
+
+
 # --- profiler ------------------------------------------------------------------------------------------------
 
 def test_sequential_profile_matches_full_model(tiny_llama, corpus, tmp_path):

@@ -20,6 +20,7 @@ from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.construct.reconstruct import SPILL_DIR, reconstruct, save_fits
 from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
+from moefy.data.generate import SELF_DOMAIN, sample_texts, write_texts
 from moefy.data.tokens import token_blocks
 from moefy.errors import MoefyError
 from moefy.evaluate.harness import run_tasks
@@ -340,6 +341,26 @@ def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_dom
                              {d: int(blocks.blocks[d].numel()) for d in blocks.domains}, top_k,
                              moe.model.layers[moe_layers[0]].mlp.gate.weight.shape[0])
     return {k: out / p.name for k, p in paths.items()}
+
+
+def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256, seed: int = 0,
+                         temperature: float = 1.0, domain: str = SELF_DOMAIN, batch_size: int = 32,
+                         device: str = "auto", overwrite: bool = False) -> Path:
+    """Calibration text sampled from the dense model (data.generate), as one JSONL domain to put beside the user's
+    calibration files: a build fitted on it keeps more of the model's quality outside the calibration domains."""
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise MoefyError(f"--out {out} should end in .jsonl (one domain of a calibration corpus)")
+    _check_at_least(1, tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    if temperature <= 0:
+        raise MoefyError(f"--temperature must be positive (got {temperature})")
+    with atomic_file(out, overwrite, inputs=(model,)) as tmp_file:  # an existing file is refused before any work
+        directory = resolve_model(model).directory
+        lm = load_causal_lm(directory).to(compute_device(device))
+        texts = sample_texts(lm, load_tokenizer(directory), tokens, seq_len, batch_size, seed, temperature)
+        write_texts(texts, tmp_file, domain, {"model": model, "seed": seed, "temperature": temperature,
+                                              "seq_len": seq_len})
+    return out
 
 
 def filter_corpus(corpus: str | Path, recipe_path: Path | None, overrides: dict, out: Path,

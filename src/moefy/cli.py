@@ -9,6 +9,7 @@ from pathlib import Path
 
 from moefy.construct.recipe import BuildRecipe
 from moefy.data.filtering import FilterRecipe
+from moefy.data.generate import SELF_DOMAIN
 from moefy.errors import MoefyError
 from moefy.recipe_flags import add_recipe_flags, recipe_overrides
 from moefy.recipes import load_recipe
@@ -57,6 +58,18 @@ def _build_parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/ and heldout/)")
     dc.add_argument("out", type=Path)
     dc.add_argument("--overwrite", action="store_true")
+    dg = dsub.add_parser("generate", help="sample calibration text from the dense model itself (one JSONL domain "
+                         "to add to --calib: keeps more quality outside the calibration domains)")
+    dg.add_argument("model", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
+    dg.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
+    dg.add_argument("--tokens", type=int, default=16384, help="tokens to sample (default 16384)")
+    dg.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="tokens per sampled text")
+    dg.add_argument("--temperature", type=float, default=1.0)
+    dg.add_argument("--domain", default=SELF_DOMAIN, help=f"the records' domain (default {SELF_DOMAIN!r})")
+    dg.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="texts sampled at once")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda[:N]")
+    dg.add_argument("--overwrite", action="store_true")
     df = dsub.add_parser("filter", help="drop disfluent and advertisement-like documents; kept corpus + report")
     df.add_argument("corpus", help=".jsonl/.parquet/.txt file or a directory of them")
     df.add_argument("--out", type=Path, required=True, help="output directory (data/, dropped.jsonl, report/)")
@@ -201,10 +214,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return _cmd_filter(args)
     if args.data_verb == "train-classifier":
         return _cmd_train_classifier(args)
+    if args.data_verb == "generate":
+        return _cmd_generate(args)
     counts = build_demo_corpus(args.out, overwrite=args.overwrite)
     for domain, c in counts.items():
         print(f"{domain:10s} calib {c['calib']:4d} docs   heldout {c['heldout']:4d} docs")
     print(f"wrote {args.out}/calib and {args.out}/heldout")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moefy import api
+
+    out = api.generate_calibration(args.model, args.out, args.tokens, seq_len=args.seq_len, seed=args.seed,
+                                   temperature=args.temperature, domain=args.domain, batch_size=args.batch_size,
+                                   device=args.device, overwrite=args.overwrite)
+    print(f"wrote {out}: about {args.tokens} tokens sampled from {args.model} (domain {args.domain!r}); put it "
+          "beside your calibration files")
     return 0
 
 
