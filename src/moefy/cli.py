@@ -62,7 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
                          "to add to --calib: keeps more quality outside the calibration domains)")
     dg.add_argument("model", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
     dg.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
-    dg.add_argument("--tokens", type=int, default=16384, help="tokens to sample (default 16384)")
+    dg.add_argument("--tokens", type=int, default=16384, help="tokens to sample (default %(default)s)")
     dg.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="tokens per sampled text")
     dg.add_argument("--temperature", type=float, default=1.0)
     dg.add_argument("--domain", default=SELF_DOMAIN, help=f"the records' domain (default {SELF_DOMAIN!r})")

@@ -1,2 +1,2 @@
-"""Data: corpus reading and tokenisation, the built-in demo corpus and probe texts, and the training-data filter
-(fluency, advertisements) with its report."""
+"""Data: corpus reading and tokenisation, the built-in demo corpus and probe texts, calibration text sampled from
+the dense model, and the training-data filter (fluency, advertisements) with its report."""
