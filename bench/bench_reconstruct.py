@@ -30,7 +30,9 @@ from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CALIB, EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus  # noqa: E402
+from common import (  # noqa: E402
+    CALIB, EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus, unseen_perplexity,
+)
 from docs_sections import replace_section  # noqa: E402
 
 CARVE25 = dict(method="carve", experts=56, top_k=8)
@@ -128,7 +130,7 @@ def main() -> None:
     unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
 
     def unseen_ppl(model) -> float:
-        return heldout_perplexity(model, bench.tokenizer, unseen, seq_len=256, tokens_per_domain=4 * EVAL_TOKENS).ppl()
+        return unseen_perplexity(model, bench.tokenizer, unseen)
 
     source = resolve_model(MODEL)
     dense_model = load_causal_lm(source.directory)

@@ -30,12 +30,13 @@ from moefy.construct.recipe import BuildRecipe
 from moefy.data.corpus import load_corpus
 from moefy.evaluate.speed import matmul_params
 from moefy.models import load_causal_lm
-from moefy.profile.perplexity import heldout_perplexity
 from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus  # noqa: E402
+from common import (  # noqa: E402
+    EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus, unseen_perplexity,
+)
 from docs_sections import replace_section  # noqa: E402
 
 # Routers step at 1% of their own RMS per step (router_lr_ratio): carve's fitted routers have RMS ~5e-4, and any
@@ -159,14 +160,10 @@ def distillation(work: Path, tokens: int, objectives: list[str]) -> str:
     domains = list(bench.dense.per_domain)
     unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
 
-    def unseen_ppl(model_dir: Path) -> float:
-        return heldout_perplexity(load_causal_lm(model_dir), bench.tokenizer, unseen, seq_len=256,
-                                  tokens_per_domain=4 * EVAL_TOKENS).ppl()
-
-    dense_unseen = unseen_ppl(resolve_model(MODEL).directory)
+    dense_unseen = unseen_perplexity(load_causal_lm(resolve_model(MODEL).directory), bench.tokenizer, unseen)
 
     def unseen_ratio(model_dir: Path) -> str:
-        return f"×{unseen_ppl(model_dir) / dense_unseen:.3g}"
+        return f"×{unseen_perplexity(load_causal_lm(model_dir), bench.tokenizer, unseen) / dense_unseen:.3g}"
     lines = [
         f"## Distillation recovery after reconstruction, {tokens:,} tokens (`moefy train`)",
         "",

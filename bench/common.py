@@ -69,6 +69,11 @@ def unseen_corpus(path: Path) -> Path:
     return path
 
 
+def unseen_perplexity(model, tokenizer, unseen: Corpus) -> float:
+    """Perplexity of a loaded model on the unseen corpus (8192 tokens of it, context 256)."""
+    return heldout_perplexity(model, tokenizer, unseen, seq_len=256, tokens_per_domain=4 * EVAL_TOKENS).ppl()
+
+
 def setup(work: Path) -> Bench:
     """The demo corpus under `work` (written once: it is deterministic, so a rerun reuses it), SmolLM2 and its
     dense held-out perplexity."""
