@@ -112,8 +112,11 @@ def test_generated_calibration_is_seeded_and_calibrates_a_build(capsys, tiny_lla
     # it is one domain beside the user's own files, and a data-driven build calibrates on both
     (tmp_path / "calib" / "user.jsonl").write_bytes(corpus.read_bytes())
     assert "self" in load_corpus(tmp_path / "calib").domains()
-    build(tiny_llama, tmp_path / "moe", tmp_path / "calib", method="carve", experts=4, top_k=2,
-          profile={**TINY_PROFILE, "tokens_per_domain": 32})
+    fields = {"model": str(tiny_llama), "calib": str(tmp_path / "calib"), "method": "carve", "experts": 4,
+              "top_k": 2, "profile": {**TINY_PROFILE, "tokens_per_domain": 32}}
+    api.build(validate_recipe(BuildRecipe, fields), tmp_path / "moe")
+    stats = api.profile(validate_recipe(BuildRecipe, fields))  # the build's cached profile
+    assert "self" in stats.meta.domains and set(DOMAINS) <= set(stats.meta.domains)
     # bad input: one line, exit 2, nothing written or replaced
     capsys.readouterr()
     for out, extra, fragment in [(tmp_path / "again.jsonl", (), "already exists"),
