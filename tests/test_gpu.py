@@ -15,6 +15,7 @@ from test_train import records
 from moefy import api, cli
 from moefy.construct.plan import load_plan
 from moefy.construct.recipe import BuildRecipe
+from moefy.models import load_causal_lm
 from moefy.profile.options import ProfileOptions
 from moefy.recipes import validate_recipe
 
@@ -105,3 +106,17 @@ def test_training_on_the_gpu_in_bf16_with_a_bf16_teacher_and_resume(llama3, ab_c
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
     for a, b in zip(straight, resumed):  # GPU kernels (atomics in backward) need not be bit-exact run to run
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2), a["step"]
+
+
+def test_sampling_calibration_on_the_gpu_runs_the_model_in_bf16(llama3, tmp_path, monkeypatch):
+    loaded = []
+
+    def spy(directory, dtype=torch.float32):
+        loaded.append(dtype)
+        return load_causal_lm(directory, dtype)
+
+    monkeypatch.setattr(api, "load_causal_lm", spy)
+    out = api.generate_calibration(str(llama3), tmp_path / "self.jsonl", tokens=40, seq_len=16, batch_size=2,
+                                   device="cuda")
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    assert loaded == [expected] and len(out.read_text().splitlines()) == 3  # ceil(40 / 16) texts

@@ -33,7 +33,7 @@ from moefy.export.formats import choose_format
 from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
-from moefy.models import compute_device, load_causal_lm, load_tokenizer
+from moefy.models import compute_device, inference_dtype, load_causal_lm, load_tokenizer
 from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.profile.runner import profile_cached
 from moefy.profile.stats import NeuronStats
@@ -356,7 +356,8 @@ def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256,
         raise MoefyError(f"--temperature must be positive (got {temperature})")
     with atomic_file(out, overwrite, inputs=(model,)) as tmp_file:  # an existing file is refused before any work
         directory = resolve_model(model).directory
-        lm = load_causal_lm(directory).to(compute_device(device))
+        target = compute_device(device)
+        lm = load_causal_lm(directory, inference_dtype(target)).to(target)
         texts = sample_texts(lm, load_tokenizer(directory), tokens, seq_len, batch_size, seed, temperature)
         write_texts(texts, tmp_file, domain, {"model": model, "seed": seed, "temperature": temperature,
                                               "seq_len": seq_len})

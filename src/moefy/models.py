@@ -23,6 +23,12 @@ def compute_device(name: str = "auto") -> torch.device:
     return device
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a frozen model runs in without grad: bf16 where the hardware computes it natively (a GPU), so a
+    7B model loads in half the memory; fp32 on CPU, where bf16 matmuls are slower than fp32."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     """A local HF directory as a causal LM in eval mode. Safetensors weights only, never remote code."""
     from safetensors import SafetensorError

@@ -7,17 +7,15 @@ from pathlib import Path
 import torch
 
 from moefy.errors import MoefyError
-from moefy.models import load_causal_lm
+from moefy.models import inference_dtype, load_causal_lm
 from moefy.train.recipe import Distill
 
 
 def load_teacher(dense_dir: Path | None, device: torch.device):
-    """The dense model, frozen; bf16 where the hardware computes bf16 natively (a GPU), fp32 on CPU, where bf16
-    matmuls are slower than fp32."""
+    """The dense model, frozen, in `inference_dtype`."""
     if dense_dir is None:
         raise MoefyError("a distillation stage needs the dense source model, and this MoE's plan names none")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    teacher = load_causal_lm(dense_dir, torch.bfloat16 if bf16 else torch.float32).to(device)
+    teacher = load_causal_lm(dense_dir, inference_dtype(device)).to(device)
     teacher.requires_grad_(False)
     return teacher
 
