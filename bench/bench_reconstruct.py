@@ -31,7 +31,7 @@ from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    CALIB, EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus, unseen_perplexity,
+    CALIB, EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_perplexity,
 )
 from docs_sections import replace_section  # noqa: E402
 
@@ -127,7 +127,7 @@ def main() -> None:
     flag = f" --{table.removesuffix('_calib')}" if table else ""
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
     bench = setup(work)
-    unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
+    unseen = bench.unseen
 
     def unseen_ppl(model) -> float:
         return unseen_perplexity(model, bench.tokenizer, unseen)

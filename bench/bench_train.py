@@ -27,7 +27,6 @@ import torch
 
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
-from moefy.data.corpus import load_corpus
 from moefy.evaluate.speed import matmul_params
 from moefy.models import load_causal_lm
 from moefy.recipes import validate_recipe
@@ -35,7 +34,7 @@ from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_corpus, unseen_perplexity,
+    EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_perplexity,
 )
 from docs_sections import replace_section  # noqa: E402
 
@@ -158,7 +157,7 @@ def distillation(work: Path, tokens: int, objectives: list[str]) -> str:
     moe = bench.build("carve25-rec", method="carve", experts=56, top_k=8, reconstruct={"enabled": True})
     before = bench.evaluate(moe)
     domains = list(bench.dense.per_domain)
-    unseen = load_corpus(unseen_corpus(work / "unseen.jsonl"))
+    unseen = bench.unseen
 
     dense_unseen = unseen_perplexity(load_causal_lm(resolve_model(MODEL).directory), bench.tokenizer, unseen)
 

@@ -34,6 +34,11 @@ class Bench:
     def calib(self) -> str:
         return str(self.work / "corpus" / "calib")
 
+    @property
+    def unseen(self) -> Corpus:
+        """The demo corpus's `unseen/` split: text construction never sees (the installed packages' READMEs)."""
+        return load_corpus(self.work / "corpus" / "unseen")
+
     def evaluate(self, model_dir: Path) -> Perplexity:
         return heldout_perplexity(load_causal_lm(model_dir), self.tokenizer, self.held, seq_len=256,
                                   tokens_per_domain=EVAL_TOKENS)
@@ -54,31 +59,16 @@ class Bench:
         return 1 - (math.log(after.ppl(domain)) - dense) / (math.log(before.ppl(domain)) - dense)
 
 
-def unseen_corpus(path: Path) -> Path:
-    """A corpus that construction never sees: the long descriptions (READMEs, in Markdown or reST) of the Python
-    packages installed in this environment, one domain. It depends on what is installed, so it is a check of
-    generalisation beside the demo corpus, not a fixed benchmark."""
-    import json
-    from importlib.metadata import distributions
-
-    with open(path, "w") as fh:
-        for dist in sorted(distributions(), key=lambda d: d.metadata["Name"].lower()):
-            body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
-            if len(body) > 1000:
-                fh.write(json.dumps({"text": body, "domain": "package-docs"}) + "\n")
-    return path
-
-
 def unseen_perplexity(model, tokenizer, unseen: Corpus) -> float:
     """Perplexity of a loaded model on the unseen corpus (8192 tokens of it, context 256)."""
     return heldout_perplexity(model, tokenizer, unseen, seq_len=256, tokens_per_domain=4 * EVAL_TOKENS).ppl()
 
 
 def setup(work: Path) -> Bench:
-    """The demo corpus under `work` (written once: it is deterministic, so a rerun reuses it), SmolLM2 and its
-    dense held-out perplexity."""
-    if not (work / "corpus" / "heldout").is_dir():
-        build_demo_corpus(work / "corpus")
+    """The demo corpus under `work` (written once: it is deterministic, so a rerun reuses it; one from before the
+    `unseen/` split is rewritten), SmolLM2 and its dense held-out perplexity."""
+    if not (work / "corpus" / "unseen").is_dir():
+        build_demo_corpus(work / "corpus", overwrite=(work / "corpus").is_dir())
     source = resolve_model(MODEL)
     tok = load_tokenizer(source.directory)
     held = load_corpus(work / "corpus" / "heldout")

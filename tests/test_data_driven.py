@@ -85,13 +85,16 @@ def test_method_without_calib(capsys, tiny_llama, tmp_path):
 
 
 def test_demo_corpus_is_reproducible(tmp_path):
-    from moefy.data.demo_corpus import build_demo_corpus
+    from moefy.data.demo_corpus import DOMAINS, UNSEEN_DOMAIN, build_demo_corpus
 
     counts = build_demo_corpus(tmp_path / "a")
     build_demo_corpus(tmp_path / "b")
-    assert set(counts) == {"code", "docs", "html", "unicode"}
-    assert all(c["calib"] > 20 and c["heldout"] > 5 for c in counts.values())
-    for split in ("calib", "heldout"):
+    assert set(counts) == {"code", "docs", "html", "unicode", UNSEEN_DOMAIN}
+    assert all(counts[d]["calib"] > 20 and counts[d]["heldout"] > 5 for d in DOMAINS)
+    # the READMEs of the packages installed here: the test env has dozens
+    assert counts[UNSEEN_DOMAIN]["unseen"] > 10
+    assert load_corpus(tmp_path / "a" / "unseen").domains() == [UNSEEN_DOMAIN]
+    for split in ("calib", "heldout", "unseen"):
         for f in (tmp_path / "a" / split).iterdir():
             assert f.read_bytes() == (tmp_path / "b" / split / f.name).read_bytes(), f
     assert load_corpus(tmp_path / "a" / "heldout").domains() == ["code", "docs", "html", "unicode"]

@@ -55,7 +55,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="corpus tools")
     dsub = d.add_subparsers(dest="data_verb", required=True, parser_class=_Parser)
-    dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/ and heldout/)")
+    dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/, heldout/ and unseen/)")
     dc.add_argument("out", type=Path)
     dc.add_argument("--overwrite", action="store_true")
     dg = dsub.add_parser("generate", help="sample calibration text from the dense model itself (one JSONL domain "
@@ -218,8 +218,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return _cmd_generate(args)
     counts = build_demo_corpus(args.out, overwrite=args.overwrite)
     for domain, c in counts.items():
-        print(f"{domain:10s} calib {c['calib']:4d} docs   heldout {c['heldout']:4d} docs")
-    print(f"wrote {args.out}/calib and {args.out}/heldout")
+        print(f"{domain:12s} " + "   ".join(f"{split} {n:4d} docs" for split, n in c.items()))
+    print(f"wrote {args.out}/calib, {args.out}/heldout and {args.out}/unseen")
     return 0
 
 

@@ -3,7 +3,9 @@
 Four domains a model tells apart: `code` (stdlib Python source), `docs` (the language reference prose that pydoc
 ships), `html` (pydoc's HTML pages for stdlib modules) and `unicode` (the Unicode character database as tab-separated
 rows). Written as OUT/calib/<domain>.jsonl and OUT/heldout/<domain>.jsonl, split by a hash of each document, so the
-split is the same on every machine with the same Python. This is a demo corpus, not a benchmark."""
+split is the same on every machine with the same Python. OUT/unseen/ holds text of none of the four domains, the
+READMEs of the installed Python packages: how a build does off its calibration domains. It depends on what is
+installed, so it is a check of generalisation, not a fixed benchmark. This is a demo corpus, not a benchmark."""
 
 from __future__ import annotations
 
@@ -65,6 +67,22 @@ def _unicode() -> list[str]:
 
 
 DOMAINS = {"code": _code, "docs": _docs, "html": _html, "unicode": _unicode}
+UNSEEN_DOMAIN = "package-docs"
+
+
+def write_package_docs(path: Path) -> int:
+    """The long descriptions (READMEs, Markdown or reST) of the installed Python packages, over 1000 characters, as
+    one JSONL domain `package-docs`, sorted by package name; returns how many."""
+    from importlib.metadata import distributions
+
+    count = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for dist in sorted(distributions(), key=lambda d: d.metadata["Name"].lower()):
+            body = dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+            if len(body) > 1000:
+                fh.write(json.dumps({"text": body, "domain": UNSEEN_DOMAIN}) + "\n")
+                count += 1
+    return count
 
 
 def _is_heldout(text: str) -> bool:
@@ -108,11 +126,13 @@ def continuation_task(heldout: dict[str, list[str]], directory: Path, final_dire
 
 
 def build_demo_corpus(out: Path, overwrite: bool = False) -> dict[str, dict[str, int]]:
-    """Write the demo corpus; returns {domain: {"calib": docs, "heldout": docs}}."""
+    """Write the demo corpus; returns {domain: {"calib": docs, "heldout": docs}}, and {"unseen": docs} for the
+    package READMEs."""
     counts: dict[str, dict[str, int]] = {}
     with atomic_output(Path(out), overwrite) as tmp:
-        for split in ("calib", "heldout", "tasks"):
+        for split in ("calib", "heldout", "unseen", "tasks"):
             (tmp / split).mkdir()
+        counts[UNSEEN_DOMAIN] = {"unseen": write_package_docs(tmp / "unseen" / f"{UNSEEN_DOMAIN}.jsonl")}
         heldout: dict[str, list[str]] = {}
         for domain, make in DOMAINS.items():
             docs, total = [], 0
@@ -134,7 +154,9 @@ def build_demo_corpus(out: Path, overwrite: bool = False) -> dict[str, dict[str,
         (tmp / "README.md").write_text(
             "# moefy demo corpus\n\nBuilt by `moefy data demo-corpus` from files that ship with Python "
             f"{sys.version.split()[0]}: {', '.join(DOMAINS)}. A demo, not a benchmark.\n"
-            "Use `calib/` for calibration and training, `heldout/` for evaluation. `tasks/` holds a multiple-choice "
+            "Use `calib/` for calibration and training, `heldout/` for evaluation. `unseen/` holds the READMEs of "
+            "the installed Python packages, text of none of the four domains, to see how a model does off them. "
+            "`tasks/` holds a multiple-choice "
             "continuation task in lm-eval's custom YAML format (`moefy eval --tasks tasks/"
             f"{TASK_NAME}.yaml`).\n")
     return counts
