@@ -357,3 +357,13 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path):
                            capture_output=True, text=True)
     assert probe.returncode == 0, probe.stderr
     assert not list(tmp_path.iterdir())  # no lock file left behind
+
+
+def test_demo_refuses_a_directory_it_did_not_write(capsys, tmp_path):
+    from moefy import demo
+
+    (tmp_path / "notes.txt").write_text("mine")
+    before = digest(tmp_path)
+    code = demo.main(["--out", str(tmp_path)])
+    assert_one_line_error(code, capsys.readouterr().err, "was not written by the demo")
+    assert digest(tmp_path) == before and not (tmp_path / demo.MARKER).exists()

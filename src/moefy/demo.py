@@ -1,11 +1,13 @@
-"""`make demo`: the main job on the embedded defaults. Build the demo corpus, turn SmolLM2-135M into an MoE with the
-pipeline we recommend from what we measured (carve: shared 1/8 + 4 of 28 routed experts = 25% of FFN active, routers
-fitted on the calibration split, then layer-wise reconstruction of the experts), verify exactness and show the
-oracles, compare held-out perplexity per domain against the dense model, run a short recovery stage (LoRA on the
-experts + routers + norms, on the calibration split), and write the routing analysis report.
+"""`make demo`: the main job on the embedded defaults. Build the demo corpus, sample calibration text from the dense
+model beside it, turn SmolLM2-135M into an MoE with the pipeline we recommend from what we measured (carve: shared
+1/8 + 4 of 28 routed experts = 25% of FFN active, routers fitted on the calibration split, then layer-wise
+reconstruction of the experts), verify exactness and show the oracles, compare perplexity against the dense model on
+each held-out domain and on text of no calibration domain, run a short recovery stage (LoRA on the experts + routers
++ norms, on the calibration split), and write the routing analysis report.
 
-Usage: python -m moefy.demo [--out DIR]. The demo only ever replaces directories that a previous run wrote;
-anything else at --out is refused, as with `moefy build`."""
+Usage: python -m moefy.demo [--out DIR]. The demo only ever replaces directories that a previous run wrote (it marks
+--out when it starts, so a run stopped half-way can be rerun); anything else at --out is refused, as with
+`moefy build`."""
 
 from __future__ import annotations
 
@@ -23,14 +25,21 @@ from moefy import api
 from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
+from moefy.data.generate import SELF_DOMAIN
 from moefy.errors import MoefyError
 from moefy.models import load_causal_lm, load_tokenizer
-from moefy.profile.perplexity import heldout_perplexity
+from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.recipes import BUILD_RECIPE, dump_recipe
 from moefy.sources import resolve_model
 from moefy.train.recipe import Lora, Stage, TrainRecipe
 
 EVAL_TOKENS_PER_DOMAIN = 2048
+UNSEEN_TOKENS = 8192  # the package READMEs are one domain: four held-out domains' worth, as in bench_reconstruct
+MARKER = ".moefy-demo"  # what tells a directory the demo wrote from a user's
+# 16k tokens the dense model samples itself, as a fifth calibration domain: the same held-out quality and 14% less
+# loss on unseen text after reconstruction (×4.92 → ×4.24 dense at 25%; docs/results.md, reconstruction-self),
+# for about 80 s of sampling and 110 s more of profiling and reconstruction on a laptop CPU.
+SAMPLED_TOKENS = 16_384
 # A short recovery stage: LoRA on the experts, with routers and norms (docs/results.md: the set that recovers most
 # at 25% active), on LM loss: after reconstruction, 30k tokens of LM loss reached ×1.31 dense, distillation from
 # the dense model ×1.54 and KL + LM ×1.36 (the best on unseen text, ×3.74 against ×3.88), both at 70% of the speed
@@ -44,26 +53,41 @@ def run(out: Path) -> int:
 
     console = Console()
     corpus_dir, moe_dir, report_dir, run_dir = out / "corpus", out / "moe", out / "report", out / "train"
-    if out.exists() and not (moe_dir / BUILD_RECIPE).is_file() and any(out.iterdir()):
+    # a demo output from before the marker is known by its build recipe
+    ours = (out / MARKER).is_file() or (moe_dir / BUILD_RECIPE).is_file()
+    if out.exists() and not ours and any(out.iterdir()):
         raise MoefyError(f"{out} exists and was not written by the demo; choose another --out")
-    if not (corpus_dir / "heldout").is_dir():
-        build_demo_corpus(corpus_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+    if not (corpus_dir / "unseen").is_dir():  # a corpus from before the unseen split is written again
+        build_demo_corpus(corpus_dir, overwrite=corpus_dir.is_dir())
     # 28 experts of 48, top-4, from the measured granularity frontier (docs/results.md, "frontier"): 1.6× the prompt
     # speed of 56 × 24 top-8 in transformers (faster than dense), a third as many near-tied routing decisions, for
     # ×1.75 instead of ×1.65 dense after reconstruction and ×1.42 instead of ×1.36 after the recovery stage.
     recipe = BuildRecipe(model="smollm2-135m", experts=28, top_k=4, method="carve", calib=str(corpus_dir / "calib"),
                          reconstruct=ReconstructOptions(enabled=True))
     console.print(f"[bold]moefy demo[/]: {recipe.model} → carve, {recipe.experts} experts top-{recipe.top_k} "
-                  f"+ shared block, reconstructed layer by layer, calibrated on {corpus_dir / 'calib'}")
+                  f"+ shared block, reconstructed layer by layer, calibrated on {recipe.calib}")
     source = resolve_model(recipe.model)  # one-time GGUF dequantisation into the cache, kept out of the build time
+    sampled = corpus_dir / "calib" / f"{SELF_DOMAIN}.jsonl"
+    t0 = time.perf_counter()
+    if not sampled.is_file():  # as `moefy data generate smollm2-135m --out calib/self.jsonl --tokens 16384`
+        api.generate_calibration(recipe.model, sampled, SAMPLED_TOKENS, seed=0)
+    t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = api.build(recipe, moe_dir, overwrite=(moe_dir / BUILD_RECIPE).is_file())
     t_build = time.perf_counter() - t0
     report = api.verify(moe_dir, recipe.model)
     tok = load_tokenizer(source.directory)
-    held = load_corpus(corpus_dir / "heldout")
-    dense = heldout_perplexity(load_causal_lm(source.directory), tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN)
-    moe = heldout_perplexity(load_causal_lm(moe_dir), tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN)
+    held, unseen = load_corpus(corpus_dir / "heldout"), load_corpus(corpus_dir / "unseen")
+
+    def evaluate(directory: Path) -> tuple[Perplexity, float]:
+        model = load_causal_lm(directory)
+        return (heldout_perplexity(model, tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN),
+                heldout_perplexity(model, tok, unseen, tokens_per_domain=UNSEEN_TOKENS).ppl())
+
+    dense, dense_unseen = evaluate(source.directory)
+    moe, moe_unseen = evaluate(moe_dir)
 
     m = result.plan.meta
     table = Table(title="moefy demo summary", show_header=False)
@@ -72,6 +96,8 @@ def run(out: Path) -> int:
         ("experts", f"{m.num_experts} × {m.expert_size} neurons, top-{m.top_k}, plus {m.shared_size} shared neurons"),
         ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active per token "
                    f"(dense {result.dense_params / 1e6:.1f}M)"),
+        ("calibration", f"{recipe.calib}: the demo domains + {SAMPLED_TOKENS:,} tokens sampled from the model "
+                        f"({sampled.name}, {t_sample:.0f} s)"),
         ("build time (profiling and reconstruction included)", f"{t_build:.0f} s"),
         ("reconstruction: mean layer nMSE", f"{mean([f.before for f in result.reconstruction]):.3f} as built → "
                                             f"{mean([f.after for f in result.reconstruction]):.3f}"),
@@ -83,19 +109,21 @@ def run(out: Path) -> int:
     ]:
         table.add_row(k, v)
     console.print(table)
-    out.mkdir(parents=True, exist_ok=True)
     dump_recipe(DEMO_TRAIN, out / "train.yaml")
     final = api.train(moe_dir, str(corpus_dir / "calib"), out / "train.yaml", run_dir, overwrite=run_dir.is_dir())
-    trained = heldout_perplexity(load_causal_lm(final), tok, held, tokens_per_domain=EVAL_TOKENS_PER_DOMAIN)
-    ppl = Table(title=f"held-out perplexity (context {dense.seq_len})")
+    trained, trained_unseen = evaluate(final)
+    ppl = Table(title=f"perplexity (context {dense.seq_len}): held-out demo domains, and text of no calibration "
+                      f"domain ({UNSEEN_TOKENS:,} tokens of the installed packages' READMEs)")
     for col in ("domain", "dense", "MoE reconstructed (no training)", "MoE after recovery", "gap recovered"):
         ppl.add_column(col, justify="right")
-    for d in [*dense.per_domain, None]:
-        before, after, base = moe.ppl(d), trained.ppl(d), dense.ppl(d)
+    rows = [(d, dense.ppl(d), moe.ppl(d), trained.ppl(d)) for d in dense.per_domain]
+    rows += [("held-out overall", dense.ppl(), moe.ppl(), trained.ppl()),
+             ("unseen (package READMEs)", dense_unseen, moe_unseen, trained_unseen)]
+    for name, base, before, after in rows:
         # fraction of the log-perplexity gap to dense closed by the recovery stage
         closed = (math.log(before) - math.log(after)) / max(math.log(before) - math.log(base), 1e-9)
-        ppl.add_row(d or "overall", f"{base:.2f}", f"{before:.2f} (×{before / base:.2f})",
-                    f"{after:.2f} (×{after / base:.2f})", f"{closed:.0%}")
+        ppl.add_row(name, f"{base:.2f}", f"{before:.2f} (×{before / base:.2f})",
+                    f"{after:.2f} (×{after / base:.2f})", f"{closed:.0%}", end_section=name == "held-out overall")
     console.print(ppl)
     paths = api.analyze(str(final), str(corpus_dir / "heldout"), report_dir, overwrite=report_dir.is_dir())
     console.print(f"routing report: [bold]{paths['html']}[/] (summary {paths['markdown']}); "
