@@ -181,6 +181,33 @@ def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
     assert torch.linalg.matrix_rank(full["gate"] - params["gate"]) > r
 
 
+def test_refinement_that_trains_the_router_reroutes_and_fits_better():
+    """The target comes from routing by a router the fit does not know: steps that also train the router (and
+    re-route every batch) get closer than the same steps with the starting routing held fixed."""
+    g = torch.Generator().manual_seed(0)
+    t, h, n, size, k = 512, 12, 4, 4, 2
+    x = torch.randn(t, h, generator=g)
+    params = {"gate": torch.randn(n * size, h, generator=g), "up": torch.randn(n * size, h, generator=g),
+              "down": torch.randn(h, n * size, generator=g) * 0.1, "shared_gate": torch.randn(3, h, generator=g),
+              "shared_up": torch.randn(3, h, generator=g), "shared_down": torch.randn(h, 3, generator=g) * 0.1}
+    masks = (torch.ones(n * size, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
+
+    def output(p, weights):
+        z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
+                         refit.activations(x, p["shared_gate"], p["shared_up"]))
+        return z @ torch.cat([p["down"], p["shared_down"]], dim=1).T
+
+    y = output(params, refit.route(x @ torch.randn(n, h, generator=g).T, k))
+    start = torch.randn(n, h, generator=g) * 0.1
+    held = refit.route(x @ start.T, k)
+    fixed = refit.refine(x, y, held, params, masks, 100, 1e-2, 64, 0)
+    trained = refit.refine(x, y, held, params, masks, 100, 1e-2, 64, 0, router=start, top_k=k)
+    assert "router" not in fixed and not torch.equal(trained["router"], start)
+    fixed_err = refit.nmse(y, output(fixed, held))
+    assert refit.nmse(y, output(trained, refit.route(x @ trained["router"].T, k))) < 0.9 * fixed_err
+    assert fixed_err < refit.nmse(y, output(params, held))
+
+
 def test_activations_spilled_to_disk_give_the_same_bits(llama3, ab_corpus, tmp_path, monkeypatch):
     """Over the --max-memory budget the activations carried between layers wait on disk: the profiler's stats and a
     reconstructed build (target stream: two carried copies) are bit-identical to keeping them in memory, and the

@@ -109,13 +109,15 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
     weights = refit.route(x @ router.T, layer.top_k)
     fitted = {"down": d_exp, "shared_down": d_sh}
     if opts.steps:
-        refined = _refine(x, y, weights, layer, fitted, opts, seed)
+        refined = _refine(x, y, weights, layer, fitted, opts, seed, router if opts.train_router else None)
+        r_router = refined.pop("router", router)
+        r_weights = refit.route(x @ r_router.T, layer.top_k)
         # PAD slots are masked to zero in the refined gate/up rows, so their activations are exactly 0 here too
         r_exp = refit.activations(x, refined["gate"].reshape(n * size, -1), refined["up"].reshape(n * size, -1))
         r_sh = refit.activations(x, refined["shared_gate"], refined["shared_up"])
-        r_err = refit.nmse(y, _predict(r_exp, r_sh, weights, refined["down"], refined["shared_down"]))
+        r_err = refit.nmse(y, _predict(r_exp, r_sh, r_weights, refined["down"], refined["shared_down"]))
         if r_err < err:  # steps that overshoot never replace the closed form
-            fitted, a_exp, a_sh, err = refined, r_exp, r_sh, r_err
+            fitted, a_exp, a_sh, err, router, weights = refined, r_exp, r_sh, r_err, r_router, r_weights
     y_hat = _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"])
     if not a_sh.shape[1]:  # no shared block: nothing to store for it
         fitted = {k: v for k, v in fitted.items() if not k.startswith("shared_")}
@@ -123,9 +125,10 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
     return replace(lp, router=router.contiguous().cpu(), fitted=fitted), y_hat, before, err, t
 
 
-def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions, seed: int
-            ) -> dict[str, torch.Tensor]:
-    """Gradient steps on gate, up and down after the closed form; returns the fitted tensors in plan layout."""
+def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions, seed: int,
+            router: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Gradient steps on gate, up and down (and the router, if given) after the closed form; returns the fitted
+    tensors in plan layout."""
     lp = layer.plan
     n, size = lp.experts.shape
     def rows(weight: torch.Tensor, slots) -> torch.Tensor:  # the slots' neuron rows of gate/up, PAD rows zero
@@ -137,8 +140,9 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
               "shared_down": fitted["shared_down"]}
     masks = tuple(torch.from_numpy(live).to(x.device) for live in (lp.experts.reshape(-1) != PAD, lp.shared != PAD))
     out = refit.refine(x, y, weights, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed,
-                       opts.delta_rank)
-    return {"gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
+                       opts.delta_rank, router, layer.top_k)
+    return {**({"router": out["router"]} if router is not None else {}),
+            "gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
             "down": out["down"].view(-1, n, size).permute(1, 0, 2).contiguous(),
             "shared_gate": out["shared_gate"], "shared_up": out["shared_up"], "shared_down": out["shared_down"]}
 

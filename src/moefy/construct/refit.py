@@ -112,24 +112,32 @@ def nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
 
 def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict[str, torch.Tensor],
            masks: tuple[torch.Tensor, torch.Tensor], steps: int, lr_ratio: float, batch: int, seed: int,
-           rank: int | None = None) -> dict[str, torch.Tensor]:
-    """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed.
+           rank: int | None = None, router: torch.Tensor | None = None, top_k: int = 0) -> dict[str, torch.Tensor]:
+    """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed
+    (`weights`), or, given a `router` [N, H], routing by its top-`top_k` gate as it trains too (returned as
+    "router").
 
     params: gate, up [N·S, H]; down [H, N·S]; shared_gate, shared_up [shared, H]; shared_down [H, shared].
     masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own
     RMS (weights of very different sizes move by the same share of themselves), on seeded random token batches.
-    rank: train a low-rank delta A·B per weight (LowRank) instead of every entry (FullDelta)."""
+    rank: train a low-rank delta A·B per weight (LowRank) instead of every entry (FullDelta); a router trains in
+    full."""
     gen = torch.Generator().manual_seed(seed)
     deltas = {k: LowRank(v, rank, lr_ratio, gen) if rank else FullDelta(v, lr_ratio) for k, v in params.items()}
+    if router is not None:
+        deltas["router"] = FullDelta(router, lr_ratio)
     opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()])
     routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
     with torch.enable_grad():  # the sequential runner holds no_grad around its layer passes
-        _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps, batch)
+        _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps, batch, top_k)
     rows = {"gate": routed, "up": routed, "shared_gate": shared, "shared_up": shared}
     cols = {"down": routed, "shared_down": shared}
     with torch.no_grad():
-        return {k: d.weight().detach() * (rows[k][:, None] if k in rows else cols[k]) for k, d in deltas.items()}
+        out = {k: deltas[k].weight().detach() * (rows[k][:, None] if k in rows else cols[k]) for k in params}
+        if router is not None:
+            out["router"] = deltas["router"].weight().detach()
+        return out
 
 
 class FullDelta:
@@ -170,14 +178,16 @@ class LowRank:
         return self.base + self.a @ self.b
 
 
-def _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps: int, batch: int) -> None:
+def _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps: int, batch: int, top_k: int) -> None:
     for _ in range(steps):
         live = {k: d.weight() for k, d in deltas.items()}
         pick = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         xb = x[pick]
+        # a training router re-routes each batch: the choice of experts is not differentiable, their weights are
+        wb = route(xb @ live["router"].T, top_k) if "router" in live else weights[pick]
         a = torch.nn.functional.silu(xb @ live["gate"].T) * (xb @ live["up"].T) * routed
         a_sh = torch.nn.functional.silu(xb @ live["shared_gate"].T) * (xb @ live["shared_up"].T) * shared
-        z = design(a, weights[pick], a_sh)
+        z = design(a, wb, a_sh)
         y_hat = z @ torch.cat([live["down"], live["shared_down"]], dim=1).T
         loss = ((y[pick] - y_hat) ** 2).sum(1).mean() / energy
         opt.zero_grad(set_to_none=True)
