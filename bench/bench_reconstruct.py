@@ -108,6 +108,9 @@ SELF = [
                                                              shared_fraction=0.4375, reconstruct=REC16K, **WITH_SELF)),
     ("50%", "↳ + sampled, the Adam steps train the routers too (train_router)",
      {**HALF38, "reconstruct": {**REC16K, "train_router": True}, **WITH_SELF}),
+    ("50%", "↳ + sampled, shared 15/32 + 2 of 34 × 24, train_router",
+     dict(method="carve", experts=34, top_k=2, shared_fraction=0.46875,
+          reconstruct={**REC16K, "train_router": True}, **WITH_SELF)),
     # make demo's split at 25%, with and without router training
     ("25%", "carve 28 × 48 top-4 (make demo) + reconstruction + sampled, routers held fixed",
      {**DEMO25, "reconstruct": REC, **WITH_SELF}),
