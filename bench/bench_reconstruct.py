@@ -100,8 +100,8 @@ SELF = [
     ("50%", f"↳ + {SELF_TOKENS:,} tokens sampled from SmolLM2 as a fifth domain",
      {**HALF38, "reconstruct": REC16K, **WITH_SELF}),
     # what else might reach ×1.15 at 50%, each on top of the row above
-    ("50%", "↳ + sampled, 600 Adam steps per layer instead of 300", {**HALF38, "reconstruct": {**REC16K, "steps": 600},
-                                                                   **WITH_SELF}),
+    ("50%", "↳ + sampled, 600 Adam steps per layer instead of 300",
+     {**HALF38, "reconstruct": {**REC16K, "steps": 600}, **WITH_SELF}),
     ("50%", "↳ + sampled, routers refit in closed form on the converted model's inputs",
      {**HALF38, "reconstruct": {**REC16K, "router": True}, **WITH_SELF}),
     ("50%", "↳ + sampled, shared 7/16 + 4 of 36 × 24", dict(method="carve", experts=36, top_k=4,

@@ -4,8 +4,8 @@ Four domains a model tells apart: `code` (stdlib Python source), `docs` (the lan
 ships), `html` (pydoc's HTML pages for stdlib modules) and `unicode` (the Unicode character database as tab-separated
 rows). Written as OUT/calib/<domain>.jsonl and OUT/heldout/<domain>.jsonl, split by a hash of each document, so the
 split is the same on every machine with the same Python. OUT/unseen/ holds text of none of the four domains, the
-READMEs of the installed Python packages: how a build does off its calibration domains. It depends on what is
-installed, so it is a check of generalisation, not a fixed benchmark. This is a demo corpus, not a benchmark."""
+READMEs of the installed Python packages: how a build does off its calibration domains (it depends on what is
+installed). This is a demo corpus, not a benchmark."""
 
 from __future__ import annotations
 
