@@ -38,6 +38,13 @@ def matmul_params(model) -> tuple[int, int]:
     return active, total
 
 
+def _sync(model) -> None:
+    """CUDA kernels return before they finish: without a sync a GPU forward would be timed at its launch cost."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device) and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict[str, Speed]:
     """Interleave the models' timings so machine noise hits them alike."""
@@ -46,11 +53,14 @@ def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int 
     prompt = input_ids[:1, :32]
     for _ in range(repeats):
         for name, model in models.items():
+            _sync(model)
             t0 = time.perf_counter()
             model(input_ids=input_ids)
+            _sync(model)
             fwd[name].append(input_ids.numel() / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            _sync(model)
             gen[name].append(new_tokens / (time.perf_counter() - t0))
     out = {}
     for name, model in models.items():
