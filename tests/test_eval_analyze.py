@@ -137,3 +137,42 @@ def test_task_errors(tiny_llama, heldout, tmp_path):
     (tmp_path / "bad.yaml").write_text("dataset_path: json\n")
     with pytest.raises(MoefyError, match="not an lm-eval task file"):
         api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, tasks=[str(tmp_path / "bad.yaml")])
+
+
+def test_eval_oracles_bound_a_build_on_a_corpus(capsys, tiny_llama, heldout, tmp_path):
+    from moefy.construct.recipe import BuildRecipe
+    from moefy.recipes import validate_recipe
+
+    every = tmp_path / "every"  # all experts active: both oracles are the dense model itself
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 4,
+                                            "method": "cluster"}), every)
+    half = tmp_path / "half"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2,
+                                            "method": "cluster"}), half)
+    result = api.evaluate([str(tiny_llama), str(every), str(half)], str(heldout), seq_len=32, tokens_per_domain=256,
+                          oracle=True)
+    dense = result.perplexity[str(tiny_llama)]
+    assert set(result.oracles) == {str(every), str(half)}  # the dense model has no plan to bound
+    full = result.oracles[str(every)]
+    assert full.active_fraction == 1.0
+    for d in dense.per_domain:
+        assert full.expert.per_domain[d] == pytest.approx(dense.per_domain[d], abs=1e-5)
+        assert full.neuron.per_domain[d] == pytest.approx(dense.per_domain[d], abs=1e-5)
+    o = result.oracles[str(half)]
+    assert o.active_fraction == 0.5 and o.expert.tokens == dense.tokens
+    # half the FFN is gone: both bounds moved, each its own way (on a random tiny model neither need be the lower)
+    assert abs(o.expert.overall_loss - dense.overall_loss) > 1e-4
+    assert abs(o.neuron.overall_loss - dense.overall_loss) > 1e-4
+    assert abs(o.expert.overall_loss - o.neuron.overall_loss) > 1e-4
+
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", str(half), "--data", str(heldout), "--seq-len", "32", "--tokens-per-domain", "256",
+                     "--oracle", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "expert oracle" in printed and "neuron oracle at 50%" in printed
+    saved = json.loads(out.read_text())["oracles"][str(half)]
+    assert saved["active_fraction"] == 0.5
+    assert saved["expert"]["overall_ppl"] == pytest.approx(o.expert.ppl(), rel=1e-6)
+
+    assert cli.main(["eval", str(tiny_llama), "--data", str(heldout), "--oracle"]) == 2
+    assert "--oracle needs a moefy build" in capsys.readouterr().err

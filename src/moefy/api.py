@@ -30,6 +30,7 @@ from moefy.export import llama_cpp
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
+from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
@@ -228,6 +229,8 @@ class EvalResult:
     # model spec -> the model its speed is divided by: an MoE's dense source (transformers), or the first GGUF listed
     # (llama.cpp: list the dense GGUF first)
     baseline: dict[str, str] = dataclasses.field(default_factory=dict)
+    # moefy build spec -> its bounds on the same corpus, computed inside its dense source, when asked for (--oracle)
+    oracles: dict[str, Oracles] = dataclasses.field(default_factory=dict)
 
     def speed_ratio(self, spec: str) -> tuple[float, float]:
         """(forward, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
@@ -240,19 +243,36 @@ class EvalResult:
                 "speed": {m: {**s.to_dict(), "baseline": self.baseline.get(m, m),
                               "forward_x_baseline": self.speed_ratio(m)[0],
                               "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
-                "tasks": self.tasks, "corpus": self.corpus}
+                "tasks": self.tasks, "corpus": self.corpus,
+                "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),
+                                "neuron": o.neuron.to_dict()} for m, o in self.oracles.items()}}
+
+
+@dataclass(frozen=True)
+class Oracles:
+    """Where a build's loss sits on a corpus (export/oracle.py): its expert oracle (its own partition, ideal
+    routing, the dense weights) and the neuron oracle at its active fraction, both run inside its dense source."""
+    active_fraction: float
+    expert: Perplexity
+    neuron: Perplexity
 
 
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
              tokens_per_domain: int | None = 4096, speed: bool = False, tasks: list[str] | None = None,
-             task_limit: int | None = None) -> EvalResult:
-    """Held-out perplexity per domain for each model (dense or MoE), and optionally speed against the dense source."""
+             task_limit: int | None = None, oracle: bool = False) -> EvalResult:
+    """Held-out perplexity per domain for each model (dense or MoE), optionally speed against the dense source, and
+    (oracle) each moefy build's expert and neuron oracles on the same corpus."""
     _check_at_least(2, seq_len=seq_len)  # a window needs a token to predict from and one to score
     _check_at_least(1, stride=stride, tokens_per_domain=tokens_per_domain, task_limit=task_limit)
 
     corpus = load_corpus(data)
     if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
         raise MoefyError("lm-eval tasks run on transformers models only; drop the llama.cpp: models or --tasks")
+    builds = {spec: resolve_model(spec).directory for spec in models if not spec.startswith(LLAMA_CPP)}
+    builds = {spec: d for spec, d in builds.items() if (d / PLAN_JSON).is_file()}
+    if oracle and not builds:  # before any model loads
+        raise MoefyError("--oracle needs a moefy build among the models (a directory with moefy_plan.json): the "
+                         "oracles run its plan inside its dense source")
     loaded = {spec: _load_for_eval(spec, seq_len) for spec in models}
     results, task_scores = {}, {}
     for spec, (model, tok) in loaded.items():
@@ -276,7 +296,21 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
-    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline)
+    oracles = {spec: _oracles(d, corpus, seq_len, tokens_per_domain, stride) for spec, d in builds.items()} \
+        if oracle else {}
+    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles)
+
+
+def _oracles(build: Path, corpus, seq_len: int, tokens_per_domain: int | None, stride: int | None) -> Oracles:
+    plan = load_plan(build)
+    source = resolve_model(plan.meta.source).directory
+    dense, tok = load_causal_lm(source), load_tokenizer(source)
+    fraction = active_fraction(plan)
+    with expert_oracle(dense, plan):
+        expert = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
+    with neuron_oracle(dense, fraction):
+        neuron = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
+    return Oracles(fraction, expert, neuron)
 
 
 def _load_for_eval(spec: str, seq_len: int):

@@ -95,6 +95,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain")
     e.add_argument("--speed", action="store_true", help="also forward/generation tokens/s, each MoE ÷ its dense "
                    "source in the same run (llama.cpp rows ÷ the first llama.cpp model listed)")
+    e.add_argument("--oracle", action="store_true", help="also each moefy build's expert oracle (its partition, ideal "
+                   "routing) and neuron oracle (each token's own top neurons, same active fraction), run inside its "
+                   "dense source on the same corpus: how much is lost to routing, how much to the partition")
     e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
@@ -274,14 +277,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_writable(args.json_out)
     result = api.evaluate(args.models, args.data, seq_len=args.seq_len, stride=args.stride,
                           tokens_per_domain=args.tokens_per_domain, speed=args.speed, tasks=tasks,
-                          task_limit=args.task_limit)
+                          task_limit=args.task_limit, oracle=args.oracle)
     first = next(iter(result.perplexity.values()))
     table = Table(title=f"held-out perplexity (context {first.seq_len}, stride {first.stride})")
     table.add_column("domain")
-    for m in args.models:
-        table.add_column(m, justify="right")
+    columns = {m: result.perplexity[m] for m in args.models}
+    for m, o in result.oracles.items():
+        columns[f"{m}: expert oracle"] = o.expert
+        columns[f"{m}: neuron oracle at {o.active_fraction:.0%}"] = o.neuron
+    for name in columns:
+        table.add_column(name, justify="right")
     for d in [*first.per_domain, None]:
-        table.add_row(d or "overall", *[f"{result.perplexity[m].ppl(d):.3f}" for m in args.models])
+        table.add_row(d or "overall", *[f"{ppl.ppl(d):.3f}" for ppl in columns.values()])
     console = Console()
     console.print(table)
     if result.speed:
