@@ -111,6 +111,13 @@ SELF = [
     ("50%", "↳ + sampled, shared 15/32 + 2 of 34 × 24, train_router",
      dict(method="carve", experts=34, top_k=2, shared_fraction=0.46875,
           reconstruct={**REC16K, "train_router": True}, **WITH_SELF)),
+    # finer experts (12 neurons instead of 24) at the two best shared blocks
+    ("50%", "↳ + sampled, shared 7/16 + 8 of 72 × 12, train_router",
+     dict(method="carve", experts=72, top_k=8, shared_fraction=0.4375,
+          reconstruct={**REC16K, "train_router": True}, **WITH_SELF)),
+    ("50%", "↳ + sampled, shared 3/8 + 16 of 80 × 12, train_router",
+     dict(method="carve", experts=80, top_k=16, shared_fraction=0.375,
+          reconstruct={**REC16K, "train_router": True}, **WITH_SELF)),
     # make demo's split at 25%, with and without router training
     ("25%", "carve 28 × 48 top-4 (make demo) + reconstruction + sampled, routers held fixed",
      {**DEMO25, "reconstruct": REC, **WITH_SELF}),
