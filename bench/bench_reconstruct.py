@@ -89,6 +89,11 @@ HALF = [
 # demo calibration alone, at 25% and at the best 50% split. WITH_SELF in a row's fields stands for that corpus.
 SELF_TOKENS = 16384
 WITH_SELF = {"calib": "demo calib/ + self.jsonl"}
+# more sampled text, split into domains of SELF_TOKENS each (`moefy data generate --domains`), so that each one
+# gets a full per-domain budget
+WITH_SELF2 = {"calib": "demo calib/ + 2 sampled domains"}
+WITH_SELF4 = {"calib": "demo calib/ + 4 sampled domains"}
+SAMPLED_DOMAINS = {WITH_SELF["calib"]: 1, WITH_SELF2["calib"]: 2, WITH_SELF4["calib"]: 4}
 HALF38 = dict(method="carve", experts=40, top_k=8, shared_fraction=0.375)
 REC16K = {**REC, "tokens_per_domain": 16384}
 SELF = [
@@ -123,6 +128,14 @@ SELF = [
      {**DEMO25, "reconstruct": REC, **WITH_SELF}),
     ("25%", "↳ the Adam steps train the routers too (train_router)",
      {**DEMO25, "reconstruct": {**REC, "train_router": True}, **WITH_SELF}),
+    # more sampled text at make demo's split (the defaults, train_router on)
+    ("25%", "↳ train_router, profile samples of 8,192 tokens instead of 2,048 (for the clustering and the router fit)",
+     {**DEMO25, "reconstruct": {**REC, "train_router": True}, "profile": {**CALIB, "sample_tokens": 8192},
+      **WITH_SELF}),
+    ("25%", f"↳ train_router, 2 × {SELF_TOKENS:,} sampled tokens as two domains",
+     {**DEMO25, "reconstruct": {**REC, "train_router": True}, **WITH_SELF2}),
+    ("25%", f"↳ train_router, 4 × {SELF_TOKENS:,} sampled tokens as four domains",
+     {**DEMO25, "reconstruct": {**REC, "train_router": True}, **WITH_SELF4}),
 ]
 
 # option -> (rows, docs/results.md section, title suffix)
@@ -131,12 +144,13 @@ TABLES = {"": (ROWS, "reconstruction", ""), "variants": (VARIANTS, "reconstructi
           "self_calib": (SELF, "reconstruction-self", ": calibration text sampled from the model")}
 
 
-def with_self(calib: Path, out: Path) -> Path:
-    """The demo calibration files and SELF_TOKENS tokens sampled from the dense model, in one directory."""
+def with_self(calib: Path, out: Path, domains: int) -> Path:
+    """The demo calibration files and `domains` × SELF_TOKENS tokens sampled from the dense model, in one
+    directory."""
     out.mkdir()
     for f in calib.iterdir():
         (out / f.name).symlink_to(f.resolve())
-    api.generate_calibration(MODEL, out / "self.jsonl", SELF_TOKENS, seed=0)
+    api.generate_calibration(MODEL, out / "self.jsonl", domains * SELF_TOKENS, seed=0, domains=domains)
     return out
 
 
@@ -166,7 +180,16 @@ def main() -> None:
     t0 = time.perf_counter()  # one profiling pass over the same calibration tokens, uncached, for the time ratio
     profile(source, family, calib, ProfileOptions(**CALIB), 0, work / "profile")
     profile_s, reconstruct_s = time.perf_counter() - t0, float("nan")
-    self_calib = str(with_self(Path(bench.calib), work / "calib-self")) if rows is SELF else None
+    sampled = {}  # corpus placeholder -> its directory, sampled when a row first needs it
+
+    def calib_for(fields: dict) -> dict:
+        name = fields.get("calib")
+        if name not in SAMPLED_DOMAINS:
+            return {}
+        if name not in sampled:
+            n = SAMPLED_DOMAINS[name]
+            sampled[name] = str(with_self(Path(bench.calib), work / f"calib-self{n}", n))
+        return {"calib": sampled[name]}
     lines = [
         f"## Layer-wise reconstruction{title} (SmolLM2-135M, demo corpus)",
         "",
@@ -191,7 +214,7 @@ def main() -> None:
         if args.quick and n not in QUICK:
             continue
         t0 = time.perf_counter()
-        calib_fields = {"calib": self_calib} if fields.get("calib") == WITH_SELF["calib"] else {}
+        calib_fields = calib_for(fields)
         recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB, **fields,
                                                **calib_fields})
         result = api.build(recipe, work / "moe", overwrite=True)

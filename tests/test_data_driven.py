@@ -120,9 +120,17 @@ def test_generated_calibration_is_seeded_and_calibrates_a_build(capsys, tiny_lla
     api.build(validate_recipe(BuildRecipe, fields), tmp_path / "moe")
     stats = api.profile(validate_recipe(BuildRecipe, fields))  # the build's cached profile
     assert "self" in stats.meta.domains and set(DOMAINS) <= set(stats.meta.domains)
+    # --domains: the same texts (same seed), split into consecutive equal shares, each share its own domain
+    assert generate(tmp_path / "split.jsonl", "--tokens", "64", "--domains", "2") == 0
+    assert "'self-1' … 'self-2'" in capsys.readouterr().out
+    split = [json.loads(line) for line in (tmp_path / "split.jsonl").read_text().splitlines()]
+    assert [r["domain"] for r in split] == ["self-1", "self-1", "self-2", "self-2"]
+    # the first batch (2 texts) is drawn as above; the second batch holds 2 texts here, 1 there, so it differs
+    assert [r["text"] for r in split[:2]] == [r["text"] for r in records[:2]]
     # bad input: one line, exit 2, nothing written or replaced
     capsys.readouterr()
     for out, extra, fragment in [(tmp_path / "again.jsonl", (), "already exists"),
+                                 (tmp_path / "w.jsonl", ("--domains", "4"), "--domains 4 is more than the 3 texts"),
                                  (tmp_path / "x.txt", (), "should end in .jsonl"),
                                  (tmp_path / "y.jsonl", ("--tokens", "0"), "--tokens must be at least 1"),
                                  (tmp_path / "z.jsonl", ("--temperature", "0"), "--temperature must be positive")]:
@@ -130,7 +138,7 @@ def test_generated_calibration_is_seeded_and_calibrates_a_build(capsys, tiny_lla
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err
     assert (tmp_path / "again.jsonl").read_bytes() == first
-    assert not any((tmp_path / n).exists() for n in ("x.txt", "y.jsonl", "z.jsonl"))
+    assert not any((tmp_path / n).exists() for n in ("w.jsonl", "x.txt", "y.jsonl", "z.jsonl"))
 
 
 # --- profiler ------------------------------------------------------------------------------------------------

@@ -379,13 +379,17 @@ def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_dom
 
 def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256, seed: int = 0,
                          temperature: float = 1.0, domain: str = SELF_DOMAIN, batch_size: int = 32,
-                         device: str = "auto", overwrite: bool = False) -> Path:
-    """Calibration text sampled from the dense model (data.generate), as one JSONL domain to put beside the user's
-    calibration files: a build fitted on it keeps more of the model's quality outside the calibration domains."""
+                         device: str = "auto", overwrite: bool = False, domains: int = 1) -> Path:
+    """Calibration text sampled from the dense model (data.generate), as a JSONL file of `domains` domains to put
+    beside the user's calibration files: a build fitted on it keeps more of the model's quality outside the
+    calibration domains."""
     out = Path(out)
     if out.suffix != ".jsonl":
         raise MoefyError(f"--out {out} should end in .jsonl (one domain of a calibration corpus)")
-    _check_at_least(1, tokens=tokens, seq_len=seq_len, batch_size=batch_size)
+    _check_at_least(1, tokens=tokens, seq_len=seq_len, batch_size=batch_size, domains=domains)
+    if domains > -(-tokens // seq_len):
+        raise MoefyError(f"--domains {domains} is more than the {-(-tokens // seq_len)} texts that --tokens {tokens} "
+                         f"makes at --seq-len {seq_len}")
     if temperature <= 0:
         raise MoefyError(f"--temperature must be positive (got {temperature})")
     with atomic_file(out, overwrite, inputs=(model,)) as tmp_file:  # an existing file is refused before any work
@@ -394,7 +398,7 @@ def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256,
         lm = load_causal_lm(directory, inference_dtype(target)).to(target)
         texts = sample_texts(lm, load_tokenizer(directory), tokens, seq_len, batch_size, seed, temperature)
         write_texts(texts, tmp_file, domain, {"model": model, "seed": seed, "temperature": temperature,
-                                              "seq_len": seq_len})
+                                              "seq_len": seq_len}, domains)
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moefy.construct.recipe import BuildRecipe
 from moefy.data.filtering import FilterRecipe
-from moefy.data.generate import SELF_DOMAIN
+from moefy.data.generate import SELF_DOMAIN, domain_names
 from moefy.errors import MoefyError
 from moefy.recipe_flags import add_recipe_flags, recipe_overrides
 from moefy.recipes import load_recipe
@@ -58,14 +58,17 @@ def _build_parser() -> argparse.ArgumentParser:
     dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/, heldout/ and unseen/)")
     dc.add_argument("out", type=Path)
     dc.add_argument("--overwrite", action="store_true")
-    dg = dsub.add_parser("generate", help="sample calibration text from the dense model itself (one JSONL domain "
-                         "to add to --calib: keeps more quality outside the calibration domains)")
+    dg = dsub.add_parser("generate", help="sample calibration text from the dense model itself (a JSONL file of "
+                         "one or more domains to add to --calib: keeps more quality outside the calibration domains)")
     dg.add_argument("model", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
     dg.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
     dg.add_argument("--tokens", type=int, default=16384, help="tokens to sample (default %(default)s)")
     dg.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="tokens per sampled text")
     dg.add_argument("--temperature", type=float, default=1.0)
     dg.add_argument("--domain", default=SELF_DOMAIN, help=f"the records' domain (default {SELF_DOMAIN!r})")
+    dg.add_argument("--domains", type=int, default=1, help="split the texts over this many domains (NAME-1 … "
+                    "NAME-N): a build budgets calibration tokens per domain, so sample N × the per-domain budget "
+                    "and split it N ways to use it all (default 1)")
     dg.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="texts sampled at once")
     dg.add_argument("--seed", type=int, default=0)
     dg.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda[:N]")
@@ -231,8 +234,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     out = api.generate_calibration(args.model, args.out, args.tokens, seq_len=args.seq_len, seed=args.seed,
                                    temperature=args.temperature, domain=args.domain, batch_size=args.batch_size,
-                                   device=args.device, overwrite=args.overwrite)
-    print(f"wrote {out}: about {args.tokens} tokens sampled from {args.model} (domain {args.domain!r}); put it "
+                                   device=args.device, overwrite=args.overwrite, domains=args.domains)
+    names = domain_names(args.domain, args.domains)
+    labels = repr(names[0]) if len(names) == 1 else f"{names[0]!r} … {names[-1]!r}"
+    print(f"wrote {out}: about {args.tokens} tokens sampled from {args.model} (domain {labels}); put it "
           "beside your calibration files")
     return 0
 

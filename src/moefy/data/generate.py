@@ -5,7 +5,7 @@ reconstructed experts serve the calibration domains and lose more elsewhere (doc
 unseen text). The model's own samples cover what it was trained on without any outside data, as LLM-QAT's data-free
 distillation does: each sequence starts from a random vocabulary token (seeded) and continues by plain sampling at
 temperature 1, so the text follows the model's distribution rather than its greedy modes. Written as one JSONL
-domain, to put beside the user's own calibration files."""
+file of one or more domains, to put beside the user's own calibration files."""
 
 from __future__ import annotations
 
@@ -43,10 +43,20 @@ def sample_texts(model, tokenizer, tokens: int, seq_len: int = 256, batch_size: 
     return texts
 
 
-def write_texts(texts: list[str], path: Path, domain: str = SELF_DOMAIN, provenance: dict | None = None) -> None:
+def domain_names(domain: str, domains: int) -> list[str]:
+    """The labels of `domains` sampled domains: the name itself for one, `name-1` … `name-N` for several."""
+    return [domain] if domains == 1 else [f"{domain}-{i + 1}" for i in range(domains)]
+
+
+def write_texts(texts: list[str], path: Path, domain: str = SELF_DOMAIN, provenance: dict | None = None,
+                domains: int = 1) -> None:
     """One JSONL record per text, `{"text", "domain", "generated"}`: the reader keeps the extra field, so the
-    settings that made each text travel with it."""
+    settings that made each text travel with it. With several `domains`, consecutive equal shares of the texts get
+    one label each: a build budgets its calibration tokens per domain, so N sampled domains bring N budgets of
+    sampled text (one domain of 64k tokens would contribute 4,096 of them to profiling)."""
+    names = domain_names(domain, domains)
     with open(path, "w", encoding="utf-8") as fh:
-        for text in texts:
-            fh.write(json.dumps({"text": text, "domain": domain, "generated": provenance or {}},
+        for i, text in enumerate(texts):
+            label = names[i * len(names) // len(texts)]
+            fh.write(json.dumps({"text": text, "domain": label, "generated": provenance or {}},
                                 ensure_ascii=False) + "\n")
