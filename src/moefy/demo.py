@@ -25,7 +25,7 @@ from moefy import api
 from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
-from moefy.data.generate import SELF_DOMAIN
+from moefy.data.generate import SELF_DOMAIN, domain_names
 from moefy.errors import MoefyError
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.perplexity import Perplexity, heldout_perplexity
@@ -36,10 +36,12 @@ from moefy.train.recipe import Lora, Stage, TrainRecipe
 EVAL_TOKENS_PER_DOMAIN = 2048
 UNSEEN_TOKENS = 8192  # the package READMEs are one domain: four held-out domains' worth, as in bench_reconstruct
 MARKER = ".moefy-demo"  # what tells a directory the demo wrote from a user's
-# 16k tokens the dense model samples itself, as a fifth calibration domain: the same held-out quality and 14% less
-# loss on unseen text after reconstruction (×4.92 → ×4.24 dense at 25%; docs/results.md, reconstruction-self),
-# for about 80 s of sampling and 110 s more of profiling and reconstruction on a laptop CPU.
-SAMPLED_TOKENS = 16_384
+# Text the dense model samples itself, as four more calibration domains of 16k tokens (each gets the per-domain
+# budget): at this split after reconstruction, unseen text ×4.61 dense with one such domain, ×4.15 with two, ×3.77
+# with four, for held-out ×1.66, ×1.70, ×1.69 (docs/results.md, reconstruction-self); about 5 minutes of sampling
+# and 2 more of profiling and reconstruction on a laptop CPU.
+SAMPLED_TOKENS = 65_536
+SAMPLED_DOMAINS = 4
 # A short recovery stage: LoRA on the experts, with routers and norms (docs/results.md: the set that recovers most
 # at 25% active), on LM loss: after reconstruction, 30k tokens of LM loss reached ×1.31 dense, distillation from
 # the dense model ×1.54 and KL + LM ×1.36 (the best on unseen text, ×3.74 against ×3.88), both at 70% of the speed
@@ -71,8 +73,11 @@ def run(out: Path) -> int:
     source = resolve_model(recipe.model)  # one-time GGUF dequantisation into the cache, kept out of the build time
     sampled = corpus_dir / "calib" / f"{SELF_DOMAIN}.jsonl"
     t0 = time.perf_counter()
-    if not sampled.is_file():  # as `moefy data generate smollm2-135m --out calib/self.jsonl --tokens 16384`
-        api.generate_calibration(recipe.model, sampled, SAMPLED_TOKENS, seed=0)
+    # as `moefy data generate smollm2-135m --out calib/self.jsonl --tokens 65536 --domains 4`; a file from an
+    # earlier demo with other settings is sampled again (the directory is the demo's own)
+    if not sampled.is_file() or load_corpus(sampled).domains() != domain_names(SELF_DOMAIN, SAMPLED_DOMAINS):
+        api.generate_calibration(recipe.model, sampled, SAMPLED_TOKENS, seed=0, domains=SAMPLED_DOMAINS,
+                                 overwrite=True)
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = api.build(recipe, moe_dir, overwrite=(moe_dir / BUILD_RECIPE).is_file())
@@ -97,7 +102,7 @@ def run(out: Path) -> int:
         ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active per token "
                    f"(dense {result.dense_params / 1e6:.1f}M)"),
         ("calibration", f"{recipe.calib}: the demo domains + {SAMPLED_TOKENS:,} tokens sampled from the model "
-                        f"({sampled.name}, {t_sample:.0f} s)"),
+                        f"as {SAMPLED_DOMAINS} domains ({sampled.name}, {t_sample:.0f} s)"),
         ("build time (profiling and reconstruction included)", f"{t_build:.0f} s"),
         ("reconstruction: mean layer nMSE", f"{mean([f.before for f in result.reconstruction]):.3f} as built → "
                                             f"{mean([f.after for f in result.reconstruction]):.3f}"),
