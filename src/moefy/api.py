@@ -268,8 +268,10 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     corpus = load_corpus(data)
     if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
         raise MoefyError("lm-eval tasks run on transformers models only; drop the llama.cpp: models or --tasks")
-    builds = {spec: resolve_model(spec).directory for spec in models if not spec.startswith(LLAMA_CPP)}
-    builds = {spec: d for spec, d in builds.items() if (d / PLAN_JSON).is_file()}
+    builds = {}  # spec -> directory of each moefy build listed, whose oracles --oracle computes
+    if oracle:
+        builds = {spec: resolve_model(spec).directory for spec in models if not spec.startswith(LLAMA_CPP)}
+        builds = {spec: d for spec, d in builds.items() if (d / PLAN_JSON).is_file()}
     if oracle and not builds:  # before any model loads
         raise MoefyError("--oracle needs a moefy build among the models (a directory with moefy_plan.json): the "
                          "oracles run its plan inside its dense source")
@@ -296,8 +298,7 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
-    oracles = {spec: _oracles(d, corpus, seq_len, tokens_per_domain, stride) for spec, d in builds.items()} \
-        if oracle else {}
+    oracles = {spec: _oracles(d, corpus, seq_len, tokens_per_domain, stride) for spec, d in builds.items()}
     return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles)
 
 
@@ -385,7 +386,7 @@ def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256,
     calibration domains."""
     out = Path(out)
     if out.suffix != ".jsonl":
-        raise MoefyError(f"--out {out} should end in .jsonl (one domain of a calibration corpus)")
+        raise MoefyError(f"--out {out} should end in .jsonl (a file of a calibration corpus)")
     _check_at_least(1, tokens=tokens, seq_len=seq_len, batch_size=batch_size, domains=domains)
     if domains > -(-tokens // seq_len):
         raise MoefyError(f"--domains {domains} is more than the {-(-tokens // seq_len)} texts that --tokens {tokens} "
