@@ -39,7 +39,8 @@ MARKER = ".moefy-demo"  # what tells a directory the demo wrote from a user's
 # Text the dense model samples itself, as four more calibration domains of 16k tokens (each gets the per-domain
 # budget): at this split after reconstruction, unseen text ×4.61 dense with one such domain, ×4.15 with two, ×3.77
 # with four, for held-out ×1.66, ×1.70, ×1.69 (docs/results.md, reconstruction-self); about 5 minutes of sampling
-# and 2 more of profiling and reconstruction on a laptop CPU.
+# and 3 more of profiling and reconstruction on a laptop CPU. The recovery stage trains on the same calib/, so it
+# adapts less to the demo domains too (held-out after recovery ×1.39 → ×1.49, unseen ×3.51 → ×2.97; README).
 SAMPLED_TOKENS = 65_536
 SAMPLED_DOMAINS = 4
 # A short recovery stage: LoRA on the experts, with routers and norms (docs/results.md: the set that recovers most
