@@ -73,7 +73,8 @@ class ReconstructOptions(Frozen):
     tokens_per_domain: int | None = Field(8192, ge=1, description="reconstruction calibration tokens per domain")
     batch_size: int = Field(8, ge=1, description="sequences per forward")
     # 0: closed form only, about a third of the time (SmolLM2 25%: ×1.98 closed form, ×1.65 with 300 steps).
-    steps: int = Field(300, ge=0, description="Adam steps on every expert weight per layer after the closed form")
+    steps: int = Field(300, ge=0, description="Adam steps on every expert weight (and the router, with "
+                       "train_router) per layer after the closed form")
     lr_ratio: float = Field(1e-2, gt=0, description="each tensor's Adam lr, as a fraction of its own RMS")
     step_tokens: int = Field(512, ge=1, description="random calibration tokens per Adam step")
     # SmolLM2, make demo's 28 × 48 top-4 split: ×1.72 → ×1.66 dense held-out, unseen ×4.86 → ×4.61, same time;
