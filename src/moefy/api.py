@@ -22,20 +22,16 @@ from moefy.construct.registry import make_plan, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.generate import SELF_DOMAIN, sample_texts, write_texts
 from moefy.data.tokens import token_blocks
-from moefy.errors import MoefyError
-from moefy.evaluate.harness import run_tasks
-from moefy.evaluate.speed import Speed
-from moefy.evaluate.speed import measure as measure_speed
+from moefy.errors import MoefyError, check_at_least
+from moefy.evaluate.compare import EvalResult, evaluate
 from moefy.export import llama_cpp
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
-from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
 from moefy.models import compute_device, inference_dtype, load_causal_lm, load_tokenizer
-from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.profile.runner import profile_cached
 from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
@@ -47,7 +43,6 @@ __all__ = ["BuildResult", "build", "reconstruct_built", "verify", "VerifyReport"
            "analyze", "train", "filter_corpus", "export_gguf"]
 RUN_JSON = "run.json"
 RECONSTRUCTED = "reconstructed"  # a training run's reconstruction stage writes its MoE here
-LLAMA_CPP = "llama.cpp:"  # `moefy eval llama.cpp:FILE.gguf`: score that GGUF in llama.cpp, not transformers
 
 
 @dataclass(frozen=True)
@@ -207,120 +202,11 @@ def _save_build_reports(directory: Path, plan: MoEPlan, mining, fits) -> None:
         reconstruction_plot(fits, directory / "reconstruction.png")
 
 
-def _check_at_least(minimum: int, **values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < minimum:
-            raise MoefyError(f"--{name.replace('_', '-')} must be at least {minimum} (got {value})")
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    perplexity: dict[str, Perplexity]  # model spec -> per-domain perplexity
-    speed: dict[str, Speed]  # model spec (and its dense source) -> speed, when asked for
-    tasks: dict[str, dict]  # model spec -> {task: {metric: value}}, when asked for
-    corpus: dict  # the held-out corpus as read (documents, records skipped and why)
-    # model spec -> the model its speed is divided by: an MoE's dense source (transformers), or the first GGUF listed
-    # (llama.cpp: list the dense GGUF first)
-    baseline: dict[str, str] = dataclasses.field(default_factory=dict)
-    # moefy build spec -> its bounds on the same corpus, computed inside its dense source, when asked for (--oracle)
-    oracles: dict[str, Oracles] = dataclasses.field(default_factory=dict)
-
-    def speed_ratio(self, spec: str) -> tuple[float, float]:
-        """(forward, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
-        mine, base = self.speed[spec], self.speed[self.baseline.get(spec, spec)]
-        return (mine.forward_tokens_per_s / base.forward_tokens_per_s,
-                mine.generate_tokens_per_s / base.generate_tokens_per_s)
-
-    def to_dict(self) -> dict:
-        return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
-                "speed": {m: {**s.to_dict(), "baseline": self.baseline.get(m, m),
-                              "forward_x_baseline": self.speed_ratio(m)[0],
-                              "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
-                "tasks": self.tasks, "corpus": self.corpus,
-                "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),
-                                "neuron": o.neuron.to_dict()} for m, o in self.oracles.items()}}
-
-
-@dataclass(frozen=True)
-class Oracles:
-    """Where a build's loss sits on a corpus (export/oracle.py): its expert oracle (its own partition, ideal
-    routing, the dense weights) and the neuron oracle at its active fraction, both run inside its dense source."""
-    active_fraction: float
-    expert: Perplexity
-    neuron: Perplexity
-
-
-def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
-             tokens_per_domain: int | None = 4096, speed: bool = False, tasks: list[str] | None = None,
-             task_limit: int | None = None, oracle: bool = False) -> EvalResult:
-    """Held-out perplexity per domain for each model (dense or MoE), optionally speed against the dense source, and
-    (oracle) each moefy build's expert and neuron oracles on the same corpus."""
-    _check_at_least(2, seq_len=seq_len)  # a window needs a token to predict from and one to score
-    _check_at_least(1, stride=stride, tokens_per_domain=tokens_per_domain, task_limit=task_limit)
-
-    corpus = load_corpus(data)
-    if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
-        raise MoefyError("lm-eval tasks run on transformers models only; drop the llama.cpp: models or --tasks")
-    builds = {}  # spec -> directory of each moefy build listed, whose oracles --oracle computes
-    if oracle:
-        builds = {spec: resolve_model(spec).directory for spec in models if not spec.startswith(LLAMA_CPP)}
-        builds = {spec: d for spec, d in builds.items() if (d / PLAN_JSON).is_file()}
-    if oracle and not builds:  # before any model loads
-        raise MoefyError("--oracle needs a moefy build among the models (a directory with moefy_plan.json): the "
-                         "oracles run its plan inside its dense source")
-    loaded = {spec: _load_for_eval(spec, seq_len) for spec in models}
-    results, task_scores = {}, {}
-    for spec, (model, tok) in loaded.items():
-        results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
-        if tasks:
-            task_scores[spec] = run_tasks(model, tok, tasks, limit=task_limit)
-    speeds: dict[str, Speed] = {}
-    baseline: dict[str, str] = {}
-    if speed:
-        timed = {spec: model for spec, (model, _) in loaded.items()}
-        ggufs = [spec for spec in models if spec.startswith(LLAMA_CPP)]
-        for spec in models:  # each MoE is timed against the dense model it was built from, in the same run
-            if spec.startswith(LLAMA_CPP):
-                baseline[spec] = ggufs[0]  # a GGUF names no source
-                continue
-            plan_json = resolve_model(spec).directory / PLAN_JSON
-            if plan_json.is_file():
-                source = json.loads(plan_json.read_text())["source"]
-                timed.setdefault(source, load_causal_lm(resolve_model(source).directory))
-                baseline[spec] = source
-        probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
-                              generator=torch.Generator().manual_seed(0))
-        speeds = measure_speed(timed, probe)
-    oracles = {spec: _oracles(d, corpus, seq_len, tokens_per_domain, stride) for spec, d in builds.items()}
-    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles)
-
-
-def _oracles(build: Path, corpus, seq_len: int, tokens_per_domain: int | None, stride: int | None) -> Oracles:
-    plan = load_plan(build)
-    source = resolve_model(plan.meta.source).directory
-    dense, tok = load_causal_lm(source), load_tokenizer(source)
-    fraction = active_fraction(plan)
-    with expert_oracle(dense, plan):
-        expert = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
-    with neuron_oracle(dense, fraction):
-        neuron = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
-    return Oracles(fraction, expert, neuron)
-
-
-def _load_for_eval(spec: str, seq_len: int):
-    """(model, tokenizer): transformers for a model spec, llama.cpp (with its own tokenizer) for llama.cpp:FILE."""
-    if spec.startswith(LLAMA_CPP):
-        lm = llama_cpp.LlamaCppLM(Path(spec.removeprefix(LLAMA_CPP)), n_ctx=seq_len + 64)
-        return lm, lm.tokenizer
-    directory = resolve_model(spec).directory
-    return load_causal_lm(directory), load_tokenizer(directory)
 
 
 def export_gguf(model: str, out: Path, outtype: str = "f16", overwrite: bool = False) -> GgufSummary:
@@ -345,8 +231,8 @@ def export_gguf(model: str, out: Path, outtype: str = "f16", overwrite: bool = F
 def analyze(model: str, data: str, out: Path, seq_len: int = 256, tokens_per_domain: int | None = 2048,
             overwrite: bool = False) -> dict[str, Path]:
     """Routing statistics per layer × domain from one forward pass with router-logit capture."""
-    _check_at_least(2, seq_len=seq_len)
-    _check_at_least(1, tokens_per_domain=tokens_per_domain)
+    check_at_least(2, seq_len=seq_len)
+    check_at_least(1, tokens_per_domain=tokens_per_domain)
 
     from moefy.analyze.report import (
         write_report,  # matplotlib: imported only when a report is written
@@ -387,7 +273,7 @@ def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256,
     out = Path(out)
     if out.suffix != ".jsonl":
         raise MoefyError(f"--out {out} should end in .jsonl (a file of a calibration corpus)")
-    _check_at_least(1, tokens=tokens, seq_len=seq_len, batch_size=batch_size, domains=domains)
+    check_at_least(1, tokens=tokens, seq_len=seq_len, batch_size=batch_size, domains=domains)
     if domains > -(-tokens // seq_len):
         raise MoefyError(f"--domains {domains} is more than the {-(-tokens // seq_len)} texts that --tokens {tokens} "
                          f"makes at --seq-len {seq_len}")

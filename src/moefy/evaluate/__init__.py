@@ -1,1 +1,1 @@
-"""Evaluation: held-out perplexity per domain (and, later, harness tasks and speed)."""
+"""Evaluation: several models compared on one corpus (compare), lm-eval tasks (harness), speed (speed)."""
