@@ -61,6 +61,7 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
     t0 = time.perf_counter()
     plan = make_plan(recipe, family, config, LazyCheckpoint(source.directory), lambda: stats)
     plan_s = time.perf_counter() - t0
+    plan_rss = rss()
     opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps)
     t0 = time.perf_counter()
     reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill", max_memory=max_memory)
@@ -68,7 +69,8 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
     layers = int(config["num_hidden_layers"])
     return {"profile_s_per_layer": profile_s / layers, "reconstruct_s_per_layer": reconstruct_s / layers,
             "plan_s_per_layer": plan_s / layers,
-            "profile_rss": profile_rss - floor, "peak_rss": rss() - floor, "tokens": sum(stats.meta.tokens),
+            "profile_rss": profile_rss - floor, "plan_rss": plan_rss - floor, "peak_rss": rss() - floor,
+            "tokens": sum(stats.meta.tokens),
             "gpu_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers,
             # one carried copy of the hidden states (fp32); the profiler carries one, reconstruction two
@@ -93,7 +95,7 @@ def main() -> None:
           f"{args.steps} Adam steps per layer\n")
     print("| device | calibration tokens | activations (one copy) | --max-memory | profile s / layer "
           "| carve plan s / layer | reconstruct s / layer | reconstruct ÷ profile "
-          "| peak RSS above imports (profile / build) | GPU peak |")
+          "| peak RSS above imports (profile / + carve plan / build) | GPU peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for tokens, budget in [(t, m) for t in args.tokens for m in args.max_memory]:
         env = {**os.environ, "MOEFY_QUIET": "1"}
@@ -106,7 +108,7 @@ def main() -> None:
               f"| {r['profile_s_per_layer']:.2f} | {r['plan_s_per_layer']:.2f} | "
               f"{r['reconstruct_s_per_layer']:.2f}"
               f" | {r['reconstruct_s_per_layer'] / r['profile_s_per_layer']:.2f}× | {r['profile_rss'] / 2**30:.2f} / "
-              f"{r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)
+              f"{r['plan_rss'] / 2**30:.2f} / {r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,27 @@ def test_pad_slots_and_unused_experts_get_zero_weights():
     assert (normal.solve(1e-3)[1] == 0).all()
 
 
+@pytest.mark.parametrize("dead", [False, True])
+def test_ridge_solve_matches_the_textbook_solution(dead):
+    """The factor overwrites the Gram matrix in place (memory); the answer must be (ZᵀZ + λI)⁻¹ZᵀY, λ relative to
+    the mean energy of the live columns, with or without an all-zero column beside them."""
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(64, 6, generator=g, dtype=torch.float64), torch.randn(64, 3, generator=g, dtype=torch.float64)
+    if dead:
+        z[:, 2] = 0
+    live = [c for c in range(6) if not (dead and c == 2)]
+    zl = z[:, live]
+    gram = zl.T @ zl
+    lam = 0.1 * gram.diagonal().mean()
+    want = torch.linalg.solve(gram + lam * torch.eye(len(live), dtype=torch.float64), zl.T @ y)
+    normal = refit.Normal(6, 3)
+    normal.add(z.float(), y.float())
+    got = normal.solve(ridge=0.1)
+    assert torch.allclose(got[live], want.float(), atol=1e-4)
+    if dead:
+        assert (got[2] == 0).all()
+
+
 @pytest.mark.parametrize("steps", [0, 5])
 @pytest.mark.parametrize("method,architecture", [("carve", "Qwen2MoeForCausalLM"), ("random", "MixtralForCausalLM")])
 def test_exported_model_computes_what_the_fit_computed(llama3, ab_corpus, tmp_path, method, architecture, steps):

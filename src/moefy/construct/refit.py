@@ -61,8 +61,9 @@ class Normal:
     def solve(self, ridge: float) -> torch.Tensor:
         """Ridge solution Wᵀ [cols, outputs]; the penalty is relative to the mean feature energy, and all-zero
         columns (PAD slots, experts no token chose) get exactly zero weights. Consumes the sums: the penalty is
-        added in place and the Gram matrix is dropped once its factor exists, so memory peaks at two Gram-sized
-        matrices (a 7B layer's Gram is 11008² float64, ~1 GB) instead of four."""
+        added and the Cholesky factor written in place of the Gram matrix (the same numbers as a factor beside it),
+        so with every column live memory holds one Gram-sized matrix (a 7B layer's Gram is 11008² float64, ~1 GB)
+        instead of four."""
         diag = self.gram.diagonal()
         live = diag > 0
         solution = torch.zeros_like(self.cross)
@@ -72,8 +73,7 @@ class Normal:
             penalty = ridge * float(g.diagonal().mean())
             g.diagonal().add_(penalty)
             self.gram = None  # the caller's sums are spent: free them as soon as g is the only copy
-            factor, info = torch.linalg.cholesky_ex(g)
-            del g
+            factor, info = torch.linalg.cholesky_ex(g, out=(g, torch.empty((), dtype=torch.int32, device=g.device)))
             if int(info):
                 raise MoefyError(f"the reconstruction's normal equations are singular at ridge {ridge}: "
                                  "raise reconstruct.ridge (default 1e-3)")
