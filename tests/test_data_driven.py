@@ -177,6 +177,28 @@ def test_sequential_profile_matches_full_model(tiny_llama, corpus, tmp_path):
     assert stats.meta.domains == sorted(DOMAINS) and layer["top_freq"].shape == (4, 48)
 
 
+def test_a_layer_tensor_of_the_wrong_shape_is_refused(tiny_llama):
+    """materialise_layer copies each tensor into its parameter, and copy_ would broadcast a [1, n] row over an
+    [m, n] weight: a checkpoint that disagrees with its config must fail, naming the tensor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moefy.profile.runner import materialise_layer
+    from moefy.tensor_io import LazyCheckpoint
+
+    class OneRowDown(LazyCheckpoint):
+        def get(self, name):
+            t = super().get(name)
+            return t[:1] if name.endswith("down_proj.weight") else t
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama))
+    layer = skeleton.model.layers[0]
+    with pytest.raises(MoefyError, match=r"model\.layers\.0\.mlp\.down_proj\.weight has shape"):
+        materialise_layer(layer, OneRowDown(tiny_llama), "model.layers.0.")
+    materialise_layer(layer, LazyCheckpoint(tiny_llama), "model.layers.0.")  # the same layer, shapes that agree
+    assert layer.mlp.down_proj.weight.dtype == torch.float32
+
+
 def test_profile_is_cached_and_reused(tiny_llama, corpus, tmp_path):
     build(tiny_llama, tmp_path / "a", corpus, method="carve", experts=4, top_k=1)
     stats_dirs = list((tmp_path / "cache" / "stats").iterdir())

@@ -21,6 +21,7 @@ from moefy.data.corpus import Corpus
 from moefy.data.tokens import TokenBlocks, token_blocks
 from moefy.errors import MoefyError
 from moefy.families import Family
+from moefy.host_memory import release_freed
 from moefy.models import compute_device, load_causal_lm, load_tokenizer
 from moefy.profile.activations import Activations, activation_budget
 from moefy.profile.options import ProfileOptions
@@ -215,11 +216,18 @@ def _sample_positions(tokens: TokenBlocks, batches, total: int, seed: int) -> li
 def materialise_layer(module: torch.nn.Module, reader: LazyCheckpoint, prefix: str,
                       device: torch.device = torch.device("cpu")) -> None:
     # fp32 whatever the checkpoint stores (a bf16 skeleton would meet fp32 hidden states): the statistics and the
-    # reconstruction's normal equations are sums over thousands of tokens. Upcast on the device, so a GPU run never
-    # holds the layer in fp32 on the host (0.8 GB at 7B); on the CPU it is the same copy.
+    # reconstruction's normal equations are sums over thousands of tokens. Each tensor is upcast by copying it into
+    # its fp32 parameter, on the device: a GPU run never holds the layer in fp32 on the host (0.8 GB at 7B), and no
+    # run holds a second fp32 copy of the layer beside the module's own (a state dict to load).
+    release_freed()  # the previous layer's freed memory, handed back before this one is allocated
     module.to_empty(device=device).float()
-    state = {k: reader.get(prefix + k).to(device).float() for k in module.state_dict()}
-    module.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for k, param in module.state_dict().items():
+            stored = reader.get(prefix + k)
+            if stored.shape != param.shape:  # copy_ would broadcast a wrong shape instead of failing
+                raise MoefyError(f"{prefix + k} has shape {tuple(stored.shape)} in the checkpoint, but its config "
+                                 f"makes it {tuple(param.shape)}")
+            param.copy_(stored.to(device))
     module.eval()
 
 
