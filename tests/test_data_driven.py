@@ -323,9 +323,8 @@ def test_router_fit_predicts_the_top_expert():
     groups = [np.arange(e * 8, (e + 1) * 8) for e in range(n)]
     x_fit, x_test = torch.randn(2048, hidden), torch.randn(512, hidden)
     router, scale = fit_router(x_fit, gate, up, down, groups, top_k=2, ridge=1e-2)
-    outs = [_expert_outputs(x_test, gate, up, down, g) for g in groups]
-    full = sum(outs)
-    contrib = torch.stack([(o * full).sum(1) for o in outs], dim=1)
+    outs = _expert_outputs(x_test, gate, up, down, groups)  # [T, N, H]
+    contrib = (outs * outs.sum(1, keepdim=True)).sum(2)
     hit = (contrib.argmax(1) == (x_test @ router.T).argmax(1)).float().mean().item()
     assert hit > 3 / n  # chance is 1/8
     assert scale > 0

@@ -15,7 +15,8 @@ FLOORS = [
     ["construct", "export", "profile"],
     ["data"],
     ["models"],
-    ["sources", "families", "tensor_io", "tensor_writer", "recipes", "atomic", "progress", "errors", "host_memory", "__init__"],
+    ["sources", "families", "tensor_io", "tensor_writer", "recipes", "atomic", "progress", "errors", "host_memory",
+     "__init__"],
 ]
 
 

@@ -17,6 +17,7 @@ from moefy.construct.router_init import ROUTER_INITS, RouterContext
 from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
 from moefy.families import Family
+from moefy.host_memory import release_freed
 from moefy.profile.stats import NeuronStats
 from moefy.progress import progress
 from moefy.tensor_io import LazyCheckpoint
@@ -104,6 +105,7 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
     scale = recipe.scale if recipe.scale is not None else DEFAULT_SCALE.get(recipe.method, recipe.resolved_scale)
     splits, routers, scales = {}, {}, {}
     for i in progress(chosen, f"planning ({recipe.method}, router {recipe.router.kind})"):
+        release_freed()  # the previous layer's weights and statistics (see host_memory)
         layer = LayerInput(i, width, lambda which, i=i: reader.get(family.ffn_key(i, which)), stats, extra or {})
         split = METHODS[recipe.method](layer, recipe, layer_rng(recipe.seed, i, "method"))
         ctx = RouterContext(layer, recipe, split.routed, split.shared, scale, layer_rng(recipe.seed, i, "router"),
