@@ -7,6 +7,15 @@ docs/benchmarks.md.
     python bench/bench_calibration.py smollm2-135m --tokens 1024 4096
     python bench/make_shape.py 1b && python bench/bench_calibration.py .cache/shapes/tinyllama-1b --device cuda
     python bench/bench_calibration.py smollm2-135m --tokens 16384 --max-memory default 0   # spilled vs not
+    python bench/bench_calibration.py .cache/shapes/tinyllama-1b --tokens 1024 --per-layer
+
+`--per-layer` adds a second table: the peak anonymous memory (RssAnon, sampled every 10 ms; the checkpoint's mapped
+pages are not in it) before each pass's first layer, and of its first, largest and last layer, above what the
+process held after imports. A layer starts where the pass hands freed memory back (`host_memory.release_freed`,
+once per layer in each pass), so it shows whether a pass's peak grows with depth, which the process-wide peak
+hides. `--no-trim` keeps the per-layer marks but skips the hand-back itself, to measure what it buys:
+
+    python bench/bench_calibration.py .cache/shapes/tinyllama-1b --tokens 256 --per-layer [--no-trim]
 
 The shapes have random weights: right for time and memory, meaningless for quality."""
 
@@ -19,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +37,43 @@ def rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(model: str, device: str, tokens: int, steps: int, max_memory: str | None) -> dict:
+def anon() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("RssAnon:")).split()[1]) * 1024
+
+
+class LayerPeaks:
+    """The peak of `anon()` per layer of each pass. A daemon thread samples; `mark()` closes the current layer."""
+
+    def __init__(self) -> None:
+        from moefy.host_memory import release_freed
+
+        release_freed()  # the floor is what is live after imports, not also what glibc kept after freeing it
+        self.floor, self.peak, self.passes = anon(), 0, {}
+        self.current: list[int] = []
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, anon())
+            time.sleep(0.01)
+
+    def mark(self) -> None:
+        self.current.append(max(self.peak, anon()) - self.floor)
+        self.peak = 0
+
+    def start(self, name: str) -> None:
+        self.peak, self.current = 0, []
+        self.passes[name] = self.current
+
+    def summary(self) -> dict:
+        """Per pass: [before its first layer, layer 0, layer 1, ...]. A pass marks at the start of every layer, so
+        its first mark closes its setup (tokens, embeddings) and the mark after the pass closes its last layer."""
+        return self.passes
+
+
+def child(model: str, device: str, tokens: int, steps: int, max_memory: str | None, per_layer: bool, trim: bool
+          ) -> dict:
     import torch
 
     from moefy.construct.recipe import BuildRecipe, ReconstructOptions
@@ -51,21 +97,37 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
     if dev.type == "cuda":
         torch.zeros(1, device=dev)  # the CUDA context is part of the floor, not of the pass
     floor = rss()
+    peaks = LayerPeaks() if per_layer else None
+    if peaks:  # both passes call release_freed once per layer, the profiler through materialise_layer
+        import moefy.construct.registry as registry
+        import moefy.profile.runner as runner
+
+        for module in (runner, registry):
+            module.release_freed = lambda freed=module.release_freed: (peaks.mark(), trim and freed())
+        peaks.start("profile")
     t0 = time.perf_counter()
     stats = profile(source, family, corpus, ProfileOptions(tokens_per_domain=tokens), 0, work / "stats", device,
                     max_memory)
     profile_s = time.perf_counter() - t0
     profile_rss = rss()
+    if peaks:
+        peaks.mark()
+        peaks.start("plan")
     calib = str(work / "corpus" / "calib")
     recipe = resolve_defaults(BuildRecipe(model=model, method="carve", experts=28, top_k=4, calib=calib))
     t0 = time.perf_counter()
     plan = make_plan(recipe, family, config, LazyCheckpoint(source.directory), lambda: stats)
     plan_s = time.perf_counter() - t0
     plan_rss = rss()
+    if peaks:
+        peaks.mark()
+        peaks.start("reconstruct")
     opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps)
     t0 = time.perf_counter()
     reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill", max_memory=max_memory)
     reconstruct_s = time.perf_counter() - t0
+    if peaks:
+        peaks.mark()
     layers = int(config["num_hidden_layers"])
     return {"profile_s_per_layer": profile_s / layers, "reconstruct_s_per_layer": reconstruct_s / layers,
             "plan_s_per_layer": plan_s / layers,
@@ -74,7 +136,8 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
             "gpu_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers,
             # one carried copy of the hidden states (fp32); the profiler carries one, reconstruction two
-            "activations": sum(stats.meta.tokens) * int(config["hidden_size"]) * 4}
+            "activations": sum(stats.meta.tokens) * int(config["hidden_size"]) * 4,
+            "per_layer": peaks.summary() if peaks else None}
 
 
 def main() -> None:
@@ -85,11 +148,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="reconstruction Adam steps per layer (0: closed form only)")
     p.add_argument("--max-memory", nargs="+", default=["default"],
                    help="activation budgets to run each token budget under (default: moefy's own; 0: always spill)")
+    p.add_argument("--per-layer", action="store_true", help="also the peak memory of each pass's layers (Linux)")
+    p.add_argument("--no-trim", action="store_true", help="with --per-layer: do not hand freed memory back")
     p.add_argument("--child", type=int)
     args = p.parse_args()
     if args.child:
         budget = None if args.max_memory[0] == "default" else args.max_memory[0]
-        print(json.dumps(child(args.model, args.device, args.child, args.steps, budget)))
+        print(json.dumps(child(args.model, args.device, args.child, args.steps, budget, args.per_layer,
+                                      not args.no_trim)))
         return
     print(f"model {args.model}, device {args.device}, carve 28 experts top-4 + shared 1/8, reconstruction "
           f"{args.steps} Adam steps per layer\n")
@@ -97,10 +163,12 @@ def main() -> None:
           "| carve plan s / layer | reconstruct s / layer | reconstruct ÷ profile "
           "| peak RSS above imports (profile / + carve plan / build) | GPU peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    layered = []
     for tokens, budget in [(t, m) for t in args.tokens for m in args.max_memory]:
         env = {**os.environ, "MOEFY_QUIET": "1"}
         out = subprocess.run([sys.executable, __file__, args.model, "--device", args.device, "--steps",
-                              str(args.steps), "--max-memory", budget, "--child", str(tokens)], env=env, check=True,
+                              str(args.steps), "--max-memory", budget, "--child", str(tokens)]
+                             + ["--per-layer"] * args.per_layer + ["--no-trim"] * args.no_trim, env=env, check=True,
                              stdout=subprocess.PIPE, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         gpu = f"{r['gpu_peak'] / 2**30:.2f} GiB" if r["gpu_peak"] is not None else "–"
@@ -109,6 +177,17 @@ def main() -> None:
               f"{r['reconstruct_s_per_layer']:.2f}"
               f" | {r['reconstruct_s_per_layer'] / r['profile_s_per_layer']:.2f}× | {r['profile_rss'] / 2**30:.2f} / "
               f"{r['plan_rss'] / 2**30:.2f} / {r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)
+        if r["per_layer"]:
+            layered.append((r["tokens"], budget, r["per_layer"]))
+    if layered:
+        print("\n| calibration tokens | --max-memory | pass | layers | peak anonymous memory above imports: "
+              "before layer 0 / layer 0 / largest layer (which) / last layer |")
+        print("|---|---|---|---|---|")
+    for tokens, budget, passes in layered:
+        for name, (setup, *peaks) in passes.items():
+            top = max(range(len(peaks)), key=peaks.__getitem__)
+            print(f"| {tokens} | {budget} | {name} | {len(peaks)} | {setup / 2**30:.2f} / {peaks[0] / 2**30:.2f} / "
+                  f"{peaks[top] / 2**30:.2f} (layer {top}) / {peaks[-1] / 2**30:.2f} GiB |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ cache (so both pay for their profile); run it alone, once per method:
     python bench/bench_dive_time.py dive
     python bench/bench_dive_time.py dive dive.affinity_tokens_per_domain=512 dive.embed_tokens=128
 
-Prints the total and the cumulative time of the build's big steps. Recipe fields given as SECTION.FIELD=VALUE
+Prints the total and the cumulative time of the build's big steps; the whole profile is saved next to the build
+(`profile.pstats`, for `python -m pstats` or snakeviz). Recipe fields given as SECTION.FIELD=VALUE
 change the build, and the result is then compared with the plain `dive` run's (run that first): the largest change
 of the affinity matrix, and whether the domain splits and the groups are the same. Results: docs/benchmarks.md."""
 
@@ -89,6 +90,7 @@ def main() -> None:
         t0 = time.perf_counter()
         prof.runcall(api.build, recipe, out, overwrite=True)
         total = time.perf_counter() - t0
+    prof.dump_stats(out / "profile.pstats")
     stats = pstats.Stats(prof).stats
     print(f"{which}: {total:.0f} s")
     for step in STEPS:

@@ -18,8 +18,9 @@ def _glibc():
 def release_freed() -> None:
     """Return the heap's free pages to the OS. A layer-by-layer pass frees one layer's tensors and allocates the next
     one's; glibc keeps the freed blocks for reuse, fragmented, so without this the resident peak grew by about
-    25 MiB per layer (1B shape, profiling: 0.93 GiB above imports after 22 layers against 0.47 with a trim per
-    layer), and a bigger model would grow further. One call per layer costs milliseconds."""
+    20 MiB per layer (1B shape, profiling: 0.83 GiB above imports at the last of 22 layers against 0.47 with a
+    trim per layer; `bench/bench_calibration.py --per-layer [--no-trim]`), and a bigger model would grow further.
+    One call per layer costs milliseconds."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
