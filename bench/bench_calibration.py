@@ -43,7 +43,9 @@ def anon() -> int:
 
 
 class LayerPeaks:
-    """The peak of `anon()` per layer of each pass. A daemon thread samples; `mark()` closes the current layer."""
+    """The peak of `anon()` per layer of each pass. A daemon thread samples; `mark()` closes the current layer.
+    `passes` maps each pass to [before its first layer, layer 0, layer 1, ...]: a pass marks at the start of every
+    layer, so its first mark closes its setup (tokens, embeddings), and the mark after the pass its last layer."""
 
     def __init__(self) -> None:
         from moefy.host_memory import release_freed
@@ -51,25 +53,24 @@ class LayerPeaks:
         release_freed()  # the floor is what is live after imports, not also what glibc kept after freeing it
         self.floor, self.peak, self.passes = anon(), 0, {}
         self.current: list[int] = []
+        self.lock = threading.Lock()  # a reset between the sampler's read and its write would be lost
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, anon())
+            with self.lock:
+                self.peak = max(self.peak, anon())
             time.sleep(0.01)
 
     def mark(self) -> None:
-        self.current.append(max(self.peak, anon()) - self.floor)
-        self.peak = 0
+        with self.lock:
+            self.current.append(max(self.peak, anon()) - self.floor)
+            self.peak = 0
 
     def start(self, name: str) -> None:
-        self.peak, self.current = 0, []
+        with self.lock:
+            self.peak, self.current = 0, []
         self.passes[name] = self.current
-
-    def summary(self) -> dict:
-        """Per pass: [before its first layer, layer 0, layer 1, ...]. A pass marks at the start of every layer, so
-        its first mark closes its setup (tokens, embeddings) and the mark after the pass closes its last layer."""
-        return self.passes
 
 
 def child(model: str, device: str, tokens: int, steps: int, max_memory: str | None, per_layer: bool, trim: bool
@@ -137,7 +138,7 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": layers,
             # one carried copy of the hidden states (fp32); the profiler carries one, reconstruction two
             "activations": sum(stats.meta.tokens) * int(config["hidden_size"]) * 4,
-            "per_layer": peaks.summary() if peaks else None}
+            "per_layer": peaks.passes if peaks else None}
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ and any fp32 copy of them, are the largest tensors of an evaluation.
     python bench/bench_perplexity.py smollm2-135m --seq-len 1024 --batch 8
 
 Runs in a child process, alone; prints the peak RSS above what the process held with the model loaded, and the
-seconds. Results: docs/benchmarks.md."""
+seconds. A second child runs one forward of a batch of that shape and nothing else, for what the evaluation adds
+over the model's own forward. Results: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -17,6 +18,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def forward_only(model: str, seq_len: int, batch: int) -> dict:
+    import torch
+
+    from moefy.host_memory import release_freed
+    from moefy.models import load_causal_lm
+    from moefy.sources import resolve_model
+
+    lm = load_causal_lm(resolve_model(model).directory)
+    ids = torch.randint(0, lm.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    release_freed()
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.no_grad():
+        lm(input_ids=ids)
+    return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor}
 
 
 def child(model: str, seq_len: int, batch: int, tokens: int) -> dict:
@@ -48,18 +65,24 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tokens", type=int, default=8192, help="held-out tokens per domain")
-    p.add_argument("--child", action="store_true")
+    p.add_argument("--child", choices=["perplexity", "forward"])
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.model, args.seq_len, args.batch, args.tokens)))
+        run = (child(args.model, args.seq_len, args.batch, args.tokens) if args.child == "perplexity"
+               else forward_only(args.model, args.seq_len, args.batch))
+        print(json.dumps(run))
         return
-    out = subprocess.run([sys.executable, __file__, args.model, "--seq-len", str(args.seq_len), "--batch",
-                          str(args.batch), "--tokens", str(args.tokens), "--child"], check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    r = json.loads(out.strip().splitlines()[-1])
+    r, fwd = (json.loads(subprocess.run([sys.executable, __file__, args.model, "--seq-len", str(args.seq_len),
+                                         "--batch", str(args.batch), "--tokens", str(args.tokens), "--child", which],
+                                        check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1])
+              for which in ("perplexity", "forward"))
     logits = args.batch * args.seq_len * r["vocab"] * 4
-    print(f"| {args.model} ({r['dtype']}) | {args.seq_len} × {args.batch} | {logits / 2**30:.2f} GiB "
-          f"| {r['peak'] / 2**30:.2f} GiB | {r['seconds']:.1f} s | {r['scored']} | {r['ppl']:.4f} |")
+    print("| model | batch × context | one batch's logits (fp32) | peak RSS above the loaded model: evaluation "
+          "| one forward alone | seconds | scored tokens | perplexity |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.model} ({r['dtype']}) | {args.batch} × {args.seq_len} | {logits / 2**30:.2f} GiB "
+          f"| {r['peak'] / 2**30:.2f} GiB | {fwd['peak'] / 2**30:.2f} GiB | {r['seconds']:.1f} | {r['scored']} "
+          f"| {r['ppl']:.4f} |")
 
 
 if __name__ == "__main__":
