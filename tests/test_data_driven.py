@@ -315,7 +315,7 @@ def test_router_inits(tiny_llama, corpus, tmp_path, kind):
 
 
 def test_router_fit_predicts_the_top_expert():
-    from moefy.construct.router_fit import _expert_outputs, fit_router
+    from moefy.construct.router_fit import _expert_outputs, _experts, fit_router
 
     torch.manual_seed(0)
     hidden, width, n = 16, 64, 8
@@ -323,7 +323,7 @@ def test_router_fit_predicts_the_top_expert():
     groups = [np.arange(e * 8, (e + 1) * 8) for e in range(n)]
     x_fit, x_test = torch.randn(2048, hidden), torch.randn(512, hidden)
     router, scale = fit_router(x_fit, gate, up, down, groups, top_k=2, ridge=1e-2)
-    outs = _expert_outputs(x_test, gate, up, down, groups)  # [T, N, H]
+    outs = _expert_outputs(x_test, gate, up, _experts(down, groups))  # [T, N, H]
     contrib = (outs * outs.sum(1, keepdim=True)).sum(2)
     hit = (contrib.argmax(1) == (x_test @ router.T).argmax(1)).float().mean().item()
     assert hit > 3 / n  # chance is 1/8

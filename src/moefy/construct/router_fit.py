@@ -20,12 +20,18 @@ TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0, 1e3)
 CHUNK = 512
 
 
-def _expert_outputs(x: torch.Tensor, gate, up, down, groups: list[np.ndarray]) -> torch.Tensor:
+def _experts(down: torch.Tensor, groups: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per expert: its neuron indices and its down projection's columns as [n, H], gathered once per layer. Gathering
+    the strided columns again for every chunk made the chunked fit slower than the one-chunk fit it replaced (the
+    carve plan's s / layer in docs/benchmarks.md); the copy is one down projection (180 MB per 7B layer in fp32)."""
+    return [(idx, down[:, idx].T.contiguous()) for idx in map(torch.from_numpy, groups)]
+
+
+def _expert_outputs(x: torch.Tensor, gate, up, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """[T, N, H]: each expert's output E_e(x) on each token (written in place: a list to stack would double it)."""
-    out = torch.empty(len(x), len(groups), down.shape[0])
-    for e, group in enumerate(groups):
-        idx = torch.from_numpy(group)
-        out[:, e] = (torch.nn.functional.silu(x @ gate[idx].T) * (x @ up[idx].T)) @ down[:, idx].T
+    out = torch.empty(len(x), len(experts), experts[0][1].shape[1])
+    for e, (idx, down) in enumerate(experts):
+        out[:, e] = (torch.nn.functional.silu(x @ gate[idx].T) * (x @ up[idx].T)) @ down
     return out
 
 
@@ -36,8 +42,9 @@ def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     # output's direction (the regression target), and the inner products <E_e, full> and <E_e, E_f> that score a
     # weighted mix of experts against the full output without holding any output.
     contrib, along, overlap, energy = [], [], [], 0.0
+    experts = _experts(down, groups)
     for c in range(0, len(x), CHUNK):
-        outputs = _expert_outputs(x[c:c + CHUNK], gate, up, down, groups)
+        outputs = _expert_outputs(x[c:c + CHUNK], gate, up, experts)
         full = outputs.sum(1)  # [T, H]
         unit = full / full.norm(dim=1, keepdim=True).clamp_min(1e-12)
         contrib.append(torch.einsum("tnh,th->tn", outputs, unit))
