@@ -330,6 +330,33 @@ def test_router_fit_predicts_the_top_expert():
     assert scale > 0
 
 
+def test_router_fit_does_not_depend_on_its_chunking(monkeypatch):
+    """The fit reads expert outputs a chunk of tokens at a time and scores each temperature from per-token inner
+    products: the router and scale must be those of one chunk holding every sample, and the scale must be the
+    least-squares scale of the chosen mix, computed directly from the experts' outputs."""
+    from moefy.construct import router_fit
+    from moefy.construct.router_fit import _expert_outputs, _experts, fit_router
+
+    torch.manual_seed(0)
+    hidden, width, n, k = 16, 60, 6, 2
+    gate, up, down = torch.randn(width, hidden), torch.randn(width, hidden), torch.randn(hidden, width)
+    groups = [np.arange(e * 10, (e + 1) * 10) for e in range(n)]
+    x = torch.randn(700, hidden)  # not a multiple of the chunk: the last chunk is short
+    monkeypatch.setattr(router_fit, "CHUNK", 64)
+    router, scale = fit_router(x, gate, up, down, groups, top_k=k, ridge=1e-2)
+    monkeypatch.setattr(router_fit, "CHUNK", len(x))
+    whole, whole_scale = fit_router(x, gate, up, down, groups, top_k=k, ridge=1e-2)
+    torch.testing.assert_close(router, whole, rtol=1e-5, atol=1e-6)
+    assert scale == pytest.approx(whole_scale, rel=1e-6)
+    outs = _expert_outputs(x, gate, up, _experts(down, groups)).double()  # [T, N, H]
+    logits = x @ router.T
+    chosen = logits.topk(k, dim=1).indices
+    weights = torch.zeros(len(x), n, dtype=torch.float64).scatter_(
+        1, chosen, torch.softmax(logits.gather(1, chosen), dim=1).double())
+    mix, full = (weights[..., None] * outs).sum(1), outs.sum(1)
+    assert scale == pytest.approx(float((full * mix).sum() / (mix * mix).sum()), rel=1e-5)
+
+
 def test_domain_router_needs_one_expert_per_domain(tiny_llama, corpus, tmp_path):
     with pytest.raises(MoefyError, match="one expert per calibration domain"):
         build(tiny_llama, tmp_path / "moe", corpus, method="cluster", experts=3, top_k=1, router={"kind": "domain"})
