@@ -41,7 +41,7 @@ def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     # Per token, from one chunk of expert outputs at a time: how much each expert moves the output along the full
     # output's direction (the regression target), and the inner products <E_e, full> and <E_e, E_f> that score a
     # weighted mix of experts against the full output without holding any output.
-    contrib, along, overlap, energy = [], [], [], 0.0
+    contrib, along, overlap = [], [], []
     experts = _experts(down, groups)
     for c in range(0, len(x), CHUNK):
         outputs = _expert_outputs(x[c:c + CHUNK], gate, up, experts)
@@ -50,7 +50,6 @@ def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
         contrib.append(torch.einsum("tnh,th->tn", outputs, unit))
         along.append(torch.einsum("tnh,th->tn", outputs, full).double())
         overlap.append(torch.einsum("tnh,tmh->tnm", outputs, outputs).double())
-        energy += float(full.double().pow(2).sum())
     contrib, along, overlap = torch.cat(contrib), torch.cat(along), torch.cat(overlap)
     target = (contrib - contrib.mean(1, keepdim=True)) / contrib.std(1, keepdim=True).clamp_min(1e-6)
     gram = x.T @ x
@@ -58,15 +57,16 @@ def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     weight = torch.linalg.solve(gram + penalty, x.T @ target).T  # [N, H]
     logits = x @ weight.T
     chosen = logits.topk(top_k, dim=1).indices
-    best = (float("inf"), 1.0, 1.0)
+    best = (-float("inf"), 1.0, 1.0)
     for t in TEMPERATURES:
         # the stock gate's mix: each chosen expert weighted by its softmax, the others 0; [S, N]
         mix = torch.zeros_like(along).scatter_(1, chosen, torch.softmax(logits.gather(1, chosen) / t, dim=1).double())
         cross = float((mix * along).sum())  # <full, mix>
         mix_sq = float(torch.einsum("sn,snm,sm->", mix, overlap, mix))  # ||mix||²
         scale = cross / max(mix_sq, 1e-12)
-        err = energy - 2 * scale * cross + scale * scale * mix_sq  # ||full - scale · mix||²
-        if err < best[0]:
-            best = (err, t, scale)
+        # ||full||² − ||full − scale · mix||² at the best scale: the mix with the smallest error explains the most
+        explained = scale * cross
+        if explained > best[0]:
+            best = (explained, t, scale)
     _, t, scale = best
     return weight / t, scale
