@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moefy import api, cli
-from moefy.profile.perplexity import windows
+from moefy.profile.perplexity import heldout_perplexity, same_width_batches, windows
 from moefy.errors import MoefyError
 from conftest import write_domain_corpus
 
@@ -54,6 +54,43 @@ def test_perplexity_matches_a_direct_computation(tiny_llama, heldout):
     # overlapping windows (more context per token) give a different, still finite, number
     strided = api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, stride=8, tokens_per_domain=256)
     assert strided.perplexity[str(tiny_llama)].tokens == ppl.tokens
+
+
+def test_perplexity_computes_no_padding(tiny_llama, heldout):
+    """The stream's short last window runs on its own: every position a forward computes belongs to a window, and
+    the loss is the one of batches padded to the full context (causal: padding at the end changes nothing)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moefy.data.corpus import load_corpus
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    corpus = load_corpus(heldout)
+    computed = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: computed.append(kw["input_ids"].numel()),
+                                           with_kwargs=True)
+    ppl = heldout_perplexity(model, tok, corpus, seq_len=32, tokens_per_domain=70, batch_size=8)
+    hook.remove()
+    spans = windows(70, 32, 31)  # widths 32, 32, 8
+    assert [e - s for s, e, _ in spans] == [32, 32, 8]
+    assert sum(computed) == len(corpus.by_domain()) * 72  # padded to 32 each it was 96
+    with torch.no_grad():  # the same windows, padded to the full width in one batch, as before
+        from moefy.data.tokens import stream
+
+        ids = stream(corpus.by_domain()["digits"], tok, 70)
+        batch = torch.stack([torch.nn.functional.pad(ids[s:e], (0, 32 - (e - s))) for s, e, _ in spans])
+        logits = model(input_ids=batch).logits
+        nll = sum(torch.nn.functional.cross_entropy(logits[r, max(f - 1, 0):e - s - 1], ids[s + 1 + max(f - 1, 0):e],
+                                                    reduction="sum").item() for r, (s, e, f) in enumerate(spans))
+    assert abs(ppl.per_domain["digits"] - nll / 69) < 1e-5
+
+
+@pytest.mark.parametrize("widths,size,expected", [([4, 4, 4, 2], 8, [3, 1]), ([4, 4, 4, 4, 4], 2, [2, 2, 1]),
+                                                  ([4], 8, [1]), ([4, 4, 1], 1, [1, 1, 1])])
+def test_same_width_batches(widths, size, expected):
+    spans = [(0, w, 0) for w in widths]
+    batches = same_width_batches(spans, size)
+    assert [len(b) for b in batches] == expected and sum(batches, []) == spans
+    assert all(len({e - s for s, e, _ in b}) == 1 for b in batches)
 
 
 def test_eval_cli_side_by_side_with_speed(capsys, tiny_llama, tiny_moe, heldout, tmp_path):
