@@ -210,6 +210,27 @@ def test_distillation_from_the_dense_teacher(tiny_llama, corpus, tmp_path):
     assert kd[0] > 0.01 and sum(kd[-2:]) < sum(kd[:2])
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 3 * 50])  # all rows at once; 3 rows a chunk, the last short
+def test_chunked_kl_equals_autograd_over_the_formula(monkeypatch, chunk_elements):
+    """The chunked distillation loss and its hand-written gradient against autograd over the plain formula, at
+    T = 2 (a wrong temperature factor in either is off by 2x)."""
+    from moefy.train import distill
+
+    monkeypatch.setattr(distill, "CHUNK_ELEMENTS", chunk_elements)
+    gen = torch.Generator().manual_seed(0)
+    student, teacher, t = torch.randn(2, 5, 50, generator=gen) * 3, torch.randn(2, 5, 50, generator=gen) * 3, 2.0
+    upstream = torch.randn((), generator=gen)
+    ours = student.clone().requires_grad_()
+    value = distill.ChunkedKL.apply(ours, teacher, t)
+    (value * upstream).backward()
+    ref = student.clone().requires_grad_()
+    logp_t, logp_s = torch.log_softmax(teacher / t, -1), torch.log_softmax(ref / t, -1)
+    expected = (logp_t.exp() * (logp_t - logp_s)).sum() * t * t
+    (expected * upstream).backward()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_distillation_needs_a_teacher(tiny_moe, corpus, tmp_path):
     moe = tmp_path / "moe"
     moe.mkdir()

@@ -1,0 +1,85 @@
+"""Peak host memory and time of the distillation loss (KL(teacher ‖ student) at temperature T, forward and backward)
+on vocabulary-wide logits: the plain formula under autograd against moefy's chunked loss (train/distill.py).
+Student and teacher logits are random, fp32, SmolLM2's vocabulary by default; the model itself is left out, so the
+figures are what the loss adds to a training step.
+
+    python bench/bench_distill.py --batch 8 --seq-len 512 --vocab 49152
+
+Each variant runs in a child process of its own, one after the other; run it alone. Prints the peak RSS above what
+the child held with both logits allocated, the seconds, and the largest difference between the two gradients.
+Results: docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def child(variant: str, batch: int, seq_len: int, vocab: int, t: float, grad_file: str) -> dict:
+    import torch
+
+    from moefy.host_memory import release_freed
+    from moefy.train.distill import ChunkedKL
+
+    gen = torch.Generator().manual_seed(0)
+    student = (torch.randn(batch, seq_len, vocab, generator=gen) * 3).requires_grad_()
+    teacher = torch.randn(batch, seq_len, vocab, generator=gen) * 3
+    release_freed()
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    if variant == "formula":  # what train/distill.py computed before the chunked loss
+        teacher_logp = torch.log_softmax(teacher.float() / t, dim=-1)
+        student_logp = torch.log_softmax(student.float() / t, dim=-1)
+        loss = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean() * t * t
+    else:
+        loss = ChunkedKL.apply(student, teacher, t) / (batch * seq_len)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor
+    torch.save(student.grad[0, :64].clone(), grad_file)
+    return {"seconds": seconds, "peak": peak, "loss": loss.item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--grad-file", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.batch, args.seq_len, args.vocab, args.temperature, args.grad_file)))
+        return
+    import torch
+
+    gib = 2 ** 30
+    copy = args.batch * args.seq_len * args.vocab * 4
+    print(f"logits {args.batch} x {args.seq_len} x {args.vocab} fp32: {copy / gib:.2f} GiB per copy")
+    results, grads = {}, {}
+    with tempfile.TemporaryDirectory() as work:
+        for variant in ("formula", "chunked"):
+            grads[variant] = str(Path(work) / f"{variant}.pt")
+            out = subprocess.run([sys.executable, __file__, "--child", variant, "--grad-file", grads[variant],
+                                  "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--vocab",
+                                  str(args.vocab), "--temperature", str(args.temperature)],
+                                 check=True, capture_output=True, text=True).stdout
+            results[variant] = json.loads(out.strip().splitlines()[-1])
+            r = results[variant]
+            print(f"{variant:8s} peak +{r['peak'] / gib:.2f} GiB ({r['peak'] / copy:.1f} copies), "
+                  f"{r['seconds']:.2f} s, loss {r['loss']:.6f}")
+        diff = (torch.load(grads["formula"]) - torch.load(grads["chunked"])).abs().max().item()
+    f, c = results["formula"], results["chunked"]
+    print(f"chunked / formula: peak {c['peak'] / f['peak']:.2f}x, time {c['seconds'] / f['seconds']:.2f}x; "
+          f"max |grad difference| {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
