@@ -1,12 +1,13 @@
 """Peak host memory and time of the distillation loss (KL(teacher ‖ student) at temperature T, forward and backward)
-on vocabulary-wide logits: the plain formula under autograd against moefy's chunked loss (train/distill.py).
+on vocabulary-wide logits: the plain formula under autograd against moefy's chunked loss (train/distill.py); and
+the LM loss a distillation stage with LM weight 0 logs, in the graph (before) against outside it (now).
 Student and teacher logits are random, fp32, SmolLM2's vocabulary by default; the model itself is left out, so the
 figures are what the loss adds to a training step.
 
     python bench/bench_distill.py --batch 8 --seq-len 512 --vocab 49152
 
 Each variant runs in a child process of its own, one after the other; run it alone. Prints the peak RSS above what
-the child held with both logits allocated, the seconds, and the largest difference between the two gradients.
+the child held with both logits allocated, the seconds, and the largest difference between the KL's two gradients.
 Results: docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -20,25 +21,35 @@ import tempfile
 import time
 from pathlib import Path
 
+# The KL alone, before and now; then the whole loss of a stage with the default LM weight 0 (KL, and the LM loss
+# it logs), before and now.
+VARIANTS = ("formula", "chunked", "formula+lm-autograd", "chunked+lm-logged")
+
 
 def child(variant: str, batch: int, seq_len: int, vocab: int, t: float, grad_file: str) -> dict:
     import torch
 
     from moefy.host_memory import release_freed
-    from moefy.train.distill import ChunkedKL
+    from moefy.train.distill import ChunkedKL, logged_lm_loss
 
     gen = torch.Generator().manual_seed(0)
     student = (torch.randn(batch, seq_len, vocab, generator=gen) * 3).requires_grad_()
     teacher = torch.randn(batch, seq_len, vocab, generator=gen) * 3
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     release_freed()
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    if variant == "formula":  # what train/distill.py computed before the chunked loss
+    if variant.startswith("formula"):  # what train/distill.py computed before the chunked loss
         teacher_logp = torch.log_softmax(teacher.float() / t, dim=-1)
         student_logp = torch.log_softmax(student.float() / t, dim=-1)
         loss = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean() * t * t
     else:
         loss = ChunkedKL.apply(student, teacher, t) / (batch * seq_len)
+    if variant == "formula+lm-autograd":  # the LM loss at weight 0 as the step computed it before: in the graph
+        lm = torch.nn.functional.cross_entropy(student[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = loss + 0 * lm
+    elif variant == "chunked+lm-logged":  # as the step computes it now
+        logged_lm_loss(student, ids)
     loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor
@@ -65,7 +76,7 @@ def main() -> None:
     print(f"logits {args.batch} x {args.seq_len} x {args.vocab} fp32: {copy / gib:.2f} GiB per copy")
     results, grads = {}, {}
     with tempfile.TemporaryDirectory() as work:
-        for variant in ("formula", "chunked"):
+        for variant in VARIANTS:
             grads[variant] = str(Path(work) / f"{variant}.pt")
             out = subprocess.run([sys.executable, __file__, "--child", variant, "--grad-file", grads[variant],
                                   "--batch", str(args.batch), "--seq-len", str(args.seq_len), "--vocab",
@@ -73,12 +84,13 @@ def main() -> None:
                                  check=True, capture_output=True, text=True).stdout
             results[variant] = json.loads(out.strip().splitlines()[-1])
             r = results[variant]
-            print(f"{variant:8s} peak +{r['peak'] / gib:.2f} GiB ({r['peak'] / copy:.1f} copies), "
+            print(f"{variant:19s} peak +{r['peak'] / gib:.2f} GiB ({r['peak'] / copy:.1f} copies), "
                   f"{r['seconds']:.2f} s, loss {r['loss']:.6f}")
         diff = (torch.load(grads["formula"]) - torch.load(grads["chunked"])).abs().max().item()
-    f, c = results["formula"], results["chunked"]
-    print(f"chunked / formula: peak {c['peak'] / f['peak']:.2f}x, time {c['seconds'] / f['seconds']:.2f}x; "
-          f"max |grad difference| {diff:.2e}")
+    for before, after in (("formula", "chunked"), ("formula+lm-autograd", "chunked+lm-logged")):
+        f, c = results[before], results[after]
+        print(f"{after} / {before}: peak {c['peak'] / f['peak']:.2f}x, time {c['seconds'] / f['seconds']:.2f}x")
+    print(f"formula vs chunked: max |grad difference| {diff:.2e} (first 64 rows)")
 
 
 if __name__ == "__main__":

@@ -231,6 +231,20 @@ def test_chunked_kl_equals_autograd_over_the_formula(monkeypatch, chunk_elements
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_logged_lm_loss_is_the_models_own(tiny_llama):
+    """A distillation stage with LM weight 0 logs the LM loss outside autograd: the same number transformers
+    computes from labels."""
+    from transformers import AutoModelForCausalLM
+
+    from moefy.train.distill import logged_lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    ids = torch.randint(0, model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids, labels=ids)
+    logged = logged_lm_loss(out.logits, ids)
+    assert not logged.requires_grad and logged.item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
 def test_distillation_needs_a_teacher(tiny_moe, corpus, tmp_path):
     moe = tmp_path / "moe"
     moe.mkdir()

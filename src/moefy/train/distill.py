@@ -53,6 +53,15 @@ class ChunkedKL(torch.autograd.Function):
         return (grad * upstream.to(grad.dtype)).view(ctx.shape), None, None
 
 
+@torch.no_grad()
+def logged_lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss, for the log of a distillation stage whose LM weight is 0: outside autograd and one
+    row at a time in fp32, so it keeps no vocabulary-wide log-softmax for a backward that would only carry zeros."""
+    total = sum(torch.nn.functional.cross_entropy(logits[r, :-1].float(), ids[r, 1:], reduction="sum")
+                for r in range(ids.shape[0]))
+    return total / (ids.shape[0] * (ids.shape[1] - 1))
+
+
 def distill_loss(teacher, ids: torch.Tensor, student, opts: Distill) -> torch.Tensor:
     """kl_weight · T² · KL(teacher ‖ student) at temperature T, averaged over positions, plus hidden_weight · the
     mean over layers of ‖h_student − h_teacher‖² / ‖h_teacher‖². `student` is the student's model output."""

@@ -23,20 +23,20 @@ from moefy.atomic import atomic_output
 from moefy.construct.plan import PLAN_JSON, PLAN_TENSORS
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
-from moefy.profile.perplexity import heldout_perplexity
 from moefy.models import load_causal_lm, load_tokenizer
+from moefy.profile.perplexity import heldout_perplexity
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe
 from moefy.sources import SIDE_FILES
+from moefy.train import sharding
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
-from moefy.train.distill import distill_loss, load_teacher
+from moefy.train.distill import distill_loss, load_teacher, logged_lm_loss
 from moefy.train.gating import GatingWrapper
 from moefy.train.logs import RunLog
 from moefy.train.lora import add_lora, merge, stable_name
 from moefy.train.mixture import initial_weights, sheared_llama_update
 from moefy.train.recipe import Stage, TrainRecipe
-from moefy.train import sharding
 from moefy.train.trainable import matching, matching_names, select_trainable
 
 MOE_SIDE_FILES = (PLAN_JSON, PLAN_TENSORS, BUILD_RECIPE)
@@ -209,12 +209,14 @@ def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
         last = micro == stage.grad_accum - 1
         with nullcontext() if last else acc.no_sync(wrapped):  # gradients are all-reduced once per step
             hidden = stage.distill is not None and stage.distill.hidden_weight > 0
-            out = wrapped(input_ids=ids, labels=ids, output_hidden_states=hidden)
-            lm, aux, loss = out.loss, sr.gating.aux_loss(), out.loss
+            log_only = stage.distill is not None and stage.distill.lm_weight == 0  # the LM loss is only logged
+            out = wrapped(input_ids=ids, labels=None if log_only else ids, output_hidden_states=hidden)
+            lm = logged_lm_loss(out.logits, ids) if log_only else out.loss
+            aux, loss = sr.gating.aux_loss(), out.loss
             kd = torch.zeros(())
-            if stage.distill is not None:  # the LM loss is still computed, for the log
+            if stage.distill is not None:
                 kd = distill_loss(teacher, ids, out, stage.distill)
-                loss = stage.distill.lm_weight * lm + kd
+                loss = kd if log_only else stage.distill.lm_weight * lm + kd
             acc.backward((loss + aux) / stage.grad_accum)
         totals += torch.stack([v.detach().float().cpu() for v in (lm, aux, kd)]) / stage.grad_accum
     grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
