@@ -6,6 +6,11 @@ figures are what the loss adds to a training step.
 
     python bench/bench_distill.py --batch 8 --seq-len 512 --vocab 49152
 
+With --train MOE_DIR --data CORPUS it instead trains that moefy-built MoE for 10 steps of a distillation stage
+(the whole experts at T = 2, batch 4 × 256, fp32) and prints the process's peak RSS and the median tokens/s of steps
+2-10: the loss inside a real step. For the code before a change, run the same command with PYTHONPATH pointing at
+a worktree of the older commit's src/.
+
 Each variant runs in a child process of its own, one after the other; run it alone. Prints the peak RSS above what
 the child held with both logits allocated, the seconds, and the largest difference between the KL's two gradients.
 Results: docs/benchmarks.md."""
@@ -57,15 +62,40 @@ def child(variant: str, batch: int, seq_len: int, vocab: int, t: float, grad_fil
     return {"seconds": seconds, "peak": peak, "loss": loss.item()}
 
 
+def train_steps(moe: str, data: str) -> None:
+    import statistics
+
+    import yaml
+
+    from moefy import api
+    from moefy.train.recipe import Distill, Stage, TrainRecipe
+
+    recipe = TrainRecipe(stages=[Stage(name="kd", trainable="experts", tokens=10 * 4 * 256, seq_len=256,
+                                       batch_size=4, lr=1e-4, warmup_steps=1, distill=Distill(temperature=2.0))],
+                         checkpoint_every=1000)
+    with tempfile.TemporaryDirectory() as work:
+        (Path(work) / "r.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+        api.train(Path(moe), data, Path(work) / "r.yaml", Path(work) / "run")
+        steps = [json.loads(line) for line in (Path(work) / "run" / "metrics.jsonl").read_text().splitlines()]
+    rate = statistics.median(r["tokens_per_s"] for r in steps[1:])
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB; median "
+          f"{rate:.1f} tokens/s over steps 2-{len(steps)}; distillation loss at step 1 {steps[0]['distill_loss']:.7f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--train", metavar="MOE_DIR", help="train this MoE for 10 distillation steps instead")
+    parser.add_argument("--data", help="the training corpus for --train")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--grad-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.train:
+        train_steps(args.train, args.data)
+        return
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.seq_len, args.vocab, args.temperature, args.grad_file)))
         return
