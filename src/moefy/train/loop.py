@@ -211,11 +211,12 @@ def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
             hidden = stage.distill is not None and stage.distill.hidden_weight > 0
             log_only = stage.distill is not None and stage.distill.lm_weight == 0  # the LM loss is only logged
             out = wrapped(input_ids=ids, labels=None if log_only else ids, output_hidden_states=hidden)
-            lm = logged_lm_loss(out.logits, ids) if log_only else out.loss
-            aux, loss = sr.gating.aux_loss(), out.loss
-            kd = torch.zeros(())
-            if stage.distill is not None:
+            aux, kd = sr.gating.aux_loss(), torch.zeros(())
+            if stage.distill is None:
+                lm = loss = out.loss
+            else:
                 kd = distill_loss(teacher, ids, out, stage.distill)
+                lm = logged_lm_loss(out.logits, ids) if log_only else out.loss
                 loss = kd if log_only else stage.distill.lm_weight * lm + kd
             acc.backward((loss + aux) / stage.grad_accum)
         totals += torch.stack([v.detach().float().cpu() for v in (lm, aux, kd)]) / stage.grad_accum
