@@ -17,6 +17,13 @@ hides. `--no-trim` keeps the per-layer marks but skips the hand-back itself, to 
 
     python bench/bench_calibration.py .cache/shapes/tinyllama-1b --tokens 256 --per-layer [--no-trim]
 
+`--step-matmul fp32 tf32` runs each budget with the reconstruction's Adam steps in each precision (with `--steps`;
+`reconstruct.step_matmul`) and adds the layers' mean normalised error before and after reconstruction. On a CUDA GPU
+TF32 is the tensor cores'; on the CPU, which has none, it is emulated (`EmulatedTF32`), so the quality of the
+default can be measured on a real model here and its speed on a GPU:
+
+    python bench/bench_calibration.py smollm2-135m --tokens 4096 --steps 300 --step-matmul fp32 tf32
+
 The shapes have random weights: right for time and memory, meaningless for quality."""
 
 from __future__ import annotations
@@ -73,8 +80,52 @@ class LayerPeaks:
         self.passes[name] = self.current
 
 
-def child(model: str, device: str, tokens: int, steps: int, max_memory: str | None, per_layer: bool, trim: bool
-          ) -> dict:
+class EmulatedTF32:
+    """The CPU's stand-in for CUDA's TF32 matmuls, forward and backward: both factors of every fp32 matmul rounded
+    (to nearest even) to TF32's 10 mantissa bits, products summed in fp32, as the tensor cores do."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        factors = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2)}
+
+        def tf32(t):
+            bits = t.contiguous().view(torch.int32)
+            return ((bits + 0xFFF + ((bits >> 13) & 1)) & -8192).view(torch.float32)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func in factors:
+                    args = tuple(tf32(a) if i in factors[func] and a.dtype == torch.float32 else a
+                                 for i, a in enumerate(args))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode
+
+    def patch(self) -> None:
+        """Enter the emulation exactly where the library turns TF32 on: the Adam steps' `refit._cuda_tf32`."""
+        from contextlib import contextmanager
+
+        import moefy.construct.refit as refit
+
+        cuda_tf32 = refit._cuda_tf32
+
+        @contextmanager
+        def emulated(enabled: bool):
+            with cuda_tf32(enabled):
+                if enabled:
+                    with self.mode():
+                        yield
+                else:
+                    yield
+
+        refit._cuda_tf32 = emulated
+
+
+def child(model: str, device: str, tokens: int, steps: int, max_memory: str | None, per_layer: bool, trim: bool,
+          step_matmul: str) -> dict:
     import torch
 
     from moefy.construct.recipe import BuildRecipe, ReconstructOptions
@@ -97,6 +148,8 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
     family = family_for(config)
     if dev.type == "cuda":
         torch.zeros(1, device=dev)  # the CUDA context is part of the floor, not of the pass
+    elif step_matmul == "tf32":
+        EmulatedTF32().patch()
     floor = rss()
     peaks = LayerPeaks() if per_layer else None
     if peaks:  # both passes call release_freed once per layer, the profiler through materialise_layer
@@ -123,15 +176,16 @@ def child(model: str, device: str, tokens: int, steps: int, max_memory: str | No
     if peaks:
         peaks.mark()
         peaks.start("reconstruct")
-    opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps)
+    opts = ReconstructOptions(enabled=True, tokens_per_domain=tokens, steps=steps, step_matmul=step_matmul)
     t0 = time.perf_counter()
-    reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill", max_memory=max_memory)
+    _, fits = reconstruct(plan, source, family, corpus, opts, 0, device, spill=work / "spill", max_memory=max_memory)
     reconstruct_s = time.perf_counter() - t0
     if peaks:
         peaks.mark()
     layers = int(config["num_hidden_layers"])
     return {"profile_s_per_layer": profile_s / layers, "reconstruct_s_per_layer": reconstruct_s / layers,
-            "plan_s_per_layer": plan_s / layers,
+            "plan_s_per_layer": plan_s / layers, "nmse_before": sum(f.before for f in fits) / len(fits),
+            "nmse_after": sum(f.after for f in fits) / len(fits),
             "profile_rss": profile_rss - floor, "plan_rss": plan_rss - floor, "peak_rss": rss() - floor,
             "tokens": sum(stats.meta.tokens),
             "gpu_peak": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
@@ -151,33 +205,37 @@ def main() -> None:
                    help="activation budgets to run each token budget under (default: moefy's own; 0: always spill)")
     p.add_argument("--per-layer", action="store_true", help="also the peak memory of each pass's layers (Linux)")
     p.add_argument("--no-trim", action="store_true", help="with --per-layer: do not hand freed memory back")
+    p.add_argument("--step-matmul", nargs="+", default=["tf32"], choices=["fp32", "tf32"],
+                   help="the Adam steps' matmul precision(s) to run each budget with (TF32 is emulated on the CPU)")
     p.add_argument("--child", type=int)
     args = p.parse_args()
     if args.child:
         budget = None if args.max_memory[0] == "default" else args.max_memory[0]
         print(json.dumps(child(args.model, args.device, args.child, args.steps, budget, args.per_layer,
-                                      not args.no_trim)))
+                               not args.no_trim, args.step_matmul[0])))
         return
     print(f"model {args.model}, device {args.device}, carve 28 experts top-4 + shared 1/8, reconstruction "
           f"{args.steps} Adam steps per layer\n")
-    print("| device | calibration tokens | activations (one copy) | --max-memory | profile s / layer "
+    print("| device | calibration tokens | activations (one copy) | --max-memory | step matmul | profile s / layer "
           "| carve plan s / layer | reconstruct s / layer | reconstruct ÷ profile "
-          "| peak RSS above imports (profile / + carve plan / build) | GPU peak |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS above imports (profile / + carve plan / build) | GPU peak | layer NMSE before → after (mean) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     layered = []
-    for tokens, budget in [(t, m) for t in args.tokens for m in args.max_memory]:
+    for tokens, budget, matmul in [(t, m, p) for t in args.tokens for m in args.max_memory for p in args.step_matmul]:
         env = {**os.environ, "MOEFY_QUIET": "1"}
         out = subprocess.run([sys.executable, __file__, args.model, "--device", args.device, "--steps",
-                              str(args.steps), "--max-memory", budget, "--child", str(tokens)]
+                              str(args.steps), "--max-memory", budget, "--step-matmul", matmul,
+                              "--child", str(tokens)]
                              + ["--per-layer"] * args.per_layer + ["--no-trim"] * args.no_trim, env=env, check=True,
                              stdout=subprocess.PIPE, text=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         gpu = f"{r['gpu_peak'] / 2**30:.2f} GiB" if r["gpu_peak"] is not None else "–"
-        print(f"| {r['device']} | {r['tokens']} | {r['activations'] / 2**20:.0f} MiB | {budget} "
+        print(f"| {r['device']} | {r['tokens']} | {r['activations'] / 2**20:.0f} MiB | {budget} | {matmul} "
               f"| {r['profile_s_per_layer']:.2f} | {r['plan_s_per_layer']:.2f} | "
               f"{r['reconstruct_s_per_layer']:.2f}"
               f" | {r['reconstruct_s_per_layer'] / r['profile_s_per_layer']:.2f}× | {r['profile_rss'] / 2**30:.2f} / "
-              f"{r['plan_rss'] / 2**30:.2f} / {r['peak_rss'] / 2**30:.2f} GiB | {gpu} |", flush=True)
+              f"{r['plan_rss'] / 2**30:.2f} / {r['peak_rss'] / 2**30:.2f} GiB | {gpu} "
+              f"| {r['nmse_before']:.4g} → {r['nmse_after']:.4g} |", flush=True)
         if r["per_layer"]:
             layered.append((r["tokens"], budget, r["per_layer"]))
     if layered:

@@ -3,6 +3,8 @@ bf16, sharded safetensors of at most 5 GB, streamed one tensor at a time, seeded
 
     python bench/make_shape.py 7b   [--out .cache/shapes/llama2-7b]     # LLaMA-2-7B: 32 × (4096, 11008), ~13.5 GB
     python bench/make_shape.py 1b   [--out .cache/shapes/tinyllama-1b]  # TinyLlama-1.1B (DIVE's model), ~2.2 GB
+    python bench/make_shape.py 7b --layers 8 --out /tmp/s7-8   # the 7B layer shape, 8 of them: per-layer figures
+                                                                # in a quarter of the write and the run
 
 Weights are N(0, 0.02): right for timing and memory, meaningless for quality. The tokenizer is byte-level (257 ids),
 enough to feed calibration text to the data-driven methods."""
@@ -67,6 +69,7 @@ def main() -> None:
     ap.add_argument("shape", choices=sorted(SHAPES))
     ap.add_argument("--out", type=Path)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the real model's)")
     args = ap.parse_args()
     out = args.out or Path(DEFAULT_OUT[args.shape])
     if (out / "config.json").is_file():
@@ -75,6 +78,8 @@ def main() -> None:
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
               "eos_token_id": 2, "dtype": "bfloat16", **SHAPES[args.shape]}
+    if args.layers:
+        config["num_hidden_layers"] = args.layers
     gen = torch.Generator().manual_seed(args.seed)
     all_specs = specs(config)
     writer = ShardedWriter(out, all_specs, max_bytes=5 * 10**9)

@@ -229,6 +229,31 @@ def test_refinement_that_trains_the_router_reroutes_and_fits_better():
     assert fixed_err < refit.nmse(y, output(params, held))
 
 
+@pytest.mark.parametrize("tf32,caller", [(True, False), (False, True)])
+def test_step_precision_holds_for_the_steps_only(monkeypatch, tf32, caller):
+    """The steps' TF32 setting is the option's, whatever the caller's process-wide flag, and the caller gets its own
+    flag back, also when a step fails (the flag is global: a leak would change every later CUDA matmul)."""
+    seen = []
+
+    def steps(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(refit, "_adam_steps", steps)
+    x = torch.randn(8, 4)
+    params = {k: torch.randn(2, 4) for k in ("gate", "up", "shared_gate", "shared_up")}
+    params |= {"down": torch.randn(4, 2), "shared_down": torch.randn(4, 2)}
+    masks = (torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool))
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: monkeypatch cannot set it
+    torch.backends.cuda.matmul.allow_tf32 = caller
+    try:
+        with pytest.raises(RuntimeError, match="step failed"):
+            refit.refine(x, x, refit.route(torch.randn(8, 1), 1), params, masks, 1, 1e-2, 4, 0, tf32=tf32)
+        assert seen == [tf32] and torch.backends.cuda.matmul.allow_tf32 is caller
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_activations_spilled_to_disk_give_the_same_bits(llama3, ab_corpus, tmp_path, monkeypatch):
     """Over the --max-memory budget the activations carried between layers wait on disk: the profiler's stats and a
     reconstructed build (target stream: two carried copies) are bit-identical to keeping them in memory, and the

@@ -13,6 +13,8 @@ is fitted towards the experts whose own outputs point furthest along what the ro
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -112,7 +114,8 @@ def nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
 
 def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict[str, torch.Tensor],
            masks: tuple[torch.Tensor, torch.Tensor], steps: int, lr_ratio: float, batch: int, seed: int,
-           rank: int | None = None, router: torch.Tensor | None = None, top_k: int = 0) -> dict[str, torch.Tensor]:
+           rank: int | None = None, router: torch.Tensor | None = None, top_k: int = 0, tf32: bool = False
+           ) -> dict[str, torch.Tensor]:
     """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed
     (`weights`), or, given a `router` [N, H], routing by its top-`top_k` gate as it trains too (returned as
     "router").
@@ -121,7 +124,7 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict
     masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own
     RMS (weights of very different sizes move by the same share of themselves), on seeded random token batches.
     rank: train a low-rank delta A·B per weight (LowRank) instead of every entry (FullDelta); a router trains in
-    full."""
+    full. tf32: CUDA matmuls in TF32 for these steps only (the CPU ignores it)."""
     gen = torch.Generator().manual_seed(seed)
     deltas = {k: LowRank(v, rank, lr_ratio, gen) if rank else FullDelta(v, lr_ratio) for k, v in params.items()}
     if router is not None:
@@ -129,7 +132,7 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict
     opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()])
     routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
-    with torch.enable_grad():  # the sequential runner holds no_grad around its layer passes
+    with torch.enable_grad(), _cuda_tf32(tf32):  # the sequential runner holds no_grad around its layer passes
         _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps, batch, top_k)
     rows = {"gate": routed, "up": routed, "shared_gate": shared, "shared_up": shared}
     cols = {"down": routed, "shared_down": shared}
@@ -138,6 +141,17 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict
         if router is not None:
             out["router"] = deltas["router"].weight().detach()
         return out
+
+
+@contextmanager
+def _cuda_tf32(enabled: bool):
+    """CUDA fp32 matmuls in TF32 inside the block, the caller's setting restored after it (a process-wide flag)."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 class FullDelta:
