@@ -129,7 +129,9 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict
     deltas = {k: LowRank(v, rank, lr_ratio, gen) if rank else FullDelta(v, lr_ratio) for k, v in params.items()}
     if router is not None:
         deltas["router"] = FullDelta(router, lr_ratio)
-    opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()])
+    # fused on a GPU: one kernel per step instead of one pass over all weights per Adam term, which was two thirds of
+    # a 7B layer's step in TF32 (docs/benchmarks.md, step precision); the CPU keeps its loop (and its numbers)
+    opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()], fused=x.is_cuda)
     routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
     with torch.enable_grad(), _cuda_tf32(tf32):  # the sequential runner holds no_grad around its layer passes
@@ -193,9 +195,11 @@ class LowRank:
 
 
 def _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps: int, batch: int, top_k: int) -> None:
-    for _ in range(steps):
+    # every step's batch drawn at once (the same numbers as one draw per step) and moved to the device in one copy: a
+    # CPU index per step made each step wait for the last, and the GPU for the next step's kernel launches
+    picks = torch.randint(0, len(x), (steps, min(batch, len(x))), generator=gen).to(x.device)
+    for pick in picks:
         live = {k: d.weight() for k, d in deltas.items()}
-        pick = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen)
         xb = x[pick]
         # a training router re-routes each batch: the choice of experts is not differentiable, their weights are
         wb = route(xb @ live["router"].T, top_k) if "router" in live else weights[pick]
