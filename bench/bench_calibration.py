@@ -205,7 +205,7 @@ def main() -> None:
                    help="activation budgets to run each token budget under (default: moefy's own; 0: always spill)")
     p.add_argument("--per-layer", action="store_true", help="also the peak memory of each pass's layers (Linux)")
     p.add_argument("--no-trim", action="store_true", help="with --per-layer: do not hand freed memory back")
-    p.add_argument("--step-matmul", nargs="+", default=["tf32"], choices=["fp32", "tf32"],
+    p.add_argument("--step-matmul", nargs="+", default=["fp32"], choices=["fp32", "tf32"],
                    help="the Adam steps' matmul precision(s) to run each budget with (TF32 is emulated on the CPU)")
     p.add_argument("--child", type=int)
     args = p.parse_args()

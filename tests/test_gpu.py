@@ -45,7 +45,7 @@ def test_profile_on_the_gpu_gives_the_cpu_stats(llama3, ab_corpus, tmp_path):
             assert (b[key] - a[key]).abs().max() < 0.01, (i, key)
 
 
-def build(model, corpus, out, device, step_matmul="tf32"):
+def build(model, corpus, out, device, step_matmul="fp32"):
     recipe = validate_recipe(BuildRecipe, {
         "model": str(model), "calib": str(corpus), "method": "carve", "experts": 8, "top_k": 2, "device": device,
         "profile": {"seq_len": SEQ},
@@ -54,13 +54,13 @@ def build(model, corpus, out, device, step_matmul="tf32"):
 
 
 def test_reconstructed_build_on_the_gpu_matches_the_cpu_build(llama3, ab_corpus, tmp_path):
-    """In fp32 the GPU build is the CPU's; with the steps in TF32 (the default) it fits as well, but is not the same
+    """In fp32 (the default) the GPU build is the CPU's; with the steps in TF32 it fits as well, but is not the same
     build: the trained routers re-route every step, and TF32's rounding flips near-tied choices."""
     from transformers import AutoModelForCausalLM
 
     cpu = build(llama3, ab_corpus, tmp_path / "cpu", "cpu")
-    gpu = build(llama3, ab_corpus, tmp_path / "gpu", "cuda", "fp32")
-    tf32 = build(llama3, ab_corpus, tmp_path / "tf32", "cuda")
+    gpu = build(llama3, ab_corpus, tmp_path / "gpu", "cuda")
+    tf32 = build(llama3, ab_corpus, tmp_path / "tf32", "cuda", "tf32")
     assert yaml.safe_load((tmp_path / "gpu" / "moefy.yaml").read_text())["device"] == "cuda"
     for a, b, c in zip(cpu.reconstruction, gpu.reconstruction, tf32.reconstruction):
         assert b.after < b.before and c.after < c.before
@@ -131,8 +131,8 @@ def test_sampling_calibration_on_the_gpu_runs_the_model_in_bf16(llama3, tmp_path
 
 
 def test_tf32_steps_fit_as_well_as_fp32_steps():
-    """The default step precision (TF32) reaches the error fp32 steps reach on a problem wide enough for its rounding
-    to show, and it is in force (results differ) where the GPU has TF32 tensor cores."""
+    """TF32 steps reach the error fp32 steps reach on a synthetic problem wide enough for their rounding to show, and
+    TF32 is in force (results differ) where the GPU has TF32 tensor cores."""
     from moefy.construct import refit
 
     g = torch.Generator().manual_seed(0)
