@@ -19,7 +19,6 @@ from moefy.models import load_causal_lm
 from moefy.profile.options import ProfileOptions
 from moefy.recipes import validate_recipe
 
-DEVICE = "cuda"
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; torch sees none here")]
 
@@ -146,11 +145,10 @@ def test_tf32_steps_fit_as_well_as_fp32_steps():
               "shared_up": rand(shared, h, scale=h**-0.5), "shared_down": rand(h, shared, scale=0.05)}
     truth = {key: w + rand(*w.shape, scale=0.3 * float(w.std())) for key, w in params.items()}
     x = rand(t, h, scale=1.0)
-    weights = refit.route(x @ rand(n, h, scale=1.0).T, k).to(DEVICE)
-    x = x.to(DEVICE)
-    params, truth = ({key: w.to(DEVICE) for key, w in p.items()} for p in (params, truth))
-    masks = (torch.ones(n * size, dtype=torch.bool, device=DEVICE), torch.ones(shared, dtype=torch.bool,
-                                                                              device=DEVICE))
+    weights = refit.route(x @ rand(n, h, scale=1.0).T, k).cuda()
+    x = x.cuda()
+    params, truth = ({key: w.cuda() for key, w in p.items()} for p in (params, truth))
+    masks = (torch.ones(n * size, dtype=torch.bool).cuda(), torch.ones(shared, dtype=torch.bool).cuda())
 
     def output(p):
         z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
@@ -161,5 +159,5 @@ def test_tf32_steps_fit_as_well_as_fp32_steps():
     fp32, tf32 = (refit.refine(x, y, weights, params, masks, 200, 1e-2, 512, 0, tf32=flag) for flag in (False, True))
     start, e32, e_tf = refit.nmse(y, output(params)), refit.nmse(y, output(fp32)), refit.nmse(y, output(tf32))
     assert e32 < 0.5 * start and e_tf == pytest.approx(e32, rel=0.05), (start, e32, e_tf)
-    if DEVICE == "cuda" and torch.cuda.get_device_capability() >= (8, 0):
+    if torch.cuda.get_device_capability() >= (8, 0):
         assert not torch.equal(fp32["down"], tf32["down"])
