@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from test_reconstruct import SEQ
+from test_reconstruct import SEQ, moe_output
 from test_train import records
 
 from moefy import api, cli
@@ -151,9 +151,7 @@ def test_tf32_steps_fit_as_well_as_fp32_steps():
     masks = (torch.ones(n * size, dtype=torch.bool).cuda(), torch.ones(shared, dtype=torch.bool).cuda())
 
     def output(p):
-        z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
-                         refit.activations(x, p["shared_gate"], p["shared_up"]))
-        return z @ torch.cat([p["down"], p["shared_down"]], dim=1).T
+        return moe_output(x, p, weights)
 
     y = output(truth)
     fp32, tf32 = (refit.refine(x, y, weights, params, masks, 200, 1e-2, 512, 0, tf32=flag) for flag in (False, True))

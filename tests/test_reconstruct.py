@@ -20,6 +20,14 @@ from moefy.recipes import validate_recipe
 SEQ = 32
 
 
+def moe_output(x, p, weights):
+    """What refit.refine's steps fit, in the design-matrix form: the routed experts (weighted) plus the shared block,
+    for weights in refine's layout (gate, up [N·S, H]; down [H, N·S]; shared_*)."""
+    z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
+                     refit.activations(x, p["shared_gate"], p["shared_up"]))
+    return z @ torch.cat([p["down"], p["shared_down"]], dim=1).T
+
+
 def build(model, corpus, out, **fields):
     recipe = validate_recipe(BuildRecipe, {"model": str(model), "calib": str(corpus), "experts": 8, "top_k": 2,
                                            "profile": {"seq_len": SEQ},
@@ -190,9 +198,7 @@ def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
     masks = (torch.ones(n * size, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
 
     def error(p):
-        z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
-                         refit.activations(x, p["shared_gate"], p["shared_up"]))
-        return refit.nmse(y, z @ torch.cat([p["down"], p["shared_down"]], dim=1).T)
+        return refit.nmse(y, moe_output(x, p, weights))
 
     low = refit.refine(x, y, weights, params, masks, 40, 1e-2, 64, 0, rank=r)
     assert error(low) < error(params)
@@ -213,20 +219,15 @@ def test_refinement_that_trains_the_router_reroutes_and_fits_better():
               "shared_up": torch.randn(3, h, generator=g), "shared_down": torch.randn(h, 3, generator=g) * 0.1}
     masks = (torch.ones(n * size, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
 
-    def output(p, weights):
-        z = refit.design(refit.activations(x, p["gate"], p["up"]), weights,
-                         refit.activations(x, p["shared_gate"], p["shared_up"]))
-        return z @ torch.cat([p["down"], p["shared_down"]], dim=1).T
-
-    y = output(params, refit.route(x @ torch.randn(n, h, generator=g).T, k))
+    y = moe_output(x, params, refit.route(x @ torch.randn(n, h, generator=g).T, k))
     start = torch.randn(n, h, generator=g) * 0.1
     held = refit.route(x @ start.T, k)
     fixed = refit.refine(x, y, held, params, masks, 100, 1e-2, 64, 0)
     trained = refit.refine(x, y, held, params, masks, 100, 1e-2, 64, 0, router=start, top_k=k)
     assert "router" not in fixed and not torch.equal(trained["router"], start)
-    fixed_err = refit.nmse(y, output(fixed, held))
-    assert refit.nmse(y, output(trained, refit.route(x @ trained["router"].T, k))) < 0.9 * fixed_err
-    assert fixed_err < refit.nmse(y, output(params, held))
+    fixed_err = refit.nmse(y, moe_output(x, fixed, held))
+    assert refit.nmse(y, moe_output(x, trained, refit.route(x @ trained["router"].T, k))) < 0.9 * fixed_err
+    assert fixed_err < refit.nmse(y, moe_output(x, params, held))
 
 
 @pytest.mark.parametrize("tf32,caller", [(True, False), (False, True)])
