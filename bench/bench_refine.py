@@ -46,7 +46,7 @@ def run(args_problem: tuple, steps: int, tf32: bool, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    refit.refine(x, y, weights, params, masks, steps, opts.lr_ratio, opts.step_tokens, 0, None, router, TOP_K, tf32)
+    refit.refine(x, y, weights, TOP_K, params, masks, steps, opts.lr_ratio, opts.step_tokens, 0, None, router, tf32)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0

@@ -154,7 +154,7 @@ def test_tf32_steps_fit_as_well_as_fp32_steps():
         return moe_output(x, p, weights)
 
     y = output(truth)
-    fp32, tf32 = (refit.refine(x, y, weights, params, masks, 200, 1e-2, 512, 0, tf32=flag) for flag in (False, True))
+    fp32, tf32 = (refit.refine(x, y, weights, k, params, masks, 200, 1e-2, 512, 0, tf32=flag) for flag in (False, True))
     start, e32, e_tf = refit.nmse(y, output(params)), refit.nmse(y, output(fp32)), refit.nmse(y, output(tf32))
     assert e32 < 0.5 * start and e_tf == pytest.approx(e32, rel=0.05), (start, e32, e_tf)
     if torch.cuda.get_device_capability() >= (8, 0):

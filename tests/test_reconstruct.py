@@ -187,6 +187,34 @@ def test_a_reconstruction_stage_needs_a_moefy_build(capsys, llama3, ab_corpus, t
 
 
 
+def test_the_steps_chosen_experts_form_is_the_design_matrix_form():
+    """The steps compute each token's chosen experts only (grouped matmuls over tokens sorted by expert): output and
+    gradients are those of the design-matrix form over every expert, with a PAD slot and an expert no token chose."""
+    g = torch.Generator().manual_seed(0)
+    t, h, n, size, k = 64, 12, 5, 4, 2
+    x = torch.randn(t, h, generator=g)
+    live = torch.ones(n * size)
+    live[3] = 0  # a PAD slot of expert 0
+    logits = torch.randn(t, n, generator=g)
+    logits[:, 4] = -1e9  # no token chooses expert 4
+    p = {"gate": torch.randn(n * size, h, generator=g) / h**0.5, "up": torch.randn(n * size, h, generator=g) / h**0.5,
+         "down": torch.randn(h, n * size, generator=g) * 0.1, "shared_gate": torch.zeros(0, h),
+         "shared_up": torch.zeros(0, h), "shared_down": torch.zeros(h, 0)}
+    grads = []
+    for chosen_only in (True, False):
+        q = {key: w.clone().requires_grad_(True) for key, w in p.items()}
+        chosen, weights = refit.top_k_gate(logits, k)
+        if chosen_only:
+            out = refit.chosen_experts_output(x, chosen, weights, n, q["gate"], q["up"], q["down"], live)
+        else:
+            out = moe_output(x, {**q, "gate": q["gate"] * live[:, None]}, refit.route(logits, k))
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), *(q[key].grad for key in ("gate", "up", "down"))))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    assert not grads[0][3][:, 4 * size:].any()  # the unchosen expert's down projection gets no gradient
+
+
 def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
     g = torch.Generator().manual_seed(0)
     t, h, n, size, k, r = 256, 12, 4, 4, 2, 2
@@ -200,11 +228,11 @@ def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
     def error(p):
         return refit.nmse(y, moe_output(x, p, weights))
 
-    low = refit.refine(x, y, weights, params, masks, 40, 1e-2, 64, 0, rank=r)
+    low = refit.refine(x, y, weights, k, params, masks, 40, 1e-2, 64, 0, rank=r)
     assert error(low) < error(params)
     for key, w in params.items():
         assert 0 < torch.linalg.matrix_rank(low[key] - w) <= r
-    full = refit.refine(x, y, weights, params, masks, 40, 1e-2, 64, 0)
+    full = refit.refine(x, y, weights, k, params, masks, 40, 1e-2, 64, 0)
     assert torch.linalg.matrix_rank(full["gate"] - params["gate"]) > r
 
 
@@ -222,8 +250,8 @@ def test_refinement_that_trains_the_router_reroutes_and_fits_better():
     y = moe_output(x, params, refit.route(x @ torch.randn(n, h, generator=g).T, k))
     start = torch.randn(n, h, generator=g) * 0.1
     held = refit.route(x @ start.T, k)
-    fixed = refit.refine(x, y, held, params, masks, 100, 1e-2, 64, 0)
-    trained = refit.refine(x, y, held, params, masks, 100, 1e-2, 64, 0, router=start, top_k=k)
+    fixed = refit.refine(x, y, held, k, params, masks, 100, 1e-2, 64, 0)
+    trained = refit.refine(x, y, held, k, params, masks, 100, 1e-2, 64, 0, router=start)
     assert "router" not in fixed and not torch.equal(trained["router"], start)
     fixed_err = refit.nmse(y, moe_output(x, fixed, held))
     assert refit.nmse(y, moe_output(x, trained, refit.route(x @ trained["router"].T, k))) < 0.9 * fixed_err
@@ -249,7 +277,7 @@ def test_step_precision_holds_for_the_steps_only(monkeypatch, tf32, caller):
     torch.backends.cuda.matmul.allow_tf32 = caller
     try:
         with pytest.raises(RuntimeError, match="step failed"):
-            refit.refine(x, x, refit.route(torch.randn(8, 1), 1), params, masks, 1, 1e-2, 4, 0, tf32=tf32)
+            refit.refine(x, x, refit.route(torch.randn(8, 1), 1), 1, params, masks, 1, 1e-2, 4, 0, tf32=tf32)
         assert seen == [tf32] and torch.backends.cuda.matmul.allow_tf32 is caller
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before

@@ -139,8 +139,8 @@ def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions,
               "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
               "shared_down": fitted["shared_down"]}
     masks = tuple(torch.from_numpy(live).to(x.device) for live in (lp.experts.reshape(-1) != PAD, lp.shared != PAD))
-    out = refit.refine(x, y, weights, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed,
-                       opts.delta_rank, router, layer.top_k, opts.step_matmul == "tf32")
+    out = refit.refine(x, y, weights, layer.top_k, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed,
+                       opts.delta_rank, router, opts.step_matmul == "tf32")
     return {**({"router": out["router"]} if router is not None else {}),
             "gate": out["gate"].view(n, size, -1), "up": out["up"].view(n, size, -1),
             "down": out["down"].view(-1, n, size).permute(1, 0, 2).contiguous(),

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.nn.functional import grouped_mm
 
 from moefy.construct.plan import PAD
 from moefy.errors import MoefyError
@@ -36,10 +37,16 @@ def gather_slots(a: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
     return out * (idx != PAD).to(a.dtype)
 
 
-def route(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[T, N] weights of the stock top-k gate: the softmax of the k largest logits, zero elsewhere."""
+def top_k_gate(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stock top-k gate as ([T, k] chosen experts, [T, k] their weights: the softmax of the k largest logits)."""
     top = logits.topk(top_k, dim=1)
-    return torch.zeros_like(logits).scatter_(1, top.indices, torch.softmax(top.values, dim=1))
+    return top.indices, torch.softmax(top.values, dim=1)
+
+
+def route(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T, N] weights of the stock top-k gate, zero for the experts it does not choose."""
+    chosen, weights = top_k_gate(logits, top_k)
+    return torch.zeros_like(logits).scatter_(1, chosen, weights)
 
 
 def design(a_experts: torch.Tensor, weights: torch.Tensor, a_shared: torch.Tensor) -> torch.Tensor:
@@ -83,6 +90,28 @@ class Normal:
         return solution.float()
 
 
+def chosen_experts_output(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: int,
+                          gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """[T, H]: Σ_j w_tj · D_e a_t[experts_e] over each token's chosen experts e = chosen[t, j], computed for those
+    experts only: the (token, expert) pairs sorted by expert, one grouped matmul per projection over the jagged
+    groups. The same sum as design(...) @ down.T, at k/N of its matmul cost.
+
+    gate, up [N·S, H]; down [H, N·S]; live [N·S] zeroes PAD slots; chosen, weights [T, k]."""
+    (t, k), h = chosen.shape, x.shape[1]
+    size = len(live) // experts
+    pairs = chosen.reshape(-1)
+    order = torch.argsort(pairs, stable=True)
+    ends = torch.bincount(pairs, minlength=experts).cumsum(0).to(torch.int32)
+    xs = x.index_select(0, order // k)
+    a = (torch.nn.functional.silu(grouped_mm(xs, gate.reshape(experts, size, h).transpose(1, 2), offs=ends))
+         * grouped_mm(xs, up.reshape(experts, size, h).transpose(1, 2), offs=ends))
+    a = a * live.reshape(experts, size)[pairs[order]] * weights.reshape(-1)[order, None]
+    out = grouped_mm(a, down.reshape(h, experts, size).permute(1, 2, 0), offs=ends)
+    # back to (token, j) order and summed over j, rather than index_add by token: CUDA's index_add adds colliding
+    # rows in no fixed order, and the steps must give the same bits on every run
+    return out.index_select(0, torch.argsort(order)).view(t, k, h).sum(1)
+
+
 def contributions(a_experts: torch.Tensor, down_experts: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """[T, N]: how far each expert's own output D_e a[e] points along the residual the routed block must produce
     (normalised per token), computed as Σ_j a_j (D_e[:, j]·r) with no [T, N, H] tensor."""
@@ -112,13 +141,13 @@ def nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
     return float(((y - y_hat) ** 2).sum() / (y ** 2).sum().clamp_min(1e-30))
 
 
-def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict[str, torch.Tensor],
+def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, top_k: int, params: dict[str, torch.Tensor],
            masks: tuple[torch.Tensor, torch.Tensor], steps: int, lr_ratio: float, batch: int, seed: int,
-           rank: int | None = None, router: torch.Tensor | None = None, top_k: int = 0, tf32: bool = False
+           rank: int | None = None, router: torch.Tensor | None = None, tf32: bool = False
            ) -> dict[str, torch.Tensor]:
     """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed
-    (`weights`), or, given a `router` [N, H], routing by its top-`top_k` gate as it trains too (returned as
-    "router").
+    (`weights` [T, N], top-`top_k`), or, given a `router` [N, H], routing by its top-`top_k` gate as it trains too
+    (returned as "router"). Each step computes the chosen experts only (chosen_experts_output).
 
     params: gate, up [N·S, H]; down [H, N·S]; shared_gate, shared_up [shared, H]; shared_down [H, shared].
     masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own
@@ -135,7 +164,7 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, params: dict
     routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
     with torch.enable_grad(), _cuda_tf32(tf32):  # the sequential runner holds no_grad around its layer passes
-        _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps, batch, top_k)
+        _adam_steps(x, y, weights, top_k, deltas, routed, shared, energy, opt, gen, steps, batch)
     rows = {"gate": routed, "up": routed, "shared_gate": shared, "shared_up": shared}
     cols = {"down": routed, "shared_down": shared}
     with torch.no_grad():
@@ -194,19 +223,23 @@ class LowRank:
         return self.base + self.a @ self.b
 
 
-def _adam_steps(x, y, weights, deltas, routed, shared, energy, opt, gen, steps: int, batch: int, top_k: int) -> None:
+def _adam_steps(x, y, weights, top_k: int, deltas, routed, shared, energy, opt, gen, steps: int, batch: int
+                ) -> None:
     # every step's batch drawn at once (the same numbers as one draw per step) and moved to the device in one copy: a
     # CPU index per step made each step wait for the last, and the GPU for the next step's kernel launches
     picks = torch.randint(0, len(x), (steps, min(batch, len(x))), generator=gen).to(x.device)
+    held_weights, held_chosen = weights.topk(top_k, dim=1)
     for pick in picks:
         live = {k: d.weight() for k, d in deltas.items()}
         xb = x[pick]
         # a training router re-routes each batch: the choice of experts is not differentiable, their weights are
-        wb = route(xb @ live["router"].T, top_k) if "router" in live else weights[pick]
-        a = torch.nn.functional.silu(xb @ live["gate"].T) * (xb @ live["up"].T) * routed
+        if "router" in live:
+            chosen, wb = top_k_gate(xb @ live["router"].T, top_k)
+        else:
+            chosen, wb = held_chosen[pick], held_weights[pick]
         a_sh = torch.nn.functional.silu(xb @ live["shared_gate"].T) * (xb @ live["shared_up"].T) * shared
-        z = design(a, wb, a_sh)
-        y_hat = z @ torch.cat([live["down"], live["shared_down"]], dim=1).T
+        y_hat = (chosen_experts_output(xb, chosen, wb, weights.shape[1], live["gate"], live["up"], live["down"], routed)
+                 + a_sh @ live["shared_down"].T)
         loss = ((y[pick] - y_hat) ** 2).sum(1).mean() / energy
         opt.zero_grad(set_to_none=True)
         loss.backward()
