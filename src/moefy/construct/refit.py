@@ -228,15 +228,15 @@ def _adam_steps(x, y, weights, top_k: int, deltas, routed, shared, energy, opt, 
     # every step's batch drawn at once (the same numbers as one draw per step) and moved to the device in one copy: a
     # CPU index per step made each step wait for the last, and the GPU for the next step's kernel launches
     picks = torch.randint(0, len(x), (steps, min(batch, len(x))), generator=gen).to(x.device)
-    held_weights, held_chosen = weights.topk(top_k, dim=1)
+    held = None if "router" in deltas else weights.topk(top_k, dim=1)  # fixed routing: its top-k, found once
     for pick in picks:
         live = {k: d.weight() for k, d in deltas.items()}
         xb = x[pick]
         # a training router re-routes each batch: the choice of experts is not differentiable, their weights are
-        if "router" in live:
+        if held is None:
             chosen, wb = top_k_gate(xb @ live["router"].T, top_k)
         else:
-            chosen, wb = held_chosen[pick], held_weights[pick]
+            chosen, wb = held.indices[pick], held.values[pick]
         a_sh = torch.nn.functional.silu(xb @ live["shared_gate"].T) * (xb @ live["shared_up"].T) * shared
         y_hat = (chosen_experts_output(xb, chosen, wb, weights.shape[1], live["gate"], live["up"], live["down"], routed)
                  + a_sh @ live["shared_down"].T)
