@@ -5,6 +5,7 @@ profiler, the top operators by device time). Quality is not measured here: the t
 
     python bench/bench_refine.py --shape 7b --device cuda --profile
     python bench/bench_refine.py --shape smollm2 --device cpu
+    python bench/bench_refine.py --shape 1b --device cuda --forms   # each routed-block form, on this device
 
 Shapes are carve's demo split (28 experts, top-4, a shared eighth of the FFN) of a model's FFN; tokens: 4 domains ×
 4,096, as `bench_calibration.py --tokens 4096`."""
@@ -52,6 +53,22 @@ def run(args_problem: tuple, steps: int, tf32: bool, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def compare_forms(data: tuple, args: argparse.Namespace) -> None:
+    """The steps with each form swapped in for the one refit.routed_output_form picks for this device, so that the
+    choice it makes is measured here rather than assumed."""
+    chosen_for_device = refit.routed_output_form
+    print(f"{args.shape} layer on {args.device}: {args.steps} steps, s for the steps by routed-block form\n\n"
+          "| form | fp32 | tf32 |\n|---|---|---|")
+    try:
+        for form in (refit.chosen_experts_output, refit.all_experts_output):
+            refit.routed_output_form = lambda device, form=form: form
+            run(data, 5, False, args.device)
+            print(f"| {form.__name__} | {run(data, args.steps, False, args.device):.2f} | "
+                  f"{run(data, args.steps, True, args.device):.2f} |", flush=True)
+    finally:
+        refit.routed_output_form = chosen_for_device
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=sorted(SHAPES), default="7b")
@@ -59,8 +76,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--steps", type=int, default=ReconstructOptions().steps)
     p.add_argument("--profile", action="store_true", help="also profile 20 steps of each precision")
+    p.add_argument("--forms", action="store_true",
+                   help="time each routed-block form (chosen experts only, all experts) instead of the device's own")
     args = p.parse_args()
     data = problem(*SHAPES[args.shape], args.tokens, args.device)
+    if args.forms:
+        compare_forms(data, args)
+        return
     run(data, 5, False, args.device)  # warm-up: kernels, allocator
     print(f"{args.shape} layer on {args.device}: {args.steps} steps of {ReconstructOptions().step_tokens} tokens, "
           f"router trained\n\n| step matmul | s for the steps | ÷ fp32 |\n|---|---|---|")

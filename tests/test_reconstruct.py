@@ -188,8 +188,9 @@ def test_a_reconstruction_stage_needs_a_moefy_build(capsys, llama3, ab_corpus, t
 
 
 def test_the_steps_chosen_experts_form_is_the_design_matrix_form():
-    """The steps compute each token's chosen experts only (grouped matmuls over tokens sorted by expert): output and
-    gradients are those of the design-matrix form over every expert, with a PAD slot and an expert no token chose."""
+    """The steps compute each token's chosen experts only (grouped matmuls over tokens sorted by expert; the CPU's
+    form) or every expert (a GPU's form): output and gradients are those of a plain MoE layer over every expert,
+    with a PAD slot and an expert no token chose."""
     g = torch.Generator().manual_seed(0)
     t, h, n, size, k = 64, 12, 5, 4, 2
     x = torch.randn(t, h, generator=g)
@@ -201,18 +202,20 @@ def test_the_steps_chosen_experts_form_is_the_design_matrix_form():
          "down": torch.randn(h, n * size, generator=g) * 0.1, "shared_gate": torch.zeros(0, h),
          "shared_up": torch.zeros(0, h), "shared_down": torch.zeros(h, 0)}
     grads = []
-    for chosen_only in (True, False):
+    for form in ("reference", "chosen", "all"):
         q = {key: w.clone().requires_grad_(True) for key, w in p.items()}
         chosen, weights = refit.top_k_gate(logits, k)
-        if chosen_only:
-            out = refit.chosen_experts_output(x, chosen, weights, n, q["gate"], q["up"], q["down"], live)
-        else:
+        if form == "reference":
             out = moe_output(x, {**q, "gate": q["gate"] * live[:, None]}, refit.route(logits, k))
+        else:
+            step_form = refit.chosen_experts_output if form == "chosen" else refit.all_experts_output
+            out = step_form(x, chosen, weights, n, q["gate"], q["up"], q["down"], live)
         out.pow(2).sum().backward()
         grads.append((out.detach(), *(q[key].grad for key in ("gate", "up", "down"))))
-    for ours, reference in zip(*grads):
-        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
-    assert not grads[0][3][:, 4 * size:].any()  # the unchosen expert's down projection gets no gradient
+    for ours in grads[1:]:
+        for a, reference in zip(ours, grads[0]):
+            torch.testing.assert_close(a, reference, rtol=1e-5, atol=1e-6)
+    assert not grads[1][3][:, 4 * size:].any()  # the unchosen expert's down projection gets no gradient
 
 
 def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():

@@ -112,6 +112,23 @@ def chosen_experts_output(x: torch.Tensor, chosen: torch.Tensor, weights: torch.
     return out.index_select(0, torch.argsort(order)).view(t, k, h).sum(1)
 
 
+def all_experts_output(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: int,
+                       gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """chosen_experts_output's sum (same arguments) in the design-matrix form: every expert for every token, times a
+    routing weight that is zero for the experts not chosen. N/k times the matmul work, in three plain matmuls."""
+    full = torch.zeros(len(x), experts, dtype=x.dtype, device=x.device).scatter(1, chosen, weights)
+    a = torch.nn.functional.silu(x @ gate.T) * (x @ up.T) * live
+    return design(a, full, a[:, :0]) @ down.T
+
+
+def routed_output_form(device: torch.device):
+    """The steps' routed block for a device. On a CUDA GPU, grouped_mm has fast kernels for bf16 only; in fp32 (the
+    steps' precision) it loops over the experts and waits for the host on every call, and all experts in three
+    plain matmuls measured faster (300 steps on an H100: 1B shape 0.83 s against 2.49, 7B in TF32 1.01 against
+    2.65; docs/benchmarks.md). On the CPU only the chosen experts are computed (SmolLM2's layer: 0.5-0.6x)."""
+    return all_experts_output if device.type == "cuda" else chosen_experts_output
+
+
 def contributions(a_experts: torch.Tensor, down_experts: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """[T, N]: how far each expert's own output D_e a[e] points along the residual the routed block must produce
     (normalised per token), computed as Σ_j a_j (D_e[:, j]·r) with no [T, N, H] tensor."""
@@ -147,7 +164,8 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, top_k: int, 
            ) -> dict[str, torch.Tensor]:
     """Gradient steps on every expert weight (gate, up and down, routed and shared) towards y, routing fixed
     (`weights` [T, N], top-`top_k`), or, given a `router` [N, H], routing by its top-`top_k` gate as it trains too
-    (returned as "router"). Each step computes the chosen experts only (chosen_experts_output).
+    (returned as "router"). Each step computes the chosen experts only on the CPU, every expert on a GPU
+    (routed_output_form).
 
     params: gate, up [N·S, H]; down [H, N·S]; shared_gate, shared_up [shared, H]; shared_down [H, shared].
     masks (routed [N·S], shared [shared]) keep PAD slots zero neurons. Adam, each tensor at lr = lr_ratio × its own
@@ -229,6 +247,7 @@ def _adam_steps(x, y, weights, top_k: int, deltas, routed, shared, energy, opt, 
     # CPU index per step made each step wait for the last, and the GPU for the next step's kernel launches
     picks = torch.randint(0, len(x), (steps, min(batch, len(x))), generator=gen).to(x.device)
     held = None if "router" in deltas else weights.topk(top_k, dim=1)  # fixed routing: its top-k, found once
+    routed_output = routed_output_form(x.device)
     for pick in picks:
         live = {k: d.weight() for k, d in deltas.items()}
         xb = x[pick]
@@ -238,7 +257,7 @@ def _adam_steps(x, y, weights, top_k: int, deltas, routed, shared, energy, opt, 
         else:
             chosen, wb = held.indices[pick], held.values[pick]
         a_sh = torch.nn.functional.silu(xb @ live["shared_gate"].T) * (xb @ live["shared_up"].T) * shared
-        y_hat = (chosen_experts_output(xb, chosen, wb, weights.shape[1], live["gate"], live["up"], live["down"], routed)
+        y_hat = (routed_output(xb, chosen, wb, weights.shape[1], live["gate"], live["up"], live["down"], routed)
                  + a_sh @ live["shared_down"].T)
         loss = ((y[pick] - y_hat) ** 2).sum(1).mean() / energy
         opt.zero_grad(set_to_none=True)
