@@ -40,7 +40,8 @@ OUTTYPES = ("f32", "f16", "q8_0")
 # llama-cpp-python 0.3.36 built natively on this machine dies with a general protection fault in libggml-cpu right
 # after its AMX backend repacks the first q8_0 tensor ("amx repack tensor token_embd.weight of type q8_0"), for the
 # dense model too: q8_0 files are written and sized, not run. On a CPU without AMX, q8_0 runs (docs/results.md,
-# "q8_0 in llama.cpp, on a CPU without AMX"), but where AMX is present the fault would kill this whole run.
+# "q8_0 in llama.cpp, on a CPU without AMX"); where it crashes, LlamaCppLM's trial process turns the fault into an
+# error, which would stop this run with the other rows unmeasured.
 RUN = ("f32", "f16")
 SPEED_OUTTYPE = "f16"  # what `moefy export-gguf` writes by default
 PROMPT, NEW = 512, 64

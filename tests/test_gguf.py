@@ -127,6 +127,22 @@ def test_converter_missing_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     assert "holds no convert_hf_to_gguf.py" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_llama_cpp_crash_in_the_trial_process_is_one_line(tmp_path, monkeypatch):
+    """A GGUF runs in a child process before it runs in moefy's: a child that dies by a signal (as a llama.cpp build
+    did on q8_0 files) is a one-line error here, and a child that merely fails leaves the error to the real load."""
+    from moefy.errors import MoefyError
+    from moefy.export import llama_cpp
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(llama_cpp, "_TRIAL", "import os, signal, sys; open(sys.argv[1]); os.kill(os.getpid(), "
+                                             "signal.SIGSEGV)")
+    with pytest.raises(MoefyError, match=r"llama.cpp crashed \(SIGSEGV\) running .*m.gguf in a trial process"):
+        llama_cpp.trial_run(gguf)
+    monkeypatch.setattr(llama_cpp, "_TRIAL", "raise SystemExit(1)")
+    llama_cpp.trial_run(gguf)
+
+
 @pytest.mark.llama_cpp
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (make setup-llama builds it, "
                                                "about 20 minutes on 2 cores)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -98,6 +99,24 @@ def require_runtime():
     return llama_cpp
 
 
+# llama.cpp runs inside moefy's process, where a native crash would end it with no message (one build here died with a
+# general protection fault as its AMX backend repacked the first q8_0 tensor; docs/results.md). So each file first
+# loads and evaluates a few tokens in a child process, and a child killed by a signal becomes a one-line error.
+_TRIAL = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False); "
+          "llm.eval(llm.tokenize(b'The trial'))")
+
+
+def trial_run(path: Path) -> None:
+    """Load and run `path` in a child process first; raise MoefyError if llama.cpp crashed there. Other failures are
+    left to the load in this process, which reports them."""
+    done = subprocess.run([sys.executable, "-c", _TRIAL, str(path)], capture_output=True, text=True)
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        raise MoefyError(f"llama.cpp crashed ({name}) running {path} in a trial process, so moefy does not run it in "
+                         "its own; this llama-cpp-python build may not support the file's tensor types on this CPU "
+                         "(q8_0 has crashed builds with an AMX backend): try an f16 GGUF")
+
+
 @dataclass
 class _Output:
     logits: torch.Tensor
@@ -125,6 +144,7 @@ class LlamaCppLM:
         self.path = Path(path)
         if not self.path.is_file():
             raise MoefyError(f"no such GGUF file: {path}")
+        trial_run(self.path)
         try:
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
                                        n_threads=threads or torch.get_num_threads(), n_batch=min(n_ctx, 512))
