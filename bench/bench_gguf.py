@@ -3,7 +3,7 @@
 - held-out perplexity from each client (llama.cpp tokenising with the GGUF's own tokenizer);
 - top-1 agreement and the largest logit gap on the same token ids (transformers' tokenisation), per GGUF outtype;
 - the near-tied routing decisions that make top-1 flip between kernels (moefy verify's measure);
-- prompt and generation tokens/s, each model ÷ dense in the same client.
+- prompt and generation tokens/s, each model ÷ dense in the same client (llama.cpp: per outtype, f16 and q8_0).
 
 Usage: python bench/bench_gguf.py [--work DIR] [--quick] [--reuse]   (--quick: no reconstructed build)
 Needs llama-cpp-python (make setup-llama). It times models: run it alone. Writes docs/results.md section 'gguf'."""
@@ -19,6 +19,7 @@ import torch
 
 from moefy import api
 from moefy.data.tokens import stream
+from moefy.errors import MoefyError
 from moefy.evaluate.speed import measure
 from moefy.export.llama_cpp import LlamaCppLM
 from moefy.models import load_causal_lm
@@ -37,13 +38,7 @@ BUILDS = [  # (name, build recipe fields); None: the dense source itself
                                                           reconstruct={"enabled": True})),
 ]
 OUTTYPES = ("f32", "f16", "q8_0")
-# llama-cpp-python 0.3.36 built natively on this machine dies with a general protection fault in libggml-cpu right
-# after its AMX backend repacks the first q8_0 tensor ("amx repack tensor token_embd.weight of type q8_0"), for the
-# dense model too: q8_0 files are written and sized, not run. On a CPU without AMX, q8_0 runs (docs/results.md,
-# "q8_0 in llama.cpp, on a CPU without AMX"); where it crashes, LlamaCppLM's trial process turns the fault into an
-# error, which would stop this run with the other rows unmeasured.
-RUN = ("f32", "f16")
-SPEED_OUTTYPE = "f16"  # what `moefy export-gguf` writes by default
+SPEED_OUTTYPES = ("f16", "q8_0")  # `moefy export-gguf`'s default, and what most laptop users run
 PROMPT, NEW = 512, 64
 
 
@@ -85,7 +80,7 @@ def main() -> None:
     # 256 tokens of each held-out domain, in transformers' tokenisation, for the same-ids comparison
     ids = torch.cat([stream(texts, bench.tokenizer, 256) for texts in bench.held.by_domain().values()])
     result: dict[str, dict] = {}
-    hf_models, gguf_models = {}, {}
+    hf_models, gguf_models = {}, {}  # gguf_models: (outtype, name) -> LlamaCppLM, for the speed table
     for name, _ in rows:
         hf = load_causal_lm(dirs[name])
         hf_models[name] = hf
@@ -94,21 +89,26 @@ def main() -> None:
             path = args.work / f"{len(result)}-{outtype}.gguf"
             s = api.export_gguf(str(dirs[name]), path, outtype, overwrite=True)
             r["outtypes"][outtype] = {"arch": s.architecture, "mib": s.size_bytes / 2**20}
-            if outtype not in RUN:
+            try:  # a llama.cpp build that crashes on a file (as one with an AMX backend did on q8_0) is recorded
+                lm = LlamaCppLM(path, n_ctx=PROMPT + NEW + 8)
+            except MoefyError as exc:
+                r["outtypes"][outtype]["error"] = str(exc)
                 continue
-            lm = LlamaCppLM(path, n_ctx=PROMPT + NEW + 8)
             top1, gap = agreement(hf, lm, ids)
             ppl = heldout_perplexity(lm, lm.tokenizer, bench.held, seq_len=256, tokens_per_domain=EVAL_TOKENS).ppl()
             r["outtypes"][outtype].update(top1=top1, max_rel_logit_gap=gap, ppl_llama_cpp=ppl)
-            if outtype == SPEED_OUTTYPE:
-                gguf_models[name] = lm
+            if outtype in SPEED_OUTTYPES:
+                gguf_models[outtype, name] = lm
         if dict(BUILDS)[name] is not None:
             r["near_tied"] = api.verify(dirs[name], MODEL).near_tie_fraction
         result[name] = r
         print(json.dumps({name: r}, indent=1), flush=True)
-    probe = torch.randint(0, hf_models[rows[0][0]].config.vocab_size, (4, PROMPT), generator=torch.Generator().manual_seed(0))
+    probe = torch.randint(0, hf_models[rows[0][0]].config.vocab_size, (4, PROMPT),
+                          generator=torch.Generator().manual_seed(0))
     hf_speed = measure(hf_models, probe, new_tokens=NEW)
-    ll_speed = measure(gguf_models, probe, new_tokens=NEW)
+    ll_speed = measure(gguf_models, probe, new_tokens=NEW)  # both outtypes interleaved
+    clients = {"transformers": hf_speed} | {f"llama.cpp {o}": {name: sp for (out, name), sp in ll_speed.items()
+                                                               if out == o} for o in SPEED_OUTTYPES}
     dense = rows[0][0]
     for name, _ in rows:
         result[name]["speed"] = {
@@ -116,7 +116,7 @@ def main() -> None:
                      "gen_x_dense": sp[name].generate_tokens_per_s / sp[dense].generate_tokens_per_s,
                      "prompt_tok_s": sp[name].forward_tokens_per_s, "gen_tok_s": sp[name].generate_tokens_per_s,
                      "active_over_total": sp[name].active_params / sp[name].total_params}
-            for client, sp in (("transformers", hf_speed), ("llama.cpp", ll_speed))}
+            for client, sp in clients.items() if name in sp and dense in sp}
     (args.work / "gguf.json").write_text(json.dumps(result, indent=1))
     write_docs(result)
 
@@ -127,37 +127,41 @@ def write_docs(result: dict) -> None:
              "`python bench/bench_gguf.py` (needs `make setup-llama`); alone on the 2-core machine. Perplexity ÷ "
              "the dense model in transformers; top-1 = share of positions where both clients predict the same next "
              "token on the same ids (1,024 positions); gap = max |Δlogit| ÷ max |logit|; near-tied = routing decisions "
-             "whose k-th and (k+1)-th logits differ by ≤ 1e-3 of the token's logit spread (`moefy verify`). q8_0 files are written but not run: "
-             "llama-cpp-python 0.3.36, built natively here, dies with a general protection fault in libggml-cpu "
-             "right after its AMX backend repacks the first q8_0 tensor, for the dense model too (a rebuild with "
-             "-DGGML_AMX_INT8=OFF still built the AMX backend, which GGML_NATIVE detects; -DGGML_NATIVE=OFF is the "
-             "next thing to try).", "",
-             "| model | GGUF arch | near-tied | ppl transformers | ppl llama.cpp f32 | ppl llama.cpp f16 | top-1 f32 | "
-             "top-1 f16 | gap f32 | gap f16 | MiB f16 / q8_0 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "whose k-th and (k+1)-th logits differ by ≤ 1e-3 of the token's logit spread (`moefy verify`).", "",
+             "| model | GGUF arch | near-tied | ppl transformers | GGUF | MiB | ppl llama.cpp | top-1 | gap |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result.items():
-        o = r["outtypes"]
-        lines.append(f"| {name} | {o['f32']['arch']} | {r.get('near_tied', 0):.1%} | ×{r['ppl_transformers'] / dense:.2f} | "
-                     f"×{o['f32']['ppl_llama_cpp'] / dense:.2f} | ×{o['f16']['ppl_llama_cpp'] / dense:.2f} | "
-                     f"{o['f32']['top1']:.1%} | {o['f16']['top1']:.1%} | {o['f32']['max_rel_logit_gap']:.1e} | "
-                     f"{o['f16']['max_rel_logit_gap']:.1e} | {o['f16']['mib']:.0f} / {o['q8_0']['mib']:.0f} |")
+        for outtype, o in r["outtypes"].items():
+            cells = (["crashed (below)"] * 3 if "error" in o else
+                     [f"×{o['ppl_llama_cpp'] / dense:.2f}", f"{o['top1']:.1%}", f"{o['max_rel_logit_gap']:.1e}"])
+            lines.append(f"| {name} | {o['arch']} | {r.get('near_tied', 0):.1%} | ×{r['ppl_transformers'] / dense:.2f} "
+                         f"| {outtype} | {o['mib']:.0f} | " + " | ".join(cells) + " |")
+    errors = {o["error"] for r in result.values() for o in r["outtypes"].values() if "error" in o}
+    lines += [f"\nllama.cpp failed: {e}" for e in sorted(errors)]
     lines += ["", f"### Speed, each model ÷ dense in the same client and run (prompt {PROMPT} tokens × 4, generation "
-              f"{NEW} tokens greedy; llama.cpp on the {SPEED_OUTTYPE} GGUF, 2 threads; transformers f32)", "",
-              "| model | active/total | transformers prompt | transformers gen | llama.cpp prompt | llama.cpp gen |",
-              "|---|---|---|---|---|---|"]
+              f"{NEW} tokens greedy; llama.cpp on the {' and '.join(SPEED_OUTTYPES)} GGUFs, each ÷ the dense model's "
+              "GGUF of the same outtype, 2 threads; transformers f32)", "",
+              "| model | active/total | transformers prompt | transformers gen | "
+              + " | ".join(f"llama.cpp {o} prompt | llama.cpp {o} gen" for o in SPEED_OUTTYPES) + " |",
+              "|---|---|---|---|" + "---|---|" * len(SPEED_OUTTYPES)]
     for name, r in result.items():
-        t, ll = r["speed"]["transformers"], r["speed"]["llama.cpp"]
-        lines.append(f"| {name} | {t['active_over_total']:.2f} | {t['prompt_x_dense']:.2f}× | {t['gen_x_dense']:.2f}× | "
-                     f"{ll['prompt_x_dense']:.2f}× | {ll['gen_x_dense']:.2f}× |")
-    lines += ["", "Reading: the dense and carve rows compute the same function in both clients (perplexity within "
-              "0.3%; before the GraniteMoeShared restatement, the Qwen2-MoE output gave NaN or ×44 in llama.cpp). Per-token "
-              "agreement falls with the share of near-tied routing decisions: an expert choice that flips between "
-              "kernels in one layer moves that position's stream, and every later position attends to it. The "
-              "random-split Mixtral is a broken model (no calibration, no training), whose chaotic logits amplify "
-              "any such flip: its two perplexities differ by 5-6%."]
+        sp = r["speed"]
+        clients = ["transformers"] + [f"llama.cpp {o}" for o in SPEED_OUTTYPES]
+        cells = [f"{sp[c]['prompt_x_dense']:.2f}× | {sp[c]['gen_x_dense']:.2f}×" if c in sp else "— | —"
+                 for c in clients]
+        lines.append(f"| {name} | {sp['transformers']['active_over_total']:.2f} | " + " | ".join(cells) + " |")
+    same = [abs(r["outtypes"]["f32"]["ppl_llama_cpp"] / r["ppl_transformers"] - 1) for name, r in result.items()
+            if not name.startswith("Mixtral") and "ppl_llama_cpp" in r["outtypes"]["f32"]]
+    lines += ["", f"Reading: the dense and carve rows compute the same function in both clients (f32 perplexity "
+              f"within {max(same):.1%}; before the GraniteMoeShared restatement, the Qwen2-MoE output gave NaN or ×44 "
+              "in llama.cpp). Per-token agreement falls with the share of near-tied routing decisions: an expert "
+              "choice that flips between kernels in one layer moves that position's stream, and every later position "
+              "attends to it. The random-split Mixtral is a broken model (no calibration, no training), whose "
+              "chaotic logits amplify any such flip."]
     d = result["dense"]["speed"]
-    lines += ["", f"Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): "
-              f"transformers {d['transformers']['prompt_tok_s']:.0f} / {d['transformers']['gen_tok_s']:.1f} tok/s, "
-              f"llama.cpp {d['llama.cpp']['prompt_tok_s']:.0f} / {d['llama.cpp']['gen_tok_s']:.1f} tok/s."]
+    rates = ", ".join(f"{c} {v['prompt_tok_s']:.0f} / {v['gen_tok_s']:.1f} tok/s" for c, v in d.items())
+    lines += ["", f"Dense absolute rates in this run (prompt / generation; noise on a shared machine, only the ratios "
+              f"are claims): {rates}."]
     replace_section(Path("docs/results.md"), "gguf", "\n".join(lines))
 
 
