@@ -171,7 +171,8 @@ def test_eval_scores_gguf_in_llama_cpp_beside_transformers(tiny, capsys):
     for kind in ("dense", "qwen2_moe"):
         assert main(["export-gguf", str(tiny[kind]), "--out", str(root / f"{kind}-eval.gguf"), "--outtype", "f32",
                      "--overwrite"]) == 0
-    specs = [str(tiny["qwen2_moe"]), f"llama.cpp:{root / 'dense-eval.gguf'}", f"llama.cpp:{root / 'qwen2_moe-eval.gguf'}"]
+    specs = [str(tiny["qwen2_moe"]), f"llama.cpp:{root / 'dense-eval.gguf'}",
+             f"llama.cpp:{root / 'qwen2_moe-eval.gguf'}"]
     out = root / "eval.json"
     assert main(["eval", *specs, "--data", str(root / "calib.jsonl"), "--seq-len", "32", "--tokens-per-domain",
                  "200", "--speed", "--json", str(out)]) == 0

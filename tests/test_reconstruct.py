@@ -179,7 +179,8 @@ def test_training_runs_a_reconstruction_stage_first(llama3, ab_corpus, tmp_path)
 
 def test_a_reconstruction_stage_needs_a_moefy_build(capsys, llama3, ab_corpus, tmp_path):
     recipe = tmp_path / "train.yaml"
-    recipe.write_text(f"reconstruct: {{enabled: true}}\nstages: [{{tokens: {2 * SEQ}, seq_len: {SEQ}, batch_size: 2}}]\n")
+    recipe.write_text(f"reconstruct: {{enabled: true}}\n"
+                      f"stages: [{{tokens: {2 * SEQ}, seq_len: {SEQ}, batch_size: 2}}]\n")
     code = cli.main(["train", str(llama3), "--data", str(ab_corpus), "--recipe", str(recipe),
                      "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
