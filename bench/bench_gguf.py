@@ -89,7 +89,8 @@ def main() -> None:
             path = args.work / f"{len(result)}-{outtype}.gguf"
             s = api.export_gguf(str(dirs[name]), path, outtype, overwrite=True)
             r["outtypes"][outtype] = {"arch": s.architecture, "mib": s.size_bytes / 2**20}
-            try:  # a llama.cpp build that crashes on a file (as one with an AMX backend did on q8_0) is recorded
+            try:  # a file llama.cpp cannot load or crashes on (as a build with an AMX backend did on q8_0) is
+                # recorded, and the run goes on
                 lm = LlamaCppLM(path, n_ctx=PROMPT + NEW + 8)
             except MoefyError as exc:
                 r["outtypes"][outtype]["error"] = str(exc)
@@ -132,7 +133,7 @@ def write_docs(result: dict) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result.items():
         for outtype, o in r["outtypes"].items():
-            cells = (["crashed (below)"] * 3 if "error" in o else
+            cells = (["failed (below)"] * 3 if "error" in o else
                      [f"×{o['ppl_llama_cpp'] / dense:.2f}", f"{o['top1']:.1%}", f"{o['max_rel_logit_gap']:.1e}"])
             lines.append(f"| {name} | {o['arch']} | {r.get('near_tied', 0):.1%} | ×{r['ppl_transformers'] / dense:.2f} "
                          f"| {outtype} | {o['mib']:.0f} | " + " | ".join(cells) + " |")
