@@ -1,0 +1,82 @@
+"""How fast a built MoE runs in stock transformers on this CPU with each of transformers' experts implementations,
+each ÷ the dense source in the same run (issue: clients and speed, §3: "the per-token routing overhead is the thing
+to remove"). transformers picks `grouped_mm` by default; `eager` loops over the experts that got tokens. Beside the
+speeds, the matmul calls one generated token makes (a 1-token forward, counted by torch.profiler): on CPU a decode
+step is a few microseconds of arithmetic per call, so the call count, not the FLOPs, sets its time.
+
+`batched_mm` is left out: it gathers every token's expert weights, and a prompt of 4 × 512 tokens ran at 0.06×
+dense in a trial run, which would make this bench take most of an hour.
+
+Usage: python bench/bench_experts_impl.py LABEL=MOE_DIR...   (run it alone; writes docs/results.md section
+'experts-impl')"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from moefy.evaluate.speed import measure
+from moefy.models import load_causal_lm
+from moefy.sources import resolve_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import MODEL  # noqa: E402
+from docs_sections import replace_section  # noqa: E402
+
+IMPLEMENTATIONS = ("grouped_mm", "eager")
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # grouped_mm itself is not one: its per-expert mm calls are
+BATCH, PROMPT, NEW = 4, 512, 64
+
+
+@torch.no_grad()
+def matmuls_per_token(model) -> int:
+    """Matmul calls of one 1-token forward, nested calls included (CPU grouped_mm runs one mm per expert)."""
+    x = torch.zeros(1, 1, dtype=torch.long)
+    model(input_ids=x)  # warm-up: first calls allocate
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(input_ids=x)
+    return sum(e.count for e in prof.key_averages() if e.key in MATMULS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("models", nargs="+", metavar="LABEL=MOE_DIR", help="built MoE directories, each with its row label")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    models = {"dense": load_causal_lm(resolve_model(MODEL).directory)}
+    for label, directory in (m.split("=", 1) for m in args.models):
+        for impl in IMPLEMENTATIONS:
+            model = load_causal_lm(Path(directory))
+            model.set_experts_implementation(impl)
+            models[f"{label}, {impl}"] = model
+    probe = torch.randint(0, models["dense"].config.vocab_size, (BATCH, PROMPT),
+                          generator=torch.Generator().manual_seed(0))
+    speed = measure(models, probe, new_tokens=NEW)
+    base = speed["dense"]
+    lines = ["## Experts implementation in transformers (CPU)", "",
+             f"`python bench/bench_experts_impl.py LABEL=MOE_DIR...`, alone on the machine. Each model ÷ the dense "
+             f"source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; medians of 3 "
+             "interleaved repeats, fp32, torch's default threads), loaded with stock transformers and "
+             "`set_experts_implementation`. Matmul calls: one 1-token forward, nested calls counted "
+             "(torch.profiler).", "",
+             "| model | experts implementation | prompt ÷ dense | generation ÷ dense | matmul calls per token |",
+             "|---|---|---|---|---|",
+             f"| dense | | 1.00× | 1.00× | {matmuls_per_token(models['dense'])} |"]
+    for name, model in models.items():
+        if name == "dense":
+            continue
+        label, impl = name.rsplit(", ", 1)
+        s = speed[name]
+        lines.append(f"| {label} | {impl} | {s.forward_tokens_per_s / base.forward_tokens_per_s:.2f}× | "
+                     f"{s.generate_tokens_per_s / base.generate_tokens_per_s:.2f}× | {matmuls_per_token(model)} |")
+        print(lines[-1], flush=True)
+    lines += ["", f"Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): prompt "
+              f"{base.forward_tokens_per_s:.0f} tok/s, generation {base.generate_tokens_per_s:.1f} tok/s."]
+    replace_section(Path(__file__).parent.parent / "docs" / "results.md", "experts-impl", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
