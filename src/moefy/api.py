@@ -284,8 +284,10 @@ def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256,
         target = compute_device(device)
         lm = load_causal_lm(directory, inference_dtype(target)).to(target)
         texts = sample_texts(lm, load_tokenizer(directory), tokens, seq_len, batch_size, seed, temperature)
+        # the batch size is a setting of the texts, not only of the speed: a batch's sequences draw from one RNG
+        # stream, so the same seed samples other texts at another batch size
         write_texts(texts, tmp_file, domain, {"model": model, "seed": seed, "temperature": temperature,
-                                              "seq_len": seq_len}, domains)
+                                              "seq_len": seq_len, "batch_size": batch_size}, domains)
     return out
 
 

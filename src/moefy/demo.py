@@ -26,6 +26,7 @@ from moefy.construct.recipe import BuildRecipe, ReconstructOptions
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
 from moefy.data.generate import SELF_DOMAIN, domain_names
+from moefy.data.records import read_records
 from moefy.errors import MoefyError
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.perplexity import Perplexity, heldout_perplexity
@@ -38,11 +39,14 @@ UNSEEN_TOKENS = 8192  # the package READMEs are one domain: four held-out domain
 MARKER = ".moefy-demo"  # what tells a directory the demo wrote from a user's
 # Text the dense model samples itself, as four more calibration domains of 16k tokens (each gets the per-domain
 # budget): at this split after reconstruction, unseen text ×4.61 dense with one such domain, ×4.15 with two, ×3.77
-# with four, for held-out ×1.66, ×1.70, ×1.69 (docs/results.md, reconstruction-self); about 5 minutes of sampling
-# and 3 more of profiling and reconstruction on a laptop CPU. The recovery stage trains on the same calib/, so it
-# adapts less to the demo domains too (held-out after recovery ×1.39 → ×1.49, unseen ×3.51 → ×2.97; README).
+# with four, for held-out ×1.66, ×1.70, ×1.69 (docs/results.md, reconstruction-self); 3 more minutes of profiling
+# and reconstruction on a laptop CPU, plus the sampling: on the slower 2-core CPU 9:53 in batches of 32 texts and
+# 6:52 in batches of SAMPLE_BATCH (the matmuls of 128 rows run nearer the CPU's peak; the KV cache of 128 × 258
+# positions is 0.2 GB for SmolLM2). The recovery stage trains on the same calib/, so it adapts less to the demo
+# domains too (held-out after recovery ×1.39 → ×1.49, unseen ×3.51 → ×2.97; README).
 SAMPLED_TOKENS = 65_536
 SAMPLED_DOMAINS = 4
+SAMPLE_BATCH = 128
 # A short recovery stage: LoRA on the experts, with routers and norms (docs/results.md: the set that recovers most
 # at 25% active), on LM loss: after reconstruction, 30k tokens of LM loss reached ×1.31 dense, distillation from
 # the dense model ×1.54 and KL + LM ×1.36 (the best on unseen text, ×3.74 against ×3.88), both at 70% of the speed
@@ -74,11 +78,12 @@ def run(out: Path) -> int:
     source = resolve_model(recipe.model)  # one-time GGUF dequantisation into the cache, kept out of the build time
     sampled = corpus_dir / "calib" / f"{SELF_DOMAIN}.jsonl"
     t0 = time.perf_counter()
-    # as `moefy data generate smollm2-135m --out calib/self.jsonl --tokens 65536 --domains 4`; a file from an
-    # earlier demo with other settings is sampled again (the directory is the demo's own)
-    if not sampled.is_file() or load_corpus(sampled).domains() != domain_names(SELF_DOMAIN, SAMPLED_DOMAINS):
+    # as `moefy data generate smollm2-135m --out calib/self.jsonl --tokens 65536 --domains 4 --batch-size 128`; a
+    # file from an earlier demo with other settings is sampled again (the directory is the demo's own)
+    if (not sampled.is_file() or load_corpus(sampled).domains() != domain_names(SELF_DOMAIN, SAMPLED_DOMAINS)
+            or _sampled_with(sampled).get("batch_size") != SAMPLE_BATCH):
         api.generate_calibration(recipe.model, sampled, SAMPLED_TOKENS, seed=0, domains=SAMPLED_DOMAINS,
-                                 overwrite=True)
+                                 batch_size=SAMPLE_BATCH, overwrite=True)
     t_sample = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = api.build(recipe, moe_dir, overwrite=(moe_dir / BUILD_RECIPE).is_file())
@@ -135,6 +140,12 @@ def run(out: Path) -> int:
     console.print(f"routing report: [bold]{paths['html']}[/] (summary {paths['markdown']}); "
                   f"training curves: {run_dir / 'loss.png'}")
     return 0 if report.passed else 1
+
+
+def _sampled_with(path: Path) -> dict:
+    """The settings a sampled calibration file records in its first record ({} where it records none)."""
+    first = read_records(path)[0].as_json()
+    return first.get("generated", {}) if isinstance(first, dict) else {}
 
 
 def main(argv: list[str] | None = None) -> int:
