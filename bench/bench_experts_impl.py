@@ -3,6 +3,8 @@ each ÷ the dense source in the same run (issue: clients and speed, §3: "the pe
 to remove"). transformers picks `grouped_mm` by default; `eager` loops over the experts that got tokens. Beside the
 speeds, the matmul calls one generated token makes (a 1-token forward, counted by torch.profiler): on CPU a decode
 step is a few microseconds of arithmetic per call, so the call count, not the FLOPs, sets its time.
+(bench_speed.py asks the other question: random builds of any checkpoint at several granularities, on any device,
+with transformers' default implementation.)
 
 `batched_mm` is left out: it gathers every token's expert weights, and a prompt of 4 × 512 tokens ran at 0.06×
 dense in a trial run, which would make this bench take most of an hour.
