@@ -47,7 +47,6 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="+", metavar="LABEL=MOE_DIR", help="built MoE directories, each with its row label")
     args = p.parse_args()
-    torch.manual_seed(0)
     models = {"dense": load_causal_lm(resolve_model(MODEL).directory)}
     for label, directory in (m.split("=", 1) for m in args.models):
         for impl in IMPLEMENTATIONS:

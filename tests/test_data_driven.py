@@ -112,7 +112,8 @@ def test_generated_calibration_is_seeded_and_calibrates_a_build(capsys, tiny_lla
     records = [json.loads(line) for line in first.decode().splitlines()]
     assert len(records) == 3  # ceil(40 / 16) texts
     assert all(r["domain"] == "self" and r["generated"]["seed"] == 0 and r["text"] for r in records)
-    assert all(r["generated"]["batch_size"] == 2 for r in records)  # the texts depend on it (the split below)
+    # the texts depend on both (the split below for the batch size)
+    assert all(r["generated"]["batch_size"] == 2 and r["generated"]["device"] == "cpu" for r in records)
     # it is one domain beside the user's own files, and a data-driven build calibrates on both
     (tmp_path / "calib" / "user.jsonl").write_bytes(corpus.read_bytes())
     assert "self" in load_corpus(tmp_path / "calib").domains()

@@ -4,6 +4,7 @@ Skipped, with the reason, where torch sees no CUDA GPU (CI has none; run them on
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -127,6 +128,7 @@ def test_sampling_calibration_on_the_gpu_runs_the_model_in_bf16(llama3, tmp_path
                                    device="cuda")
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     assert loaded == [expected] and len(out.read_text().splitlines()) == 3  # ceil(40 / 16) texts
+    assert json.loads(out.read_text().splitlines()[0])["generated"]["device"] == "cuda"
 
 
 def test_tf32_steps_fit_as_well_as_fp32_steps():

@@ -284,10 +284,11 @@ def generate_calibration(model: str, out: Path, tokens: int, seq_len: int = 256,
         target = compute_device(device)
         lm = load_causal_lm(directory, inference_dtype(target)).to(target)
         texts = sample_texts(lm, load_tokenizer(directory), tokens, seq_len, batch_size, seed, temperature)
-        # the batch size is a setting of the texts, not only of the speed: a batch's sequences draw from one RNG
-        # stream, so the same seed samples other texts at another batch size
+        # the batch size and the device are settings of the texts, not only of the speed: a batch's sequences draw
+        # from one RNG stream, and each device type has its own RNG and dtype, so the same seed samples other texts
         write_texts(texts, tmp_file, domain, {"model": model, "seed": seed, "temperature": temperature,
-                                              "seq_len": seq_len, "batch_size": batch_size}, domains)
+                                              "seq_len": seq_len, "batch_size": batch_size, "device": target.type},
+                    domains)
     return out
 
 
