@@ -219,6 +219,32 @@ def test_the_steps_chosen_experts_form_is_the_design_matrix_form():
     assert not grads[1][3][:, 4 * size:].any()  # the unchosen expert's down projection gets no gradient
 
 
+def test_the_closed_forms_chosen_experts_design_is_the_design_matrix():
+    """The closed form's routed design block, computed from each token's chosen experts only (the CPU's form) or
+    from every expert (a GPU's form), is design()'s block from every expert's activations and the stock gate, with a
+    PAD slot (a zero gate/up row) and an expert no token chose."""
+    g = torch.Generator().manual_seed(0)
+    t, h, n, size, k = 64, 12, 5, 4, 2
+    x = torch.randn(t, h, generator=g)
+    gate, up = torch.randn(n * size, h, generator=g), torch.randn(n * size, h, generator=g)
+    gate[3], up[3] = 0, 0  # a PAD slot of expert 0
+    logits = torch.randn(t, n, generator=g)
+    logits[:, 4] = -1e9  # no token chooses expert 4
+    reference = refit.design(refit.activations(x, gate, up), refit.route(logits, k), x[:, :0])
+    chosen, weights = refit.top_k_gate(logits, k)
+    for form in (refit.chosen_experts_design, refit.all_experts_design):
+        torch.testing.assert_close(form(x, chosen, weights, n, gate, up), reference, rtol=1e-5, atol=1e-6)
+    assert refit.routed_design_form(torch.device("cpu")) is refit.chosen_experts_design
+    # the normal equations from the nonzero blocks only are those of the whole design, with a shared block
+    z = torch.cat([reference, torch.randn(t, 3, generator=g)], dim=1)
+    y = torch.randn(t, h, generator=g)
+    whole, blocks = refit.Normal(z.shape[1], h), refit.Normal(z.shape[1], h)
+    whole.add(z, y)
+    blocks.add_routed(z, y, chosen, n, n * size)
+    for ours, reference in ((blocks.gram, whole.gram), (blocks.cross, whole.cross)):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)  # fp32 products in another order
+
+
 def test_low_rank_refinement_moves_each_weight_by_a_rank_r_delta():
     g = torch.Generator().manual_seed(0)
     t, h, n, size, k, r = 256, 12, 4, 4, 2, 2

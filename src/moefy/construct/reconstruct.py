@@ -66,16 +66,48 @@ def _chunks(t: int):
     return [slice(s, min(s + CHUNK, t)) for s in range(0, t, CHUNK)]
 
 
-def _predict(a_exp, a_sh, weights, down_exp, down_sh) -> torch.Tensor:
-    flat = torch.cat([down_exp.permute(1, 0, 2).reshape(down_exp.shape[1], -1), down_sh], dim=1)  # [H, cols]
-    return torch.cat([refit.design(a_exp[c], weights[c], a_sh[c]) @ flat.T for c in _chunks(len(a_exp))])
+def _rows(weight: torch.Tensor, slots: np.ndarray) -> torch.Tensor:
+    """The slots' neuron rows of a gate/up weight [I, H], PAD rows zero."""
+    return refit.gather_slots(weight.T, slots).T.contiguous()
 
 
-def _solve(a_exp, a_sh, weights, y, n, size, ridge):
-    normal = refit.Normal(a_exp.shape[1] + a_sh.shape[1], y.shape[1], y.device)
-    for c in _chunks(len(y)):
-        normal.add(refit.design(a_exp[c], weights[c], a_sh[c]), y[c])
-    return refit.split_downs(normal.solve(ridge), n, size)
+class _Design:
+    """The closed form's design rows [chunk, N·S + shared] for one routing, made chunk by chunk from x: the routed
+    block from each token's chosen experts (refit.routed_design_form), then the always-on shared block. No
+    [T, N·S] activation matrix is held for the whole calibration set."""
+
+    def __init__(self, x: torch.Tensor, logits: torch.Tensor, top_k: int, proj: dict[str, torch.Tensor], n: int):
+        self.x, self.n, self.w = x, n, proj
+        self.chosen, self.gates = refit.top_k_gate(logits, top_k)
+        self.form = refit.routed_design_form(x.device)
+
+    def rows(self, c: slice) -> torch.Tensor:
+        x = self.x[c]
+        routed = self.form(x, self.chosen[c], self.gates[c], self.n, self.w["gate"], self.w["up"])
+        return torch.cat([routed, refit.activations(x, self.w["shared_gate"], self.w["shared_up"])], dim=1)
+
+    def predict(self, down_exp: torch.Tensor, down_sh: torch.Tensor) -> torch.Tensor:
+        """The layer's output with these down projections: rows @ [D_1 … D_N D_s]ᵀ, computed as the MoE layer
+        computes it (refit.routed_output_form: on the CPU, the chosen experts only, not the design's zeros)."""
+        routed_output = refit.routed_output_form(self.x.device)
+        flat = down_exp.permute(1, 0, 2).reshape(down_exp.shape[1], -1)  # [H, N·S]
+        live = torch.ones(flat.shape[1], dtype=flat.dtype, device=flat.device)  # PAD rows of gate/up are zero
+        w, out = self.w, []
+        for c in _chunks(len(self.x)):
+            x = self.x[c]
+            out.append(routed_output(x, self.chosen[c], self.gates[c], self.n, w["gate"], w["up"], flat, live)
+                       + refit.activations(x, w["shared_gate"], w["shared_up"]) @ down_sh.T)
+        return torch.cat(out)
+
+    def solve(self, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        routed = self.w["gate"].shape[0]
+        normal = refit.Normal(routed + self.w["shared_gate"].shape[0], y.shape[1], y.device)
+        for c in _chunks(len(y)):
+            if refit.chosen_only(self.x.device):  # the products of the design's zero blocks are skipped too
+                normal.add_routed(self.rows(c), y[c], self.chosen[c], self.n, routed)
+            else:
+                normal.add(self.rows(c), y[c])
+        return refit.split_downs(normal.solve(ridge), self.n, self.w["gate"].shape[0] // self.n)
 
 
 def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructOptions, seed: int = 0
@@ -83,60 +115,58 @@ def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructO
     """Fit one MoE layer to produce y from x; returns the new layer plan, its output on x, errors and temperature."""
     lp = layer.plan
     n, size = lp.experts.shape
-    a = refit.activations(x, layer.gate, layer.up)
-    a_exp, a_sh = refit.gather_slots(a, lp.experts), refit.gather_slots(a, lp.shared)
-    del a
+    proj = {"gate": _rows(layer.gate, lp.experts), "up": _rows(layer.up, lp.experts),
+            "shared_gate": _rows(layer.gate, lp.shared), "shared_up": _rows(layer.up, lp.shared)}
     down_exp = refit.gather_slots(layer.down, lp.experts).view(-1, n, size).permute(1, 0, 2) * lp.scale
     down_sh = refit.gather_slots(layer.down, lp.shared)
     router = lp.router.to(x.device)
-    weights = refit.route(x @ router.T, layer.top_k)
-    before = refit.nmse(y, _predict(a_exp, a_sh, weights, down_exp, down_sh))
-    best = (before, router, down_exp, down_sh, None)
+    y_hat = _Design(x, x @ router.T, layer.top_k, proj, n).predict(down_exp, down_sh)
+    before = refit.nmse(y, y_hat)
+    best = (before, router, down_exp, down_sh, None, y_hat)  # each candidate keeps its output on x
     for _ in range(opts.rounds):
         if opts.router:
-            residual = y - a_sh @ best[3].T  # what the routed experts must produce
+            # the router fit scores every expert on every token, so it needs all experts' activations
+            a_exp = refit.activations(x, proj["gate"], proj["up"])
+            residual = y - refit.activations(x, proj["shared_gate"], proj["shared_up"]) @ best[3].T
             base = refit.fit_router_logits(x, refit.contributions(a_exp, best[2], residual), opts.router_ridge)
+            del a_exp, residual
             candidates = [(base / t, t) for t in refit.TEMPERATURES]
         else:
             candidates = [(best[1], None)]
         for router, t in candidates:
-            weights = refit.route(x @ router.T, layer.top_k)
-            d_exp, d_sh = _solve(a_exp, a_sh, weights, y, n, size, opts.ridge)
-            err = refit.nmse(y, _predict(a_exp, a_sh, weights, d_exp, d_sh))
+            design = _Design(x, x @ router.T, layer.top_k, proj, n)
+            d_exp, d_sh = design.solve(y, opts.ridge)
+            y_hat = design.predict(d_exp, d_sh)
+            err = refit.nmse(y, y_hat)
             if err < best[0]:
-                best = (err, router, d_exp, d_sh, t)
-    err, router, d_exp, d_sh, t = best
-    weights = refit.route(x @ router.T, layer.top_k)
+                best = (err, router, d_exp, d_sh, t, y_hat)
+            del y_hat
+    err, router, d_exp, d_sh, t, y_hat = best
     fitted = {"down": d_exp, "shared_down": d_sh}
     if opts.steps:
-        refined = _refine(x, y, weights, layer, fitted, opts, seed, router if opts.train_router else None)
+        refined = _refine(x, y, refit.route(x @ router.T, layer.top_k), layer, proj, fitted, opts, seed,
+                          router if opts.train_router else None)
         r_router = refined.pop("router", router)
-        r_weights = refit.route(x @ r_router.T, layer.top_k)
         # PAD slots are masked to zero in the refined gate/up rows, so their activations are exactly 0 here too
-        r_exp = refit.activations(x, refined["gate"].reshape(n * size, -1), refined["up"].reshape(n * size, -1))
-        r_sh = refit.activations(x, refined["shared_gate"], refined["shared_up"])
-        r_err = refit.nmse(y, _predict(r_exp, r_sh, r_weights, refined["down"], refined["shared_down"]))
+        r_proj = {k: refined[k].reshape(-1, x.shape[1]) for k in proj}
+        r_hat = _Design(x, x @ r_router.T, layer.top_k, r_proj, n).predict(refined["down"],
+                                                                              refined["shared_down"])
+        r_err = refit.nmse(y, r_hat)
         if r_err < err:  # steps that overshoot never replace the closed form
-            fitted, a_exp, a_sh, err, router, weights = refined, r_exp, r_sh, r_err, r_router, r_weights
-    y_hat = _predict(a_exp, a_sh, weights, fitted["down"], fitted["shared_down"])
-    if not a_sh.shape[1]:  # no shared block: nothing to store for it
+            fitted, err, router, y_hat = refined, r_err, r_router, r_hat
+    if not lp.shared.size:  # no shared block: nothing to store for it
         fitted = {k: v for k, v in fitted.items() if not k.startswith("shared_")}
     fitted = {k: v.cpu() for k, v in fitted.items()}  # the plan lives on the CPU, whatever device fitted it
     return replace(lp, router=router.contiguous().cpu(), fitted=fitted), y_hat, before, err, t
 
 
-def _refine(x, y, weights, layer: Layer, fitted: dict, opts: ReconstructOptions, seed: int,
+def _refine(x, y, weights, layer: Layer, proj: dict, fitted: dict, opts: ReconstructOptions, seed: int,
             router: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Gradient steps on gate, up and down (and the router, if given) after the closed form; returns the fitted
-    tensors in plan layout."""
+    """Gradient steps on gate, up and down (and the router, if given) after the closed form, from the slots' gate/up
+    rows and the fitted down projections; returns the fitted tensors in plan layout."""
     lp = layer.plan
     n, size = lp.experts.shape
-    def rows(weight: torch.Tensor, slots) -> torch.Tensor:  # the slots' neuron rows of gate/up, PAD rows zero
-        return refit.gather_slots(weight.T, slots).T.contiguous()
-
-    params = {"gate": rows(layer.gate, lp.experts), "up": rows(layer.up, lp.experts),
-              "down": fitted["down"].permute(1, 0, 2).reshape(layer.down.shape[0], -1),
-              "shared_gate": rows(layer.gate, lp.shared), "shared_up": rows(layer.up, lp.shared),
+    params = {**proj, "down": fitted["down"].permute(1, 0, 2).reshape(layer.down.shape[0], -1),
               "shared_down": fitted["shared_down"]}
     masks = tuple(torch.from_numpy(live).to(x.device) for live in (lp.experts.reshape(-1) != PAD, lp.shared != PAD))
     out = refit.refine(x, y, weights, layer.top_k, params, masks, opts.steps, opts.lr_ratio, opts.step_tokens, seed,

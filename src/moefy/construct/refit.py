@@ -67,6 +67,30 @@ class Normal:
         self.gram += (z.T @ z).double()
         self.cross += (z.T @ y).double()
 
+    def add_routed(self, z: torch.Tensor, y: torch.Tensor, chosen: torch.Tensor, experts: int, routed: int) -> None:
+        """add(z, y) for a design whose first `routed` columns are N = `experts` blocks, zero outside each token's
+        chosen experts (chosen [T, k]), and whose other columns (the shared block) are dense: only the blocks that
+        can be nonzero are multiplied. Each expert's tokens give its block-row from its own block on (the experts
+        chosen beside it, then the shared block), mirrored below the diagonal; the shared block's own block comes
+        from every token. At 28 experts, top-4 and a shared eighth that is about a tenth of ZᵀZ's multiply-adds."""
+        size = routed // experts
+        pairs = chosen.reshape(-1)
+        order = torch.argsort(pairs, stable=True)
+        tokens = order // chosen.shape[1]  # each expert's tokens, expert by expert
+        ends = torch.bincount(pairs, minlength=experts).cumsum(0).tolist()
+        for e, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+            if lo == hi:
+                continue
+            cols = slice(e * size, (e + 1) * size)
+            rows = z[tokens[lo:hi], e * size:]  # its own block first
+            part = (rows[:, :size].T @ rows).double()
+            self.gram[cols, e * size:] += part
+            self.gram[(e + 1) * size:, cols] += part[:, size:].T
+            self.cross[cols] += (rows[:, :size].T @ y[tokens[lo:hi]]).double()
+        shared = z[:, routed:]
+        self.gram[routed:, routed:] += (shared.T @ shared).double()
+        self.cross[routed:] += (shared.T @ y).double()
+
     def solve(self, ridge: float) -> torch.Tensor:
         """Ridge solution Wᵀ [cols, outputs]; the penalty is relative to the mean feature energy, and all-zero
         columns (PAD slots, experts no token chose) get exactly zero weights. Consumes the sums: the penalty is
@@ -90,21 +114,40 @@ class Normal:
         return solution.float()
 
 
-def chosen_experts_output(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: int,
-                          gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """[T, H]: Σ_j w_tj · D_e a_t[experts_e] over each token's chosen experts e = chosen[t, j], computed for those
-    experts only: the (token, expert) pairs sorted by expert, one grouped matmul per projection over the jagged
-    groups. The same sum as design(...) @ down.T, at k/N of its matmul cost.
+def chosen_only(device: torch.device) -> bool:
+    """Whether the routed block computes each token's chosen experts only (grouped matmuls over tokens sorted by
+    expert), or every expert times a routing weight that is zero for the others (three plain matmuls, N/k times the
+    work). On a CUDA GPU, grouped_mm has fast kernels for bf16 only; in fp32 (the steps' and the closed form's
+    precision) it loops over the experts and waits for the host on every call, and all experts measured faster
+    (300 steps on an H100: 1B shape 0.83 s against 2.49, 7B in TF32 1.01 against 2.65; docs/benchmarks.md). On the
+    CPU the chosen experts alone are faster (SmolLM2's layer: 0.5-0.6x the steps' time)."""
+    return device.type != "cuda"
 
-    gate, up [N·S, H]; down [H, N·S]; live [N·S] zeroes PAD slots; chosen, weights [T, k]."""
-    (t, k), h = chosen.shape, x.shape[1]
-    size = len(live) // experts
+
+def _chosen_activations(x: torch.Tensor, chosen: torch.Tensor, experts: int, gate: torch.Tensor, up: torch.Tensor):
+    """Activations [T·k, S] of every (token, chosen expert) pair, the pairs sorted by expert, from one grouped matmul
+    per projection over the jagged groups; with the flat pairs (chosen.reshape(-1)), the sort order and the groups'
+    end offsets. gate, up [N·S, H]; chosen [T, k]."""
+    k, h = chosen.shape[1], x.shape[1]
+    size = gate.shape[0] // experts
     pairs = chosen.reshape(-1)
     order = torch.argsort(pairs, stable=True)
     ends = torch.bincount(pairs, minlength=experts).cumsum(0).to(torch.int32)
     xs = x.index_select(0, order // k)
     a = (torch.nn.functional.silu(grouped_mm(xs, gate.reshape(experts, size, h).transpose(1, 2), offs=ends))
          * grouped_mm(xs, up.reshape(experts, size, h).transpose(1, 2), offs=ends))
+    return a, pairs, order, ends
+
+
+def chosen_experts_output(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: int,
+                          gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """[T, H]: Σ_j w_tj · D_e a_t[experts_e] over each token's chosen experts e = chosen[t, j], computed for those
+    experts only. The same sum as design(...) @ down.T, at k/N of its matmul cost.
+
+    gate, up [N·S, H]; down [H, N·S]; live [N·S] zeroes PAD slots; chosen, weights [T, k]."""
+    (t, k), h = chosen.shape, x.shape[1]
+    size = len(live) // experts
+    a, pairs, order, ends = _chosen_activations(x, chosen, experts, gate, up)
     a = a * live.reshape(experts, size)[pairs[order]] * weights.reshape(-1)[order, None]
     out = grouped_mm(a, down.reshape(h, experts, size).permute(1, 2, 0), offs=ends)
     # back to (token, j) order and summed over j, rather than index_add by token: CUDA's index_add adds colliding
@@ -122,11 +165,32 @@ def all_experts_output(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Ten
 
 
 def routed_output_form(device: torch.device):
-    """The steps' routed block for a device. On a CUDA GPU, grouped_mm has fast kernels for bf16 only; in fp32 (the
-    steps' precision) it loops over the experts and waits for the host on every call, and all experts in three
-    plain matmuls measured faster (300 steps on an H100: 1B shape 0.83 s against 2.49, 7B in TF32 1.01 against
-    2.65; docs/benchmarks.md). On the CPU only the chosen experts are computed (SmolLM2's layer: 0.5-0.6x)."""
-    return all_experts_output if device.type == "cuda" else chosen_experts_output
+    """The steps' routed block for a device (chosen_only)."""
+    return chosen_experts_output if chosen_only(device) else all_experts_output
+
+
+def chosen_experts_design(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: int,
+                          gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[T, N·S]: the design's routed block, w_te · a_t[experts_e] for each token's chosen experts e and zero for the
+    others, with the chosen experts' activations computed only (k/N of the matmul work of activations(x, gate, up)).
+    gate, up [N·S, H] with PAD rows zero (their activations are then exactly 0); chosen, weights [T, k]."""
+    t, k = chosen.shape
+    a, pairs, order, _ = _chosen_activations(x, chosen, experts, gate, up)
+    out = x.new_zeros(t, experts, gate.shape[0] // experts)
+    out[order // k, pairs[order]] = a * weights.reshape(-1)[order, None]  # (token, expert) pairs are distinct
+    return out.view(t, -1)
+
+
+def all_experts_design(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, experts: int,
+                       gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """chosen_experts_design's block (same arguments) from every expert's activations times the routing weights."""
+    full = torch.zeros(len(x), experts, dtype=x.dtype, device=x.device).scatter(1, chosen, weights)
+    return design(activations(x, gate, up), full, x[:, :0])
+
+
+def routed_design_form(device: torch.device):
+    """The closed form's routed block for a device (chosen_only)."""
+    return chosen_experts_design if chosen_only(device) else all_experts_design
 
 
 def contributions(a_experts: torch.Tensor, down_experts: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
