@@ -102,12 +102,13 @@ class _Design:
     def solve(self, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         routed = self.w["gate"].shape[0]
         normal = refit.Normal(routed + self.w["shared_gate"].shape[0], y.shape[1], y.device)
+        skip_zeros = refit.chosen_only(self.x.device)  # the products of the design's zero blocks are skipped too
         for c in _chunks(len(y)):
-            if refit.chosen_only(self.x.device):  # the products of the design's zero blocks are skipped too
+            if skip_zeros:
                 normal.add_routed(self.rows(c), y[c], self.chosen[c], self.n, routed)
             else:
                 normal.add(self.rows(c), y[c])
-        return refit.split_downs(normal.solve(ridge), self.n, self.w["gate"].shape[0] // self.n)
+        return refit.split_downs(normal.solve(ridge), self.n, routed // self.n)
 
 
 def fit_layer(x: torch.Tensor, y: torch.Tensor, layer: Layer, opts: ReconstructOptions, seed: int = 0
