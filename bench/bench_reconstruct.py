@@ -3,9 +3,10 @@ perplexity of carve and DIVE builds with and without `--reconstruct` (and its va
 neurons active; the expert and neuron oracles on the same held-out data; a corpus construction never saw; and the
 reconstruction's time against one profiling pass, measured in the same run. Writes docs/results.md.
 
-Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self]   (--quick: the default rows only;
---variants: what the Adam steps train, at 25%; --half: the split of the active half between shared and routed;
---self: the demo calibration with and without text sampled from the model itself)"""
+Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self | --seeds]   (--quick: the default
+rows only; --variants: what the Adam steps train, at 25%; --half: the split of the active half between shared and
+routed; --self: the demo calibration with and without text sampled from the model itself; --seeds: make demo's split
+with today's defaults, built with several seeds, for the spread that one build's figure carries)"""
 
 from __future__ import annotations
 
@@ -138,10 +139,17 @@ SELF = [
      {**DEMO25, "reconstruct": {**REC, "train_router": True}, **WITH_SELF4}),
 ]
 
+# --seeds: make demo's split with the reconstruction defaults of today (train_router on), on the demo calibration,
+# once per build seed. The seed draws the calibration tokens of profiling and reconstruction, carve's clustering and
+# the Adam steps' batches, so the rows differ the way two users' builds of one recipe would.
+SEEDS = [("25%", f"carve 28 × 48 top-4 + shared (make demo's split) + reconstruction, seed {seed}",
+          {**DEMO25, "reconstruct": {"enabled": True}, "seed": seed}) for seed in (0, 1, 2)]
+
 # option -> (rows, docs/results.md section, title suffix)
 TABLES = {"": (ROWS, "reconstruction", ""), "variants": (VARIANTS, "reconstruction-variants", ": variants"),
           "half": (HALF, "reconstruction-half", ": 50% active"),
-          "self_calib": (SELF, "reconstruction-self", ": calibration text sampled from the model")}
+          "self_calib": (SELF, "reconstruction-self", ": calibration text sampled from the model"),
+          "seeds": (SEEDS, "reconstruction-seeds", ": the spread over build seeds")}
 
 
 def with_self(calib: Path, out: Path, domains: int) -> Path:
@@ -162,8 +170,10 @@ def main() -> None:
     p.add_argument("--half", action="store_true", help="the 50%% active variants instead (section reconstruction-half)")
     p.add_argument("--self", action="store_true", dest="self_calib", help="calibration with text sampled from the "
                    "model itself instead (section reconstruction-self)")
+    p.add_argument("--seeds", action="store_true", help="make demo's split built with seeds 0, 1 and 2 instead "
+                   "(section reconstruction-seeds)")
     args = p.parse_args()
-    table = next((name for name in ("variants", "half", "self_calib") if getattr(args, name)), "")
+    table = next((name for name in ("variants", "half", "self_calib", "seeds") if getattr(args, name)), "")
     rows, section, title = TABLES[table]
     flag = f" --{table.removesuffix('_calib')}" if table else ""
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
@@ -204,12 +214,16 @@ def main() -> None:
         + (f" '↳ + sampled' rows add a fifth calibration domain, {SELF_TOKENS:,} tokens sampled from SmolLM2 itself "
            "(`moefy data generate smollm2-135m --tokens 16384`: 64 texts of 256 tokens, each from a random first "
            "token at temperature 1, seed 0), to profiling, router fit and reconstruction alike." if rows is SELF
-           else ""),
+           else "")
+        + (" These rows use today's default instead, where the Adam steps train the routers too (train_router), "
+           "and no sampled text. Each row is one build seed: it draws the calibration tokens of profiling and "
+           "reconstruction, carve's clustering and the Adam steps' batches." if rows is SEEDS else ""),
         "",
         "| budget | model | " + " | ".join(bench.dense.per_domain) + " | overall | unseen | build s |",
         "|---|---|" + "---|" * len(bench.dense.per_domain) + "---|---|---|",
         dense_row(bench.dense, "100% | dense (absolute ppl)", extra=(f"{dense_unseen:.2f}", "")),
     ]
+    ratios = []  # (held-out overall, unseen) ÷ dense per built row, for the seeds table's spread
     for n, (budget, label, fields) in enumerate(rows):
         if args.quick and n not in QUICK:
             continue
@@ -221,8 +235,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         moe = load_causal_lm(work / "moe")
         ppl = heldout_perplexity(moe, bench.tokenizer, bench.held, seq_len=256, tokens_per_domain=EVAL_TOKENS)
+        ratios.append((ppl.ppl() / bench.dense.ppl(), unseen_ppl(moe) / dense_unseen))
         lines.append(f"| {budget} | {label} | " + " | ".join(ratio_cells(ppl, bench.dense))
-                     + f" | ×{unseen_ppl(moe) / dense_unseen:.3g} | {seconds:.0f} |")
+                     + f" | ×{ratios[-1][1]:.3g} | {seconds:.0f} |")
         print(lines[-1], file=sys.stderr, flush=True)
         if not fields.get("reconstruct"):  # the oracles of this partition, once per construction
             plan = load_plan(work / "moe")
@@ -250,6 +265,10 @@ def main() -> None:
                   f"({profile_s:.0f} s), both in this run; the Adam steps make up the rest of 'build s'. 'build s' "
                   "is planning, reconstruction and writing: the calibration profile is cached by the library, so it "
                   "is paid once, before these rows. Measured alone on the 2-core machine."]
+    if rows is SEEDS:
+        lines += ["", "Spread over the seeds, (largest − smallest) ÷ mean: " + ", ".join(
+            f"{name} {(max(v) - min(v)) / (sum(v) / len(v)):.1%} (×{min(v):.3g} to ×{max(v):.3g})"
+            for name, v in zip(("held-out", "unseen"), zip(*ratios))) + "."]
     replace_section(Path("docs/results.md"), section, "\n".join(lines))
     print(f"work dir: {work}")
 
