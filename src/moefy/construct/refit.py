@@ -240,9 +240,9 @@ def refine(x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, top_k: int, 
     deltas = {k: LowRank(v, rank, lr_ratio, gen) if rank else FullDelta(v, lr_ratio) for k, v in params.items()}
     if router is not None:
         deltas["router"] = FullDelta(router, lr_ratio)
-    # fused on a GPU: one kernel per step instead of one pass over all weights per Adam term, which was two thirds of
-    # a 7B layer's step in TF32 (docs/benchmarks.md, step precision); the CPU keeps its loop (and its numbers)
-    opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()], fused=x.is_cuda)
+    # fused: one pass over the weights per step instead of one per Adam term, which was two thirds of a 7B layer's
+    # step in TF32 on a GPU and is about 6% of a SmolLM2 layer's steps on a CPU (docs/benchmarks.md)
+    opt = torch.optim.Adam([g for d in deltas.values() for g in d.groups()], fused=True)
     routed, shared = (m.to(x.dtype) for m in masks)
     energy = (y ** 2).sum(1).mean()
     with torch.enable_grad(), _cuda_tf32(tf32):  # the sequential runner holds no_grad around its layer passes
