@@ -176,7 +176,40 @@ def test_task_errors(tiny_llama, heldout, tmp_path):
         api.evaluate([str(tiny_llama)], str(heldout), seq_len=32, tasks=[str(tmp_path / "bad.yaml")])
 
 
-def test_eval_oracles_bound_a_build_on_a_corpus(capsys, tiny_llama, heldout, tmp_path):
+def _layer(seed: int, tokens: int = 64, experts: int = 6, hidden: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(tokens, hidden, generator=gen), torch.randn(tokens, experts, hidden, generator=gen),
+            torch.randn(tokens, experts, generator=gen).softmax(-1))
+
+
+@pytest.mark.parametrize("renormalise", [True, False])
+def test_greedy_routing_is_never_worse_than_the_router(renormalise):
+    from moefy.export.oracle import _routed, greedy_routing
+
+    shared, outputs, probs = _layer(0)
+    target = torch.randn(shared.shape, generator=torch.Generator().manual_seed(1))
+    k = 2
+    chosen = greedy_routing(shared, outputs, probs, target, k, renormalise, chunk=16)  # chunks: 4 of them
+    assert (chosen.sum(-1) == k).all()
+    top = torch.zeros_like(chosen).scatter_(-1, probs.topk(k, dim=-1).indices, True)
+    err = lambda c: ((_routed(shared, outputs, probs, c, renormalise) - target) ** 2).sum(-1)  # noqa: E731
+    assert (err(chosen) <= err(top)).all() and (err(chosen) < err(top)).any()
+
+
+def test_greedy_routing_finds_the_expert_that_is_the_target():
+    """With k = 1 and renormalised weights an expert's weight is 1, so an expert equal to target - shared is found
+    whatever the router prefers; with k = N every expert is chosen."""
+    from moefy.export.oracle import greedy_routing
+
+    shared, outputs, probs = _layer(2)
+    want = torch.arange(len(probs)) % outputs.shape[1]
+    target = shared + outputs[torch.arange(len(probs)), want]
+    chosen = greedy_routing(shared, outputs, probs, target, 1)
+    assert torch.equal(chosen.float().argmax(-1), want)
+    assert greedy_routing(shared, outputs, probs, target, outputs.shape[1]).all()
+
+
+def test_eval_oracles_bound_a_build_on_a_corpus(capsys, monkeypatch, tiny_llama, heldout, tmp_path):
     from moefy.construct.recipe import BuildRecipe
     from moefy.recipes import validate_recipe
 
@@ -195,14 +228,19 @@ def test_eval_oracles_bound_a_build_on_a_corpus(capsys, tiny_llama, heldout, tmp
     for d in dense.per_domain:
         assert full.expert.per_domain[d] == pytest.approx(dense.per_domain[d], abs=1e-5)
         assert full.neuron.per_domain[d] == pytest.approx(dense.per_domain[d], abs=1e-5)
+        # every expert active: the routing oracle has nothing to choose, so it is the build as it routes itself
+        assert full.routing.per_domain[d] == pytest.approx(result.perplexity[str(every)].per_domain[d], abs=1e-5)
     o = result.oracles[str(half)]
-    assert o.active_fraction == 0.5 and o.expert.tokens == dense.tokens
+    assert o.active_fraction == 0.5 and o.expert.tokens == dense.tokens == o.routing.tokens
+    built = result.perplexity[str(half)]
+    assert abs(o.routing.overall_loss - built.overall_loss) > 1e-4  # it chose other experts than the router did
     # half the FFN is gone: both bounds moved, each its own way (on a random tiny model neither need be the lower)
     assert abs(o.expert.overall_loss - dense.overall_loss) > 1e-4
     assert abs(o.neuron.overall_loss - dense.overall_loss) > 1e-4
     assert abs(o.expert.overall_loss - o.neuron.overall_loss) > 1e-4
 
     out = tmp_path / "eval.json"
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough that rich does not wrap the column titles searched below
     assert cli.main(["eval", str(half), "--data", str(heldout), "--seq-len", "32", "--tokens-per-domain", "256",
                      "--oracle", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -210,6 +248,8 @@ def test_eval_oracles_bound_a_build_on_a_corpus(capsys, tiny_llama, heldout, tmp
     saved = json.loads(out.read_text())["oracles"][str(half)]
     assert saved["active_fraction"] == 0.5
     assert saved["expert"]["overall_ppl"] == pytest.approx(o.expert.ppl(), rel=1e-6)
+    assert "routing oracle (own experts)" in printed
+    assert saved["routing"]["overall_ppl"] == pytest.approx(o.routing.ppl(), rel=1e-6)
 
     assert cli.main(["eval", str(tiny_llama), "--data", str(heldout), "--oracle"]) == 2
     assert "--oracle needs a moefy build" in capsys.readouterr().err

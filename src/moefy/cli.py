@@ -100,7 +100,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "source in the same run (llama.cpp rows ÷ the first llama.cpp model listed)")
     e.add_argument("--oracle", action="store_true", help="also each moefy build's expert oracle (its partition, ideal "
                    "routing) and neuron oracle (each token's own top neurons, same active fraction), run inside its "
-                   "dense source on the same corpus: how much is lost to routing, how much to the partition")
+                   "dense source on the same corpus: how much is lost to routing, how much to the partition; and its "
+                   "routing oracle (its own experts, each token's best k of them)")
     e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
@@ -290,6 +291,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for m, o in result.oracles.items():
         columns[f"{m}: expert oracle"] = o.expert
         columns[f"{m}: neuron oracle at {o.active_fraction:.0%}"] = o.neuron
+        columns[f"{m}: routing oracle (own experts)"] = o.routing
     for name in columns:
         table.add_column(name, justify="right")
     for d in [*first.per_domain, None]:

@@ -1,6 +1,7 @@
 """`moefy eval`: held-out perplexity per domain of several models on one corpus, side by side, with what a user
 compares them by: speed against each MoE's dense source (or the first GGUF), lm-eval tasks, and each moefy build's
-oracles (its partition with ideal routing, and the neuron oracle) computed inside its dense source."""
+oracles (its partition with ideal routing, and the neuron oracle, computed inside its dense source; its own experts
+with ideal routing)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from moefy.evaluate.harness import run_tasks
 from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export import llama_cpp
-from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
+from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle, routing_oracle
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.sources import resolve_model
@@ -51,16 +52,19 @@ class EvalResult:
                               "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
                 "tasks": self.tasks, "corpus": self.corpus,
                 "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),
-                                "neuron": o.neuron.to_dict()} for m, o in self.oracles.items()}}
+                                "neuron": o.neuron.to_dict(), "routing": o.routing.to_dict()}
+                            for m, o in self.oracles.items()}}
 
 
 @dataclass(frozen=True)
 class Oracles:
     """Where a build's loss sits on a corpus (export/oracle.py): its expert oracle (its own partition, ideal
-    routing, the dense weights) and the neuron oracle at its active fraction, both run inside its dense source."""
+    routing, the dense weights) and the neuron oracle at its active fraction, both run inside its dense source; and
+    its routing oracle (the build's own experts and router weights, ideal choice of experts)."""
     active_fraction: float
     expert: Perplexity
     neuron: Perplexity
+    routing: Perplexity
 
 
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
@@ -117,7 +121,10 @@ def _oracles(build: Path, corpus, seq_len: int, tokens_per_domain: int | None, s
         expert = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
     with neuron_oracle(dense, fraction):
         neuron = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
-    return Oracles(fraction, expert, neuron)
+    moe = load_causal_lm(build)
+    with routing_oracle(moe, dense):
+        routing = heldout_perplexity(moe, tok, corpus, seq_len, tokens_per_domain, stride)
+    return Oracles(fraction, expert, neuron, routing)
 
 
 def _load_for_eval(spec: str, seq_len: int):
