@@ -97,7 +97,7 @@ def greedy_routing(shared: torch.Tensor, outputs: torch.Tensor, probs: torch.Ten
         acc, mass = torch.zeros_like(y), torch.zeros_like(p[:, :1])
         for _ in range(k):
             weight = p / (mass + p) if renormalise else p  # each candidate's weight once it joins the set
-            keep = mass / (mass + p) if renormalise else torch.ones_like(p)  # and what that leaves the set's
+            keep = mass / (mass + p) if renormalise else torch.ones_like(p)  # and the share left to those chosen before
             cand = base.unsqueeze(1) + keep.unsqueeze(-1) * acc.unsqueeze(1) + weight.unsqueeze(-1) * e
             err = ((cand - y.unsqueeze(1)) ** 2).sum(-1).masked_fill(mine, float("inf"))
             c = err.argmin(-1)
