@@ -84,7 +84,10 @@ class ReconstructOptions(Frozen):
     step_tokens: int = Field(512, ge=1, description="random calibration tokens per Adam step")
     # SmolLM2, make demo's 28 × 48 top-4 split: ×1.72 → ×1.66 dense held-out, unseen ×4.86 → ×4.61, same time;
     # neutral at 50% active (docs/results.md, reconstruction-self).
-    train_router: bool = Field(True, description="the Adam steps train the routers too, re-routing each batch")
+    # The stock gate's gradient reaches only the chosen experts' logits; a straight-through gradient to the runners-up
+    # measured neutral at 25% and 50% and for DIVE's top-1 (docs/results.md, routing oracle), so it is not offered.
+    train_router: bool = Field(True, description="the Adam steps train the routers too, re-routing each batch (no "
+                               "effect at top-1: the stock gate's one weight is a constant 1)")
     delta_rank: int | None = Field(None, ge=1, description="the Adam steps train a rank-r delta of each layer's "
                                    "stacked expert weights instead of every weight (None: every weight)")
 
