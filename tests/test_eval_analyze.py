@@ -238,6 +238,10 @@ def test_eval_oracles_bound_a_build_on_a_corpus(capsys, monkeypatch, tiny_llama,
     assert abs(o.expert.overall_loss - dense.overall_loss) > 1e-4
     assert abs(o.neuron.overall_loss - dense.overall_loss) > 1e-4
     assert abs(o.expert.overall_loss - o.neuron.overall_loss) > 1e-4
+    # the dense model evaluated above served both builds' oracles; loaded afresh for them alone, it gives the same
+    alone = api.evaluate([str(half)], str(heldout), seq_len=32, tokens_per_domain=256, oracle=True).oracles[str(half)]
+    for ours, fresh in ((o.expert, alone.expert), (o.neuron, alone.neuron), (o.routing, alone.routing)):
+        assert ours.per_domain == pytest.approx(fresh.per_domain, abs=1e-6)
 
     out = tmp_path / "eval.json"
     monkeypatch.setenv("COLUMNS", "400")  # wide enough that rich does not wrap the column titles searched below

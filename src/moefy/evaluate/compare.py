@@ -108,20 +108,28 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
-    oracles = {spec: _oracles(d, corpus, seq_len, tokens_per_domain, stride) for spec, d in builds.items()}
+    # the models already loaded serve the oracles too (each oracle's hooks come off when it is done)
+    in_memory = {resolve_model(spec).directory.resolve(): model for spec, (model, _) in loaded.items()
+                 if builds and not spec.startswith(LLAMA_CPP)}
+    oracles = {spec: _oracles(d, loaded[spec][0], in_memory, corpus, seq_len, tokens_per_domain, stride)
+               for spec, d in builds.items()}
     return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles)
 
 
-def _oracles(build: Path, corpus, seq_len: int, tokens_per_domain: int | None, stride: int | None) -> Oracles:
+def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int, tokens_per_domain: int | None,
+             stride: int | None) -> Oracles:
+    """A build's three oracles. `loaded` maps the directories of the models in memory to them; its dense source is
+    loaded (and added there, for the next build from it) only when it is not among them."""
     plan = load_plan(build)
     source = resolve_model(plan.meta.source).directory
-    dense, tok = load_causal_lm(source), load_tokenizer(source)
+    if source.resolve() not in loaded:
+        loaded[source.resolve()] = load_causal_lm(source)
+    dense, tok = loaded[source.resolve()], load_tokenizer(source)
     fraction = active_fraction(plan)
     with expert_oracle(dense, plan):
         expert = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
     with neuron_oracle(dense, fraction):
         neuron = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
-    moe = load_causal_lm(build)
     with routing_oracle(moe, dense):
         routing = heldout_perplexity(moe, tok, corpus, seq_len, tokens_per_domain, stride)
     return Oracles(fraction, expert, neuron, routing)
