@@ -78,10 +78,10 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     corpus = load_corpus(data)
     if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
         raise MoefyError("lm-eval tasks run on transformers models only; drop the llama.cpp: models or --tasks")
-    builds = {}  # spec -> directory of each moefy build listed, whose oracles --oracle computes
+    dirs, builds = {}, {}  # spec -> directory of each transformers model, and of each moefy build (--oracle)
     if oracle:
-        builds = {spec: resolve_model(spec).directory for spec in models if not spec.startswith(LLAMA_CPP)}
-        builds = {spec: d for spec, d in builds.items() if (d / PLAN_JSON).is_file()}
+        dirs = {spec: resolve_model(spec).directory for spec in models if not spec.startswith(LLAMA_CPP)}
+        builds = {spec: d for spec, d in dirs.items() if (d / PLAN_JSON).is_file()}
     if oracle and not builds:  # before any model loads
         raise MoefyError("--oracle needs a moefy build among the models (a directory with moefy_plan.json): the "
                          "oracles run its plan inside its dense source")
@@ -109,8 +109,7 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
                               generator=torch.Generator().manual_seed(0))
         speeds = measure_speed(timed, probe)
     # the models already loaded serve the oracles too (each oracle's hooks come off when it is done)
-    in_memory = {resolve_model(spec).directory.resolve(): model for spec, (model, _) in loaded.items()
-                 if builds and not spec.startswith(LLAMA_CPP)}
+    in_memory = {d.resolve(): loaded[spec][0] for spec, d in dirs.items()}
     oracles = {spec: _oracles(d, loaded[spec][0], in_memory, corpus, seq_len, tokens_per_domain, stride)
                for spec, d in builds.items()}
     return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles)
@@ -122,9 +121,10 @@ def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int,
     loaded (and added there, for the next build from it) only when it is not among them."""
     plan = load_plan(build)
     source = resolve_model(plan.meta.source).directory
-    if source.resolve() not in loaded:
-        loaded[source.resolve()] = load_causal_lm(source)
-    dense, tok = loaded[source.resolve()], load_tokenizer(source)
+    key = source.resolve()
+    if key not in loaded:
+        loaded[key] = load_causal_lm(source)
+    dense, tok = loaded[key], load_tokenizer(source)
     fraction = active_fraction(plan)
     with expert_oracle(dense, plan):
         expert = heldout_perplexity(dense, tok, corpus, seq_len, tokens_per_domain, stride)
