@@ -3,10 +3,11 @@ perplexity of carve and DIVE builds with and without `--reconstruct` (and its va
 neurons active; the expert and neuron oracles on the same held-out data; a corpus construction never saw; and the
 reconstruction's time against one profiling pass, measured in the same run. Writes docs/results.md.
 
-Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self | --seeds]   (--quick: the default
-rows only; --variants: what the Adam steps train, at 25%; --half: the split of the active half between shared and
-routed; --self: the demo calibration with and without text sampled from the model itself; --seeds: make demo's split
-with today's defaults, built with several seeds, for the spread that one build's figure carries)"""
+Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self | --seeds | --refine]
+(--quick: the default rows only; --variants: what the Adam steps train, at 25%; --half: the split of the active half
+between shared and routed; --self: the demo calibration with and without text sampled from the model itself; --seeds:
+make demo's split with today's defaults, built with several seeds, for the spread that one build's figure carries;
+--refine: the same builds, and the best 50% split, with carve's partition refined for its routers)"""
 
 from __future__ import annotations
 
@@ -145,11 +146,21 @@ SELF = [
 SEEDS = [("25%", f"carve 28 × 48 top-4 + shared (make demo's split) + reconstruction, seed {seed}",
           {**DEMO25, "reconstruct": {"enabled": True}, "seed": seed}) for seed in (0, 1, 2)]
 
+# --refine: carve's partition refined for the router that picks from it (cluster.refine_rounds, the default since),
+# at make demo's split with the --seeds table's seeds, and at the best 50% split; today's defaults otherwise.
+REFINE = [*[("25%", f"carve 28 × 48 top-4 + shared (make demo's split), refined partition + reconstruction, "
+                    f"seed {seed}", {**DEMO25, "reconstruct": {"enabled": True}, "seed": seed}) for seed in (0, 1, 2)],
+          ("50%", "shared 3/8 + 8 of 40 × 24, refined partition + reconstruction, 16,384 tokens per domain, seed 0",
+           {**HALF38, "reconstruct": {"enabled": True, "tokens_per_domain": 16384}})]
+# Every table before --refine was measured with carve's partition as clustered, the default then.
+UNREFINED = {"cluster": {"refine_rounds": 0}}
+
 # option -> (rows, docs/results.md section, title suffix)
 TABLES = {"": (ROWS, "reconstruction", ""), "variants": (VARIANTS, "reconstruction-variants", ": variants"),
           "half": (HALF, "reconstruction-half", ": 50% active"),
           "self_calib": (SELF, "reconstruction-self", ": calibration text sampled from the model"),
-          "seeds": (SEEDS, "reconstruction-seeds", ": the spread over build seeds")}
+          "seeds": (SEEDS, "reconstruction-seeds", ": the spread over build seeds"),
+          "refine": (REFINE, "reconstruction-refine", ": carve's partition refined for its routers")}
 
 
 def with_self(calib: Path, out: Path, domains: int) -> Path:
@@ -172,8 +183,10 @@ def main() -> None:
                    "model itself instead (section reconstruction-self)")
     p.add_argument("--seeds", action="store_true", help="make demo's split built with seeds 0, 1 and 2 instead "
                    "(section reconstruction-seeds)")
+    p.add_argument("--refine", action="store_true", help="the --seeds builds and the best 50%% split with carve's "
+                   "partition refined for its routers instead (section reconstruction-refine)")
     args = p.parse_args()
-    table = next((name for name in ("variants", "half", "self_calib", "seeds") if getattr(args, name)), "")
+    table = next((name for name in ("variants", "half", "self_calib", "seeds", "refine") if getattr(args, name)), "")
     rows, section, title = TABLES[table]
     flag = f" --{table.removesuffix('_calib')}" if table else ""
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
@@ -217,7 +230,10 @@ def main() -> None:
            else "")
         + (" These rows use today's default instead, where the Adam steps train the routers too (train_router), "
            "and no sampled text. Each row is one build seed: it draws the calibration tokens of profiling and "
-           "reconstruction, carve's clustering and the Adam steps' batches." if rows is SEEDS else ""),
+           "reconstruction, carve's clustering and the Adam steps' batches." if rows in (SEEDS, REFINE) else "")
+        + (" carve's partition is then refined for its routers (`--cluster-refine-rounds`, default 5): each round "
+           "fits a linear router to the experts' activation mass on the profile's sampled tokens and re-assigns "
+           "every neuron to the experts whose routed tokens use it most." if rows is REFINE else ""),
         "",
         "| budget | model | " + " | ".join(bench.dense.per_domain) + " | overall | unseen | build s |",
         "|---|---|" + "---|" * len(bench.dense.per_domain) + "---|---|---|",
@@ -229,8 +245,8 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         calib_fields = calib_for(fields)
-        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB, **fields,
-                                               **calib_fields})
+        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB,
+                                               **({} if rows is REFINE else UNREFINED), **fields, **calib_fields})
         result = api.build(recipe, work / "moe", overwrite=True)
         seconds = time.perf_counter() - t0
         moe = load_causal_lm(work / "moe")
@@ -265,10 +281,10 @@ def main() -> None:
                   f"({profile_s:.0f} s), both in this run; the Adam steps make up the rest of 'build s'. 'build s' "
                   "is planning, reconstruction and writing: the calibration profile is cached by the library, so it "
                   "is paid once, before these rows. Measured alone on the 2-core machine."]
-    if rows is SEEDS:
+    if rows in (SEEDS, REFINE):  # the seeds' rows are the first three
         lines += ["", "Spread over the seeds, (largest − smallest) ÷ mean: " + ", ".join(
             f"{name} {(max(v) - min(v)) / (sum(v) / len(v)):.1%} (×{min(v):.3g} to ×{max(v):.3g})"
-            for name, v in zip(("held-out", "unseen"), zip(*ratios))) + "."]
+            for name, v in zip(("held-out", "unseen"), zip(*ratios[:3]))) + "."]
     replace_section(Path("docs/results.md"), section, "\n".join(lines))
     print(f"work dir: {work}")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moefy.construct.cluster import _balanced_assign, balanced_kmeans
+from moefy.construct.cluster import balanced_assign, balanced_kmeans
 from moefy.construct.plan import PAD, LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
 from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
@@ -40,12 +40,36 @@ def test_auction_assignment_is_optimal(n, sizes):
     from scipy.optimize import linear_sum_assignment
 
     sim = np.random.default_rng(n).standard_normal((n, len(sizes)))
-    labels = _balanced_assign(sim, sizes)
+    labels = balanced_assign(sim, sizes)
     assert np.bincount(labels, minlength=len(sizes)).tolist() == sizes
     slots = np.repeat(np.arange(len(sizes)), sizes)
     rows, cols = linear_sum_assignment(-sim[:, slots])
     optimum = sim[rows, slots[cols]].sum()
     assert sim[np.arange(n), labels].sum() >= optimum - n * 1e-6
+
+
+def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():
+    """Four token clusters a linear router can tell apart, each using its own tenth of the neurons: from a random
+    balanced start, the refinement gives each expert one cluster's neurons, and the routed experts then cover
+    nearly all of each token's activation mass."""
+    from moefy.construct.methods import linear_routing, refine_for_routing, ridge_system, routed_mass
+
+    rng = np.random.default_rng(0)
+    cluster = rng.integers(0, 4, 400)
+    hidden = np.eye(8)[cluster] + 0.1 * rng.standard_normal((400, 8))
+    owner = np.arange(40) % 4  # neuron j fires on cluster j % 4's tokens
+    abs_act = np.where(cluster[:, None] == owner[None], 1.0, 0.05) * rng.uniform(0.5, 1.5, (400, 40))
+    start = rng.permutation(np.repeat(np.arange(4), 10))
+
+    def coverage(labels):
+        mass = routed_mass(abs_act, labels, 4)
+        return (mass * linear_routing(hidden, ridge_system(hidden, 1e-2), mass, 1)).sum() / abs_act.sum()
+
+    labels = refine_for_routing(start, abs_act, hidden, [10] * 4, top_k=1, rounds=4, ridge=1e-2)
+    assert np.bincount(labels, minlength=4).tolist() == [10] * 4
+    assert len({(int(o), int(e)) for o, e in zip(owner, labels)}) == 4  # each expert is one cluster's neurons
+    assert coverage(labels) > 0.8 > coverage(start)
+    assert (refine_for_routing(start, abs_act, hidden, [10] * 4, 1, 0, 1e-2) == start).all()
 
 
 def test_splits_partition():

@@ -22,7 +22,7 @@ def balanced_kmeans(points: np.ndarray, sizes: list[int], rng: np.random.Generat
         centroids = new
     labels = None
     for _ in range(balanced_rounds):
-        new_labels = _balanced_assign(x @ centroids.T, sizes)
+        new_labels = balanced_assign(x @ centroids.T, sizes)
         if labels is not None and (new_labels == labels).all():
             break
         labels = new_labels
@@ -54,7 +54,7 @@ def _centroids(x: np.ndarray, labels: np.ndarray, k: int, fallback: np.ndarray) 
     return _normalise(sums)
 
 
-def _balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float = 1e-7) -> np.ndarray:
+def balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float = 1e-7) -> np.ndarray:
     """Maximise total similarity subject to cluster e receiving exactly sizes[e] points.
 
     An ε-scaling auction (Bertsekas) over k cluster prices: the slots of one cluster are identical, so this
