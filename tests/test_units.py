@@ -49,7 +49,7 @@ def test_auction_assignment_is_optimal(n, sizes):
 
 
 def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():
-    """Four token clusters a linear router can tell apart, each using its own tenth of the neurons: from a random
+    """Four token clusters a linear router can tell apart, each using its own quarter of the neurons: from a random
     balanced start, the refinement gives each expert one cluster's neurons, and the routed experts then cover
     nearly all of each token's activation mass."""
     from moefy.construct.methods import linear_routing, refine_for_routing, ridge_system, routed_mass
