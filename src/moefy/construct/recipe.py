@@ -20,7 +20,8 @@ class ClusterOptions(Frozen):
     balanced_rounds: int = Field(3, ge=1, description="cluster method: exact balanced re-assignments "
                                                       "(~10 ms each per layer at 1536 neurons)")
     # 5: the share of activation mass the routed experts cover stops growing after about 5 rounds on SmolLM2, and
-    # make demo's split went from x1.73 to x1.65 held-out after reconstruction (docs/results.md, reconstruction-refine).
+    # make demo's split after reconstruction went from x1.65-1.73 held-out over three seeds to x1.64-1.66
+    # (docs/results.md, reconstruction-refine).
     refine_rounds: int = Field(5, ge=0, description="carve: rounds that re-assign neurons to the experts whose "
                                "tokens a linear router picks (0: the clustered partition as it is)")
 
