@@ -37,6 +37,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_build.py
 	$(BIN)/python bench/bench_profile.py
+	$(BIN)/python bench/bench_carve_split.py
 	$(BIN)/python bench/bench_train.py --part throughput
 
 # The construction table. The training, DIVE and filter benchmarks take 20-40 minutes each on a 2-core CPU; their

@@ -52,7 +52,7 @@ def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():
     """Four token clusters a linear router can tell apart, each using its own quarter of the neurons: from a random
     balanced start, the refinement gives each expert one cluster's neurons, and the routed experts then cover
     nearly all of each token's activation mass."""
-    from moefy.construct.methods import linear_routing, refine_for_routing, ridge_system, routed_mass
+    from moefy.construct.methods import linear_routing, refine_for_routing, ridge_scores, routed_mass
 
     rng = np.random.default_rng(0)
     cluster = rng.integers(0, 4, 400)
@@ -63,13 +63,25 @@ def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():
 
     def coverage(labels):
         mass = routed_mass(abs_act, labels, 4)
-        return (mass * linear_routing(hidden, ridge_system(hidden, 1e-2), mass, 1)).sum() / abs_act.sum()
+        return (mass * linear_routing(ridge_scores(hidden, 1e-2), mass, 1)).sum() / abs_act.sum()
 
     labels = refine_for_routing(start, abs_act, hidden, [10] * 4, top_k=1, rounds=4, ridge=1e-2)
     assert np.bincount(labels, minlength=4).tolist() == [10] * 4
     assert len({(int(o), int(e)) for o, e in zip(owner, labels)}) == 4  # each expert is one cluster's neurons
     assert coverage(labels) > 0.8 > coverage(start)
     assert (refine_for_routing(start, abs_act, hidden, [10] * 4, 1, 0, 1e-2) == start).all()
+
+
+@pytest.mark.parametrize("tokens", [50, 12])  # more tokens than inputs (primal form), fewer (dual form)
+def test_ridge_scores_are_the_ridge_fit(tokens):
+    """The factored ridge fit gives the fitted values of the plain normal-equations solve, in either form."""
+    from moefy.construct.methods import ridge_scores
+
+    rng = np.random.default_rng(0)
+    hidden, target = rng.standard_normal((tokens, 20)) * rng.uniform(0.1, 3, 20), rng.standard_normal((tokens, 5))
+    gram = hidden.T @ hidden
+    want = hidden @ np.linalg.solve(gram + 0.1 * np.diag(gram).mean() * np.eye(20), hidden.T @ target)
+    np.testing.assert_allclose(ridge_scores(hidden, 0.1)(target), want, rtol=1e-9, atol=1e-9)
 
 
 def test_splits_partition():
