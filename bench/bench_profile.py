@@ -66,7 +66,10 @@ def main() -> None:
                           ("coactivation 8/2, random router", dict(method="coactivation")),
                           ("carve 56/8, representative router", dict(method="carve", experts=56, top_k=8,
                                                                       router={"kind": "representative"})),
-                          ("carve 56/8, fit router (default)", dict(method="carve", experts=56, top_k=8))]:
+                          ("carve 56/8, fit router, partition as clustered (refine_rounds 0)",
+                           dict(method="carve", experts=56, top_k=8, cluster={"refine_rounds": 0})),
+                          ("carve 56/8, fit router, refined partition (default)",
+                           dict(method="carve", experts=56, top_k=8))]:
         recipe = resolve_defaults(BuildRecipe(model="smollm2-135m", **fields))
         t0 = time.perf_counter()
         make_plan(recipe, family, config, reader, lambda: stats)

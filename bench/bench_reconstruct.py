@@ -3,11 +3,13 @@ perplexity of carve and DIVE builds with and without `--reconstruct` (and its va
 neurons active; the expert and neuron oracles on the same held-out data; a corpus construction never saw; and the
 reconstruction's time against one profiling pass, measured in the same run. Writes docs/results.md.
 
-Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self | --seeds | --refine]
+Usage: python bench/bench_reconstruct.py [--quick | --variants | --half | --self | --seeds | --refine |
+                                          --refine-free]
 (--quick: the default rows only; --variants: what the Adam steps train, at 25%; --half: the split of the active half
 between shared and routed; --self: the demo calibration with and without text sampled from the model itself; --seeds:
 make demo's split with today's defaults, built with several seeds, for the spread that one build's figure carries;
---refine: the same builds, and the best 50% split, with carve's partition refined for its routers)"""
+--refine: the same builds, and the best 50% split, with carve's partition refined for its routers; --refine-free:
+carve's defaults without reconstruction, its partition as clustered and refined)"""
 
 from __future__ import annotations
 
@@ -154,13 +156,18 @@ REFINE = [*[("25%", f"carve 28 × 48 top-4 + shared (make demo's split), refined
            {**HALF38, "reconstruct": {"enabled": True, "tokens_per_domain": 16384}})]
 # Every table before --refine was measured with carve's partition as clustered, the default then.
 UNREFINED = {"cluster": {"refine_rounds": 0}}
+# --refine-free: the refinement alone, without reconstruction, at carve's defaults (and the two partitions' oracles).
+FREE = [("25%", "carve (defaults), partition as clustered", {**CARVE25, **UNREFINED}),
+        ("25%", "carve (defaults), refined partition", CARVE25)]
+REFINED_TABLES = (REFINE, FREE)  # the tables that leave carve's refinement at its default
 
 # option -> (rows, docs/results.md section, title suffix)
 TABLES = {"": (ROWS, "reconstruction", ""), "variants": (VARIANTS, "reconstruction-variants", ": variants"),
           "half": (HALF, "reconstruction-half", ": 50% active"),
           "self_calib": (SELF, "reconstruction-self", ": calibration text sampled from the model"),
           "seeds": (SEEDS, "reconstruction-seeds", ": the spread over build seeds"),
-          "refine": (REFINE, "reconstruction-refine", ": carve's partition refined for its routers")}
+          "refine": (REFINE, "reconstruction-refine", ": carve's partition refined for its routers"),
+          "refine_free": (FREE, "reconstruction-refine-free", ": carve's refined partition without reconstruction")}
 
 
 def with_self(calib: Path, out: Path, domains: int) -> Path:
@@ -185,10 +192,12 @@ def main() -> None:
                    "(section reconstruction-seeds)")
     p.add_argument("--refine", action="store_true", help="the --seeds builds and the best 50%% split with carve's "
                    "partition refined for its routers instead (section reconstruction-refine)")
+    p.add_argument("--refine-free", action="store_true", help="carve's defaults without reconstruction, partition "
+                   "as clustered and refined, instead (section reconstruction-refine-free)")
     args = p.parse_args()
-    table = next((name for name in ("variants", "half", "self_calib", "seeds", "refine") if getattr(args, name)), "")
+    table = next((name for name in TABLES if name and getattr(args, name)), "")
     rows, section, title = TABLES[table]
-    flag = f" --{table.removesuffix('_calib')}" if table else ""
+    flag = f" --{table.removesuffix('_calib').replace('_', '-')}" if table else ""
     work = Path(tempfile.mkdtemp(prefix="moefy-reconstruct-"))
     bench = setup(work)
     unseen = bench.unseen
@@ -233,7 +242,7 @@ def main() -> None:
            "reconstruction, carve's clustering and the Adam steps' batches." if rows in (SEEDS, REFINE) else "")
         + (" carve's partition is then refined for its routers (`--cluster-refine-rounds`, default 5): each round "
            "fits a linear router to the experts' activation mass on the profile's sampled tokens and re-assigns "
-           "every neuron to the experts whose routed tokens use it most." if rows is REFINE else ""),
+           "every neuron to the experts whose routed tokens use it most." if rows in REFINED_TABLES else ""),
         "",
         "| budget | model | " + " | ".join(bench.dense.per_domain) + " | overall | unseen | build s |",
         "|---|---|" + "---|" * len(bench.dense.per_domain) + "---|---|---|",
@@ -245,8 +254,9 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         calib_fields = calib_for(fields)
-        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB,
-                                               **({} if rows is REFINE else UNREFINED), **fields, **calib_fields})
+        pinned = {} if rows in REFINED_TABLES else UNREFINED
+        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB, **pinned,
+                                               **fields, **calib_fields})
         result = api.build(recipe, work / "moe", overwrite=True)
         seconds = time.perf_counter() - t0
         moe = load_causal_lm(work / "moe")
