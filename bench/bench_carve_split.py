@@ -8,7 +8,8 @@ the partition meaningless; bench_profile.py times the step on SmolLM2's real sta
     python bench/bench_carve_split.py                     # SmolLM2, TinyLlama-1B and LLaMA-2-7B shapes
     python bench/bench_carve_split.py --shapes 7b --repeats 3
 
-The split is carve's defaults (56 experts, top-8, a shared eighth of the FFN); one process, single runs in turn."""
+The split is carve's defaults (56 experts, top-8, a shared eighth of the FFN); one child process per layer, in
+turn."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -27,7 +30,8 @@ from moefy.construct.recipe import BuildRecipe
 from moefy.construct.registry import resolve_defaults
 from moefy.profile.options import ProfileOptions
 
-SHAPES = {"smollm2": (576, 1536), "1b": (2048, 5632), "7b": (4096, 11008)}  # hidden, FFN width
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_refine import SHAPES  # noqa: E402  (hidden, FFN width) of each model
 
 
 def stats(hidden: int, width: int, seed: int) -> dict:

@@ -74,7 +74,8 @@ def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():
 
 @pytest.mark.parametrize("tokens", [50, 12])  # more tokens than inputs (primal form), fewer (dual form)
 def test_ridge_scores_are_the_ridge_fit(tokens):
-    """The factored ridge fit gives the fitted values of the plain normal-equations solve, in either form."""
+    """ridge_scores, solved once per layer, gives the fitted values of the plain normal-equations solve, in either
+    form."""
     from moefy.construct.methods import ridge_scores
 
     rng = np.random.default_rng(0)
