@@ -35,7 +35,7 @@ def test_balanced_kmeans_exact_uneven_sizes():
     assert np.bincount(labels, minlength=8).tolist() == sizes
 
 
-@pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12])])
+@pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12]), (1000, [18] * 48 + [17] * 8)])
 def test_auction_assignment_is_optimal(n, sizes):
     from scipy.optimize import linear_sum_assignment
 
