@@ -61,7 +61,7 @@ def balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float =
     solves the n×n assignment that linear_sum_assignment would, to within n·eps_final of the optimum, in
     O(rounds·n·k) rather than O(n³) — about 10× faster at n=1536, k=8, and it scales to wide FFNs."""
     n, k = similarity.shape
-    if sum(sizes) != n:  # the auction would never end: some point always unassigned, or a slot never filled
+    if sum(sizes) != n:  # fewer slots than points: the auction never ends; more: a cluster comes back short
         raise ValueError("cluster sizes must sum to the number of points")
     if k == 1:
         return np.zeros(n, dtype=np.int64)
@@ -81,7 +81,7 @@ def balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float =
 # A round of _bid_together costs about 0.1 ms per cluster that gets bids, however few bid; a bid of
 # _bid_one_by_one about 7 µs. On SmolLM2's statistics most of an auction's rounds were the tail of a phase, a chain
 # of a few displaced points outbidding one another, so below this many bidders they go one at a time (2.5× faster
-# over carve's calls, the same labels; 256 was the fastest of 16-1024).
+# over carve's calls, the same optimum; 256 was the fastest of 16-1024).
 _ONE_BY_ONE = 256
 
 
