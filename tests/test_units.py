@@ -35,7 +35,9 @@ def test_balanced_kmeans_exact_uneven_sizes():
     assert np.bincount(labels, minlength=8).tolist() == sizes
 
 
-@pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12]), (1000, [18] * 48 + [17] * 8)])
+# Below 256 unassigned points the auction bids one at a time: 40 and 12 points only so, 300 and 1,000 both ways.
+@pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12]),
+                                     (1000, [18] * 48 + [17] * 8)])
 def test_auction_assignment_is_optimal(n, sizes):
     from scipy.optimize import linear_sum_assignment
 
@@ -46,6 +48,12 @@ def test_auction_assignment_is_optimal(n, sizes):
     rows, cols = linear_sum_assignment(-sim[:, slots])
     optimum = sim[rows, slots[cols]].sum()
     assert sim[np.arange(n), labels].sum() >= optimum - n * 1e-6
+
+
+def test_auction_refuses_sizes_that_do_not_sum_to_the_points():
+    """With fewer slots than points the auction would bid for ever."""
+    with pytest.raises(ValueError, match="sum to the number of points"):
+        balanced_assign(np.zeros((5, 2)), [2, 2])
 
 
 def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():

@@ -59,7 +59,8 @@ def balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float =
 
     An ε-scaling auction (Bertsekas) over k cluster prices: the slots of one cluster are identical, so this
     solves the n×n assignment that linear_sum_assignment would, to within n·eps_final of the optimum, in
-    O(rounds·n·k) rather than O(n³) — about 10× faster at n=1536, k=8, and it scales to wide FFNs."""
+    O(rounds·n·k) rather than O(n³) — about 10× faster at n=1536, k=8, and it scales to wide FFNs. Each ε phase
+    bids all unassigned points at once while there are many (_bid_together), then one at a time (_bid_one_by_one)."""
     n, k = similarity.shape
     if sum(sizes) != n:  # fewer slots than points: the auction never ends; more: a cluster comes back short
         raise ValueError("cluster sizes must sum to the number of points")
