@@ -1,15 +1,15 @@
-"""Variants of carve's refinement that are not in the library, measured against it (docs/results.md, the reading
-under "reconstruction-refine-free"). Each variant runs bench_reconstruct.py's table with one row, with the variant
-patched in for this process only, and prints the table instead of writing docs/results.md:
+"""Variants of carve's refinement measured against it (docs/results.md, the reading under
+"reconstruction-refine-free"). Each variant runs one of bench_reconstruct.py's tables with the variant applied, for
+this process only where it is not a recipe option, and prints the table instead of writing docs/results.md:
 
-    python bench/bench_refine_variants.py rounds3        # 3 refinement rounds instead of 5, no reconstruction
-    python bench/bench_refine_variants.py rounds10       # 10 rounds
-    python bench/bench_refine_variants.py balanced       # each round's linear routing load-balanced by biases
-    python bench/bench_refine_variants.py weighted       # each neuron's |a| weighted by its down-column norm
-    python bench/bench_refine_variants.py weighted-demo  # the same, make demo's split + reconstruction, seed 0
+    python bench/bench_refine_variants.py rounds3          # 3 refinement rounds instead of 5, no reconstruction
+    python bench/bench_refine_variants.py rounds10         # 10 rounds
+    python bench/bench_refine_variants.py balanced         # each round's linear routing load-balanced by biases
+    python bench/bench_refine_variants.py weighted         # cluster.measure = output: |a| × down-column norm
+    python bench/bench_refine_variants.py weighted-refine  # the same, the whole --refine table (3 seeds + 50%)
 
-The first four compare with `bench_reconstruct.py --refine-free`'s refined row, the last with `--refine`'s seed-0
-row. Run alone: each takes 6-9 minutes on the 2-core CPU."""
+The first four compare with `bench_reconstruct.py --refine-free`'s refined row, the last with `--refine`. Run
+alone: each of the first four takes 6-9 minutes on the 2-core CPU, the last about 45."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moefy.construct import methods, registry
+from moefy.construct import methods
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_reconstruct as B  # noqa: E402
@@ -43,34 +43,27 @@ def balanced_routing(scores, mass: np.ndarray, top_k: int) -> np.ndarray:
     return routed
 
 
-def weighted_carve(layer, recipe, rng) -> registry.Split:
-    """carve with each neuron's |a| scaled by the norm of its down-projection column: its output's size."""
-    stats = layer.stats("carve")
-    norms = layer.weight("down").float().norm(dim=0)
-    return registry.Split(*methods.carve_split({**stats, "abs_act": stats["abs_act"] * norms}, recipe, rng))
-
-
 def main() -> None:
     variant = sys.argv[1] if len(sys.argv) == 2 else ""
-    free, demo = B.FREE[1], B.REFINE[0]  # the refined row without reconstruction; make demo's split, seed 0
-    variants = {"rounds3": ("refine_free", free, " 3 rounds", {**free[2], "cluster": {"refine_rounds": 3}}),
-                "rounds10": ("refine_free", free, " 10 rounds", {**free[2], "cluster": {"refine_rounds": 10}}),
-                "balanced": ("refine_free", free, " each round's routing load-balanced", free[2]),
-                "weighted": ("refine_free", free, " |a| weighted by down-column norm", free[2]),
-                "weighted-demo": ("refine", demo, " |a| weighted by down-column norm", demo[2])}
+    free = B.FREE[1]  # the refined row without reconstruction
+    output = {"cluster": {"measure": "output"}}
+    variants = {"rounds3": ("refine_free", " 3 rounds", {"cluster": {"refine_rounds": 3}}),
+                "rounds10": ("refine_free", " 10 rounds", {"cluster": {"refine_rounds": 10}}),
+                "balanced": ("refine_free", " each round's routing load-balanced", {}),
+                "weighted": ("refine_free", " |a| weighted by down-column norm", output),
+                "weighted-refine": ("refine", " |a| weighted by down-column norm", output)}
     if variant not in variants:
         sys.exit(f"usage: bench_refine_variants.py {{{','.join(variants)}}}")
-    table, (budget, label, _), suffix, fields = variants[variant]
+    table, suffix, change = variants[variant]
     if variant == "balanced":
         methods.linear_routing = balanced_routing
-    if variant.startswith("weighted"):
-        registry.METHODS["carve"] = weighted_carve
     rows = B.TABLES[table][0]
-    rows[:] = [(budget, label + "," + suffix, fields)]
+    # in place: bench_reconstruct recognises its tables by identity and equality
+    rows[:] = [(budget, label + "," + suffix, {**fields, **change})
+               for budget, label, fields in ([free] if table == "refine_free" else rows)]
     B.replace_section = lambda page, name, text: print(text)
     sys.argv = ["bench_reconstruct.py", "--" + table.replace("_", "-")]
     B.main()
-
 
 if __name__ == "__main__":
     main()

@@ -255,6 +255,9 @@ def test_profile_is_data_parallel_under_torchrun(tiny_llama, corpus, tmp_path):
     # the partition as clustered, without the refinement for the routers that carve runs by default
     ({"method": "carve", "experts": 4, "top_k": 1, "cluster": {"refine_rounds": 0}}, "Qwen2MoeForCausalLM",
      "uniform"),
+    # each neuron's |a| weighted by its down-projection column norm
+    ({"method": "carve", "experts": 4, "top_k": 1, "cluster": {"measure": "output"}}, "Qwen2MoeForCausalLM",
+     "uniform"),
     ({"method": "coactivation", "experts": 4, "top_k": 2}, "MixtralForCausalLM", "uniform"),
     ({"method": "importance", "experts": 4, "top_k": 1}, "MixtralForCausalLM", "uniform"),
     ({"method": "importance", "importance": "inter", "experts": 4, "top_k": 1}, "Qwen2MoeForCausalLM", "uniform"),

@@ -80,6 +80,29 @@ def test_refine_for_routing_finds_the_partition_a_linear_router_can_serve():
     assert (refine_for_routing(start, abs_act, hidden, [10] * 4, 1, 0, 1e-2) == start).all()
 
 
+def test_carve_output_measure_weighs_each_neuron_by_its_down_norm():
+    """cluster.measure = output scales each neuron's |a| by its down-projection column norm: a norm common to all
+    neurons changes no decision (clustering normalises per token, refinement standardises); different norms move
+    neurons between experts, but not into or out of the shared block, which is chosen by how often a neuron fires."""
+    from moefy.construct.methods import carve_split
+    from moefy.construct.recipe import BuildRecipe
+
+    g = torch.Generator().manual_seed(0)
+    stats = {"top_freq": torch.rand(2, 96, generator=g), "domain_tokens": torch.tensor([10.0, 30.0]),
+             "abs_act": torch.randn(300, 96, generator=g).abs() ** 3, "hidden": torch.randn(300, 16, generator=g)}
+    recipe = BuildRecipe(model="m", method="carve", experts=6, top_k=2, shared_fraction=0.125)
+
+    def labels(norms):
+        groups, shared = carve_split(stats, recipe, np.random.default_rng(0), norms)
+        return [g.tolist() for g in groups], shared.tolist()
+
+    plain = labels(None)
+    assert labels(torch.full((96,), 3.0)) == plain
+    norms = torch.rand(96, generator=g) + 0.5
+    weighted = labels(norms)
+    assert weighted[1] == plain[1] and weighted != plain  # the shared block is chosen by frequency, as before
+
+
 @pytest.mark.parametrize("tokens", [50, 12])  # more tokens than inputs (primal form), fewer (dual form)
 def test_ridge_scores_are_the_ridge_fit(tokens):
     """ridge_scores, solved once per layer, gives the fitted values of the plain normal-equations solve, in either

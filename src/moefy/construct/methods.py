@@ -51,9 +51,11 @@ def shared_count(width: int, fraction: float) -> int:
     return int(round(width * fraction))
 
 
-def carve_split(stats: dict, recipe: BuildRecipe, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+def carve_split(stats: dict, recipe: BuildRecipe, rng: np.random.Generator,
+                down_norms: torch.Tensor | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """CMoE: the most frequently top-activated neurons become an always-on shared block; the rest are grouped by
-    balanced k-means on their activation patterns over the sampled tokens (|a| normalised per token)."""
+    balanced k-means on their activation patterns over the sampled tokens (|a| normalised per token). Given
+    `down_norms` [I] (each neuron's down-projection column norm), a neuron's |a| is scaled by it first."""
     top_freq = _domain_weighted(stats["top_freq"], stats["domain_tokens"])
     width = len(top_freq)
     n_shared = shared_count(width, recipe.shared_fraction)
@@ -62,7 +64,7 @@ def carve_split(stats: dict, recipe: BuildRecipe, rng: np.random.Generator) -> t
     if len(rest) < recipe.experts:
         raise MoefyError(f"shared_fraction {recipe.shared_fraction} leaves {len(rest)} neurons for "
                          f"{recipe.experts} experts")
-    act = stats["abs_act"]
+    act = stats["abs_act"] if down_norms is None else stats["abs_act"] * down_norms
     pattern = (act / act.mean(dim=1, keepdim=True).clamp_min(1e-12))[:, rest].T.numpy()  # [I_rest, S]
     sizes = balanced_sizes(len(rest), recipe.experts)
     labels = balanced_kmeans(pattern, sizes, rng, recipe.cluster.iterations, recipe.cluster.balanced_rounds)

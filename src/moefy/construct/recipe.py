@@ -24,6 +24,10 @@ class ClusterOptions(Frozen):
     # (docs/results.md, reconstruction-refine).
     refine_rounds: int = Field(5, ge=0, description="carve: rounds that re-assign neurons to the experts whose "
                                "tokens a linear router picks (0: the clustered partition as it is)")
+    # |a| alone leaves out how far a neuron moves the layer's output: its contribution is a·W_down[:, j].
+    measure: Literal["activation", "output"] = Field("activation", description="carve: a neuron's size on a token "
+                                                     "when clustering and refining: |a| (activation), or |a| times "
+                                                     "the norm of its down-projection column (output)")
 
 
 class RouterInit(Frozen):

@@ -34,12 +34,18 @@ class Split:
 
 Method = Callable[[LayerInput, BuildRecipe, np.random.Generator], Split]
 
+
+def _down_norms(layer: LayerInput, recipe: BuildRecipe):
+    """carve's cluster.measure = output: each neuron's down-projection column norm, read only when asked for."""
+    return layer.weight("down").norm(dim=0) if recipe.cluster.measure == "output" else None
+
+
 METHODS: dict[str, Method] = {
     "random": lambda layer, r, rng: Split(random_split(layer.width, r.experts, rng)),
     "sequential": lambda layer, r, rng: Split(sequential_split(layer.width, r.experts)),
     "cluster": lambda layer, r, rng: Split(methods.cluster_split(layer.weight(r.cluster.rows).numpy(), r, rng)),
     "coactivation": lambda layer, r, rng: Split(methods.coactivation_split(layer.stats("coactivation"), r, rng)),
-    "carve": lambda layer, r, rng: Split(*methods.carve_split(layer.stats("carve"), r, rng)),
+    "carve": lambda layer, r, rng: Split(*methods.carve_split(layer.stats("carve"), r, rng, _down_norms(layer, r))),
     "importance": lambda layer, r, rng: Split(*methods.importance_split(layer.stats("importance"), r)),
     "upcycle": lambda layer, r, rng: Split([np.arange(layer.width)] * r.experts, overlap=True,
                                            reinit=methods.drop_upcycle_slots(layer.width, r, rng)),
