@@ -39,7 +39,8 @@ def stats(hidden: int, width: int, seed: int) -> dict:
     # Heavy-tailed |a|, as SwiGLU activations are: most neurons near zero on a token, a few large.
     abs_act = torch.randn(tokens, width, generator=g).abs_().pow_(3)  # in place: no transient copies in the peak
     return {"top_freq": torch.rand(4, width, generator=g), "domain_tokens": torch.full((4,), 4096.0),
-            "abs_act": abs_act, "hidden": torch.randn(tokens, hidden, generator=g)}
+            "abs_act": abs_act, "hidden": torch.randn(tokens, hidden, generator=g),
+            "down_norms": torch.rand(width, generator=g) + 0.5}
 
 
 def child(shape: str, rounds: int, seed: int) -> dict:
@@ -49,7 +50,9 @@ def child(shape: str, rounds: int, seed: int) -> dict:
     layer = stats(*SHAPES[shape], seed)
     floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    carve_split(layer, recipe, np.random.default_rng(seed))
+    # the default cluster.measure (output) scales |a| by the down-projection column norms, as the registry passes them
+    norms = layer.pop("down_norms") if recipe.cluster.measure == "output" else None
+    carve_split(layer, recipe, np.random.default_rng(seed), norms)
     return {"seconds": time.perf_counter() - t0,
             "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - floor}
 

@@ -30,7 +30,7 @@ from moefy.models import load_causal_lm
 from moefy.profile.options import ProfileOptions
 from moefy.profile.perplexity import heldout_perplexity
 from moefy.profile.runner import profile
-from moefy.recipes import validate_recipe
+from moefy.recipes import deep_merge, validate_recipe
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -154,8 +154,11 @@ REFINE = [*[("25%", f"carve 28 × 48 top-4 + shared (make demo's split), refined
                     f"seed {seed}", {**DEMO25, "reconstruct": {"enabled": True}, "seed": seed}) for seed in (0, 1, 2)],
           ("50%", "shared 3/8 + 8 of 40 × 24, refined partition + reconstruction, 16,384 tokens per domain, seed 0",
            {**HALF38, "reconstruct": {"enabled": True, "tokens_per_domain": 16384}})]
-# Every table before --refine was measured with carve's partition as clustered, the default then.
-UNREFINED = {"cluster": {"refine_rounds": 0}}
+# Every table here was measured with carve's neurons sized by |a| alone (cluster.measure = activation), and every
+# table before --refine with carve's partition as clustered too: the defaults then. bench_refine_variants.py
+# weighted-refine measured today's measure, output.
+ACTIVATION = {"cluster": {"measure": "activation"}}
+UNREFINED = {"cluster": {"measure": "activation", "refine_rounds": 0}}
 # --refine-free: the refinement alone, without reconstruction, at carve's defaults (and the two partitions' oracles).
 FREE = [("25%", "carve (defaults), partition as clustered", {**CARVE25, **UNREFINED}),
         ("25%", "carve (defaults), refined partition", CARVE25)]
@@ -254,9 +257,9 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         calib_fields = calib_for(fields)
-        pinned = {} if rows in REFINED_TABLES else UNREFINED
-        recipe = validate_recipe(BuildRecipe, {"model": MODEL, "calib": bench.calib, "profile": CALIB, **pinned,
-                                               **fields, **calib_fields})
+        pinned = ACTIVATION if rows in REFINED_TABLES else UNREFINED
+        recipe = validate_recipe(BuildRecipe, deep_merge({"model": MODEL, "calib": bench.calib, "profile": CALIB,
+                                                          **pinned}, {**fields, **calib_fields}))
         result = api.build(recipe, work / "moe", overwrite=True)
         seconds = time.perf_counter() - t0
         moe = load_causal_lm(work / "moe")

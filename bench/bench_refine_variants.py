@@ -8,7 +8,8 @@ this process only where it is not a recipe option, and prints the table instead 
     python bench/bench_refine_variants.py weighted         # cluster.measure = output: |a| × down-column norm
     python bench/bench_refine_variants.py weighted-refine  # the same, the whole --refine table (3 seeds + 50%)
 
-The first four compare with `bench_reconstruct.py --refine-free`'s refined row, the last with `--refine`. Run
+The first four compare with `bench_reconstruct.py --refine-free`'s refined row, the last with `--refine`; those
+tables pin cluster.measure = activation, the default before the weighted rows made output carve's default. Run
 alone: each of the first four takes 6-9 minutes on the 2-core CPU, the last about 45."""
 
 from __future__ import annotations

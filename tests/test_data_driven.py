@@ -255,8 +255,8 @@ def test_profile_is_data_parallel_under_torchrun(tiny_llama, corpus, tmp_path):
     # the partition as clustered, without the refinement for the routers that carve runs by default
     ({"method": "carve", "experts": 4, "top_k": 1, "cluster": {"refine_rounds": 0}}, "Qwen2MoeForCausalLM",
      "uniform"),
-    # each neuron's |a| weighted by its down-projection column norm
-    ({"method": "carve", "experts": 4, "top_k": 1, "cluster": {"measure": "output"}}, "Qwen2MoeForCausalLM",
+    # each neuron sized by |a| alone, not weighted by its down-projection column norm as by default
+    ({"method": "carve", "experts": 4, "top_k": 1, "cluster": {"measure": "activation"}}, "Qwen2MoeForCausalLM",
      "uniform"),
     ({"method": "coactivation", "experts": 4, "top_k": 2}, "MixtralForCausalLM", "uniform"),
     ({"method": "importance", "experts": 4, "top_k": 1}, "MixtralForCausalLM", "uniform"),
@@ -297,6 +297,7 @@ def test_carve_defaults_are_resolved_and_saved(tiny_llama, corpus, tmp_path):
     build(tiny_llama, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1)
     saved = yaml.safe_load((tmp_path / "moe" / "moefy.yaml").read_text())
     assert saved["shared_fraction"] == 0.125 and saved["router"]["kind"] == "fit"
+    assert saved["cluster"]["measure"] == "output" and saved["cluster"]["refine_rounds"] == 5
     plan = load_plan(tmp_path / "moe")
     assert plan.meta.shared_size == 6  # 0.125 × 48
     # the shared block is the most frequently top-activated neurons, and routed experts exclude it
