@@ -7,10 +7,11 @@ this process only where it is not a recipe option, and prints the table instead 
     python bench/bench_refine_variants.py balanced         # each round's linear routing load-balanced by biases
     python bench/bench_refine_variants.py weighted         # cluster.measure = output: |a| × down-column norm
     python bench/bench_refine_variants.py weighted-refine  # the same, the whole --refine table (3 seeds + 50%)
+    python bench/bench_refine_variants.py weighted-shared  # weighted, and the shared block chosen by it too
 
-The first four compare with `bench_reconstruct.py --refine-free`'s refined row, the last with `--refine`; those
-tables pin cluster.measure = activation, the default before the weighted rows made output carve's default. Run
-alone: each of the first four takes 6-9 minutes on the 2-core CPU, the last about 45."""
+weighted-refine compares with `bench_reconstruct.py --refine`, the others with `--refine-free`'s refined row;
+those tables pin cluster.measure = activation, the default before the weighted rows made output carve's default.
+Run alone: weighted-refine takes about 45 minutes on the 2-core CPU, each of the others 6-9."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from moefy.construct import methods
+
+carve_split = methods.carve_split  # the library's, before a variant patches it
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_reconstruct as B  # noqa: E402
@@ -44,6 +48,15 @@ def balanced_routing(scores, mass: np.ndarray, top_k: int) -> np.ndarray:
     return routed
 
 
+def weighted_shared_split(stats: dict, recipe, rng: np.random.Generator, down_norms=None):
+    """carve_split with the shared block chosen by how often a neuron is among a sampled token's top quarter by
+    |a| × down-column norm (per domain, over the profile's sampled tokens), not by the profile's top_freq of |a|."""
+    weighted = stats["abs_act"] * down_norms
+    top = torch.zeros_like(weighted).scatter_(1, weighted.topk(weighted.shape[1] // 4, dim=1).indices, 1.0)
+    freq = torch.stack([top[stats["sample_domain"] == d].mean(0) for d in range(len(stats["domain_tokens"]))])
+    return carve_split({**stats, "top_freq": freq}, recipe, rng, down_norms)
+
+
 def main() -> None:
     variant = sys.argv[1] if len(sys.argv) == 2 else ""
     free = B.FREE[1]  # the refined row without reconstruction
@@ -52,12 +65,15 @@ def main() -> None:
                 "rounds10": ("refine_free", " 10 rounds", {"cluster": {"refine_rounds": 10}}),
                 "balanced": ("refine_free", " each round's routing load-balanced", {}),
                 "weighted": ("refine_free", " |a| weighted by down-column norm", output),
-                "weighted-refine": ("refine", " |a| weighted by down-column norm", output)}
+                "weighted-refine": ("refine", " |a| weighted by down-column norm", output),
+                "weighted-shared": ("refine_free", " output measure, shared block by weighted top frequency", output)}
     if variant not in variants:
         sys.exit(f"usage: bench_refine_variants.py {{{','.join(variants)}}}")
     table, suffix, change = variants[variant]
     if variant == "balanced":
         methods.linear_routing = balanced_routing
+    if variant == "weighted-shared":
+        methods.carve_split = weighted_shared_split  # the registry looks it up at each call
     rows = B.TABLES[table][0]
     # in place: bench_reconstruct recognises its tables by identity and equality
     rows[:] = [(budget, label + "," + suffix, {**fields, **change})
