@@ -82,5 +82,6 @@ def main() -> None:
     sys.argv = ["bench_reconstruct.py", "--" + table.replace("_", "-")]
     B.main()
 
+
 if __name__ == "__main__":
     main()

@@ -55,7 +55,9 @@ def carve_split(stats: dict, recipe: BuildRecipe, rng: np.random.Generator,
                 down_norms: torch.Tensor | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """CMoE: the most frequently top-activated neurons become an always-on shared block; the rest are grouped by
     balanced k-means on their activation patterns over the sampled tokens (|a| normalised per token). Given
-    `down_norms` [I] (each neuron's down-projection column norm), a neuron's |a| is scaled by it first."""
+    `down_norms` [I] (each neuron's down-projection column norm), clustering and refinement scale each neuron's |a|
+    by it; the shared block is still chosen by how often |a| alone is in a token's top fraction (weighting that
+    choice too measured worse: docs/results.md)."""
     top_freq = _domain_weighted(stats["top_freq"], stats["domain_tokens"])
     width = len(top_freq)
     n_shared = shared_count(width, recipe.shared_fraction)

@@ -26,7 +26,8 @@ class ClusterOptions(Frozen):
                                "tokens a linear router picks (0: the clustered partition as it is)")
     # |a| alone leaves out how far a neuron moves the layer's output: its contribution is a·W_down[:, j]. output:
     # x8.72 -> x7.53 training-free at 25%; after reconstruction, unseen x5.08-5.14 -> x4.90-4.98 over three seeds,
-    # held-out x1.64-1.66 -> x1.63-1.66, and x1.22 unchanged at 50% (docs/results.md, reconstruction-measure).
+    # held-out x1.64-1.66 -> x1.63-1.66, and x1.22 unchanged at 50% (docs/results.md, "carve's neurons sized by
+    # their output").
     measure: Literal["activation", "output"] = Field("output", description="carve: a neuron's size on a token "
                                                      "when clustering and refining: |a| (activation), or |a| times "
                                                      "the norm of its down-projection column (output)")
