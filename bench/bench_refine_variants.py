@@ -49,10 +49,9 @@ def balanced_routing(scores, mass: np.ndarray, top_k: int) -> np.ndarray:
 
 
 def weighted_shared_split(stats: dict, recipe, rng: np.random.Generator, down_norms=None):
-    """carve_split with the shared block chosen by how often a neuron is among a sampled token's top quarter by
+    """carve_split with the shared block chosen by how often a neuron is among a sampled token's top fraction by
     |a| × down-column norm (per domain, over the profile's sampled tokens), not by the profile's top_freq of |a|."""
-    weighted = stats["abs_act"] * down_norms
-    top = torch.zeros_like(weighted).scatter_(1, weighted.topk(weighted.shape[1] // 4, dim=1).indices, 1.0)
+    top = methods._markers(stats["abs_act"] * down_norms, recipe.profile.top_fraction).float()
     freq = torch.stack([top[stats["sample_domain"] == d].mean(0) for d in range(len(stats["domain_tokens"]))])
     return carve_split({**stats, "top_freq": freq}, recipe, rng, down_norms)
 
