@@ -13,7 +13,8 @@ def replace_section(page: Path, name: str, text: str) -> None:
     old = page.read_text() if page.is_file() else ""
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        new = head + block + ("\n" + tail if tail else "")  # one blank line before the text that follows
     else:
         new = old + ("\n" if old and not old.endswith("\n\n") else "") + block
     page.write_text(new)
