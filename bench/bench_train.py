@@ -6,11 +6,11 @@ recovery: from the best training-free 25% build (carve defaults), train a fixed 
   `router`, `router+norm` and `experts-lora` (and `norm`, the demo's set); held-out perplexity per domain before
   and after, and the fraction of the log-perplexity gap to dense that was recovered.
 
-distill: from carve + layer-wise reconstruction, the same experts-lora stage trained with LM loss, with
-  distillation from the dense teacher, and with both, at equal tokens.
+distill: from carve + layer-wise reconstruction (25%, or --start half: the best 50% build), the same experts-lora
+  stage trained with LM loss, with distillation from the dense teacher, and with both, at equal tokens.
 
 Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000]
-    [--objective lm|kl|kl+lm]...
+    [--objective lm|kl|kl+lm]... [--start carve25|half]
 (distill at a budget other than 30,000 tokens writes its own section, so the runs at 30k and 200k stand side by side)"""
 
 from __future__ import annotations
@@ -151,10 +151,20 @@ OBJECTIVES = {"lm": ("LM loss", {}),
                         {"distill": {"temperature": 1.0, "lm_weight": 1.0}})}
 
 
-def distillation(work: Path, tokens: int, objectives: list[str]) -> str:
+# --start key: (the start's label, its build's recipe fields)
+STARTS = {"carve25": ("carve 25% + reconstruction",
+                      {"method": "carve", "experts": 56, "top_k": 8, "reconstruct": {"enabled": True}}),
+          # the best 50% build of docs/results.md (reconstruction-half), seed 0
+          "half": ("50%: shared 3/8 + 8 of 40 × 24 + reconstruction, 16,384 tokens per domain",
+                   {"method": "carve", "experts": 40, "top_k": 8, "shared_fraction": 0.375,
+                    "reconstruct": {"enabled": True, "tokens_per_domain": 16384}})}
+
+
+def distillation(work: Path, tokens: int, objectives: list[str], start: str = "carve25") -> str:
     """From carve + reconstruction, the same experts-lora stage with each objective, at equal tokens."""
     bench = setup(work)
-    moe = bench.build("carve25-rec", method="carve", experts=56, top_k=8, reconstruct={"enabled": True})
+    start_label, start_fields = STARTS[start]
+    moe = bench.build(start, **start_fields)
     before = bench.evaluate(moe)
     domains = list(bench.dense.per_domain)
     unseen = bench.unseen
@@ -164,12 +174,14 @@ def distillation(work: Path, tokens: int, objectives: list[str]) -> str:
     def unseen_ratio(model_dir: Path) -> str:
         return f"×{unseen_perplexity(load_causal_lm(model_dir), bench.tokenizer, unseen) / dense_unseen:.3g}"
     lines = [
-        f"## Distillation recovery after reconstruction, {tokens:,} tokens (`moefy train`)",
+        f"## Distillation recovery after reconstruction, {tokens:,} tokens"
+        + ("" if start == "carve25" else f", from the {start} start") + " (`moefy train`)",
         "",
         f"Command: `.venv/bin/python bench/bench_train.py --part distill --tokens {tokens}"
+        + (f" --start {start}" if start != "carve25" else "")
         + "".join(f" --objective {o}" for o in objectives if objectives != list(OBJECTIVES))
-        + "`. Start: carve 25% + "
-        "layer-wise reconstruction (defaults). Each row trains the same `experts-lora` stage (LoRA r=16 on experts, "
+        + f"`. Start: {start_label} (defaults otherwise). Each row trains the same `experts-lora` stage (LoRA "
+        "r=16 on experts, "
         f"routers at 1% of their RMS, norms; lr 1e-3, cosine, 3 warm-up steps; seq 256, batch 4) for {tokens:,} "
         "tokens of `calib/`, changing only the objective; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
         "batch. Held-out perplexity / dense on `heldout/`; 'unseen' is the reconstruction table's corpus that neither "
@@ -179,7 +191,7 @@ def distillation(work: Path, tokens: int, objectives: list[str]) -> str:
         "| model | " + " | ".join(domains) + " | overall | unseen | gap recovered | train tokens/s |",
         "|---|" + "---|" * len(domains) + "---|---|---|---|",
         dense_row(bench.dense, extra=(f"{dense_unseen:.2f}", "", "")),
-        "| carve 25% + reconstruction, training-free | " + " | ".join(ratio_cells(before, bench.dense))
+        f"| {start_label}, training-free | " + " | ".join(ratio_cells(before, bench.dense))
         + f" | {unseen_ratio(moe)} | 0% | |",
     ]
     for key in objectives:
@@ -203,6 +215,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=30_000)
     p.add_argument("--objective", action="append", choices=list(OBJECTIVES),
                    help="distill: the objectives to compare (repeatable; default all)")
+    p.add_argument("--start", choices=list(STARTS), default="carve25", help="distill: the build it trains from")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moefy-train-bench-"))
     if args.part in ("throughput", "all"):
@@ -212,7 +225,8 @@ def main() -> None:
     if args.part in ("distill", "all"):
         # each token budget keeps its own table: the 200k run does not replace the 30k comparison
         section = "train-distill" if args.tokens == 30_000 else f"train-distill-{args.tokens}"
-        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES))
+        section += "" if args.start == "carve25" else f"-{args.start}"
+        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start)
         replace_section(Path("docs/results.md"), section, table)
     print(f"work dir: {work}")
 
