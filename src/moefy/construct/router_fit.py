@@ -27,42 +27,70 @@ def _experts(down: torch.Tensor, groups: list[np.ndarray]) -> list[tuple[torch.T
     return [(idx, down[:, idx].T.contiguous()) for idx in map(torch.from_numpy, groups)]
 
 
-def _expert_outputs(x: torch.Tensor, gate, up, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """[T, N, H]: each expert's output E_e(x) on each token (written in place: a list to stack would double it)."""
-    out = torch.empty(len(x), len(experts), experts[0][1].shape[1])
+def _activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[T, I]: every neuron's activation, in two wide matmuls; one narrow pair per expert (24 neurons each at carve's
+    defaults) ran far below the BLAS's speed."""
+    return torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+
+
+def _outputs_from(act: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[T, N, H]: each expert's output E_e(x) from the tokens' activations (written in place: a list to stack would
+    double it)."""
+    out = torch.empty(len(act), len(experts), experts[0][1].shape[1])
     for e, (idx, down) in enumerate(experts):
-        out[:, e] = (torch.nn.functional.silu(x @ gate[idx].T) * (x @ up[idx].T)) @ down
+        out[:, e] = act[:, idx] @ down
     return out
+
+
+def _expert_outputs(x: torch.Tensor, gate, up, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[T, N, H]: each expert's output E_e(x) on each token."""
+    return _outputs_from(_activations(x, gate, up), experts)
+
+
+def _chosen_gram(act: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]],
+                 chosen: torch.Tensor) -> torch.Tensor:
+    """[T, k, k] float64: the inner products <E_i, E_j> of each token's chosen experts only, which is all that scoring
+    the stock gate's mix needs (the N × N products of every pair were a third of the fit)."""
+    picked = torch.zeros(*chosen.shape, experts[0][1].shape[1])
+    for e, (idx, down) in enumerate(experts):
+        token, slot = (chosen == e).nonzero(as_tuple=True)
+        if len(token):
+            picked[token, slot] = act[token[:, None], idx] @ down
+    return torch.einsum("tkh,tlh->tkl", picked, picked).double()
 
 
 def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                groups: list[np.ndarray], top_k: int, ridge: float) -> tuple[torch.Tensor, float]:
     x = hidden.float()
-    # Per token, from one chunk of expert outputs at a time: how much each expert moves the output along the full
-    # output's direction (the regression target), and the inner products <E_e, full> and <E_e, E_f> that score a
-    # weighted mix of experts against the full output without holding any output.
-    contrib, along, overlap = [], [], []
     experts = _experts(down, groups)
+    # The activations of every sampled token are kept ([S, I]: 90 MB at a 7B layer's 2,048 samples), so the second
+    # pass over the chosen experts needs no gate/up matmul again.
+    act = torch.cat([_activations(x[c:c + CHUNK], gate, up) for c in range(0, len(x), CHUNK)])
+    # Per token, from one chunk of expert outputs at a time: how much each expert moves the output along the full
+    # output's direction (the regression target), and <E_e, full>, which scores a weighted mix of experts against the
+    # full output without holding any output.
+    contrib, along = [], []
     for c in range(0, len(x), CHUNK):
-        outputs = _expert_outputs(x[c:c + CHUNK], gate, up, experts)
+        outputs = _outputs_from(act[c:c + CHUNK], experts)
         full = outputs.sum(1)  # [T, H]
         unit = full / full.norm(dim=1, keepdim=True).clamp_min(1e-12)
         contrib.append(torch.einsum("tnh,th->tn", outputs, unit))
         along.append(torch.einsum("tnh,th->tn", outputs, full).double())
-        overlap.append(torch.einsum("tnh,tmh->tnm", outputs, outputs).double())
-    contrib, along, overlap = torch.cat(contrib), torch.cat(along), torch.cat(overlap)
+    contrib, along = torch.cat(contrib), torch.cat(along)
     target = (contrib - contrib.mean(1, keepdim=True)) / contrib.std(1, keepdim=True).clamp_min(1e-6)
     gram = x.T @ x
     penalty = ridge * gram.diagonal().mean() * torch.eye(x.shape[1])
     weight = torch.linalg.solve(gram + penalty, x.T @ target).T  # [N, H]
     logits = x @ weight.T
     chosen = logits.topk(top_k, dim=1).indices
+    overlap = torch.cat([_chosen_gram(act[c:c + CHUNK], experts, chosen[c:c + CHUNK])
+                         for c in range(0, len(x), CHUNK)])  # [S, k, k]
+    along_chosen = along.gather(1, chosen)
     best = (-float("inf"), 1.0, 1.0)
     for t in TEMPERATURES:
-        # the stock gate's mix: each chosen expert weighted by its softmax, the others 0; [S, N]
-        mix = torch.zeros_like(along).scatter_(1, chosen, torch.softmax(logits.gather(1, chosen) / t, dim=1).double())
-        cross = float((mix * along).sum())  # <full, mix>
-        mix_sq = float(torch.einsum("sn,snm,sm->", mix, overlap, mix))  # ||mix||²
+        mix = torch.softmax(logits.gather(1, chosen) / t, dim=1).double()  # the stock gate's weights, [S, k]
+        cross = float((mix * along_chosen).sum())  # <full, mix>
+        mix_sq = float(torch.einsum("sk,skl,sl->", mix, overlap, mix))  # ||mix||²
         scale = cross / max(mix_sq, 1e-12)
         # ||full||² − ||full − scale · mix||² at the best scale: the mix with the smallest error explains the most
         explained = scale * cross
