@@ -53,7 +53,7 @@ def main() -> None:
     def cells(x) -> str:
         return " | ".join(f"×{x.ppl(d) / bench.dense.ppl(d):.3f}" for d in [*domains, None])
     lines = [
-        "## Where a 50% build's gap sits by layer: one dense FFN put back (SmolLM2-135M, demo held-out)",
+        "## Where a build's gap sits by layer: one dense FFN put back (SmolLM2-135M, demo held-out)",
         "",
         f"`python bench/bench_layer_swap.py \"{label}=DIR\"`, alone on the machine. The build's held-out perplexity "
         f"({EVAL_TOKENS} tokens per domain) ÷ dense, then with the dense FFN in one layer and the build's own in every "

@@ -324,7 +324,7 @@ def test_router_inits(tiny_llama, corpus, tmp_path, kind):
 
 
 def test_router_fit_predicts_the_top_expert():
-    from moefy.construct.router_fit import _expert_outputs, _experts, fit_router
+    from moefy.construct.router_fit import _activations, _experts, _outputs_from, fit_router
 
     torch.manual_seed(0)
     hidden, width, n = 16, 64, 8
@@ -332,7 +332,7 @@ def test_router_fit_predicts_the_top_expert():
     groups = [np.arange(e * 8, (e + 1) * 8) for e in range(n)]
     x_fit, x_test = torch.randn(2048, hidden), torch.randn(512, hidden)
     router, scale = fit_router(x_fit, gate, up, down, groups, top_k=2, ridge=1e-2)
-    outs = _expert_outputs(x_test, gate, up, _experts(down, groups))  # [T, N, H]
+    outs = _outputs_from(_activations(x_test, gate, up), _experts(down, groups))  # [T, N, H]
     contrib = (outs * outs.sum(1, keepdim=True)).sum(2)
     hit = (contrib.argmax(1) == (x_test @ router.T).argmax(1)).float().mean().item()
     assert hit > 3 / n  # chance is 1/8
@@ -344,7 +344,7 @@ def test_router_fit_does_not_depend_on_its_chunking(monkeypatch):
     products: the router and scale must be those of one chunk holding every sample, and the scale must be the
     least-squares scale of the chosen mix, computed directly from the experts' outputs."""
     from moefy.construct import router_fit
-    from moefy.construct.router_fit import _expert_outputs, _experts, fit_router
+    from moefy.construct.router_fit import _activations, _experts, _outputs_from, fit_router
 
     torch.manual_seed(0)
     hidden, width, n, k = 16, 60, 6, 2
@@ -357,7 +357,7 @@ def test_router_fit_does_not_depend_on_its_chunking(monkeypatch):
     whole, whole_scale = fit_router(x, gate, up, down, groups, top_k=k, ridge=1e-2)
     torch.testing.assert_close(router, whole, rtol=1e-5, atol=1e-6)
     assert scale == pytest.approx(whole_scale, rel=1e-6)
-    outs = _expert_outputs(x, gate, up, _experts(down, groups)).double()  # [T, N, H]
+    outs = _outputs_from(_activations(x, gate, up), _experts(down, groups)).double()  # [T, N, H]
     logits = x @ router.T
     chosen = logits.topk(k, dim=1).indices
     weights = torch.zeros(len(x), n, dtype=torch.float64).scatter_(

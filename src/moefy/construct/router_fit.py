@@ -42,11 +42,6 @@ def _outputs_from(act: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Ten
     return out
 
 
-def _expert_outputs(x: torch.Tensor, gate, up, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """[T, N, H]: each expert's output E_e(x) on each token."""
-    return _outputs_from(_activations(x, gate, up), experts)
-
-
 def _chosen_gram(act: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]],
                  chosen: torch.Tensor) -> torch.Tensor:
     """[T, k, k] float64: the inner products <E_i, E_j> of each token's chosen experts only, which is all that scoring
