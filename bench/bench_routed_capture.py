@@ -2,12 +2,13 @@
 split of SmolLM2-135M, each calibration token's |a| × down-column norm over the neurons outside the shared block,
 and the share of it inside the k experts that (a) a random choice, (b) a linear router, (c) an oracle picks.
 
-(b) is a ridge fit from the MLP input to each token's standardised expert mass (the target carve's refinement fits),
-fitted on half of the profiler's sampled tokens and scored on the other half; (c) takes the k experts with the
-most mass. `+ overlap` adds N/2 experts of the same size that may repeat neurons: the profile's tokens clustered by
-their routed pattern (balanced k-means), each cluster's expert holding the neurons its tokens use most. A token's
-share counts a neuron once, however many of its chosen experts hold it; the oracle and the router's target still rank
-experts by their summed mass, which counts a repeated neuron twice, so with overlap the oracle is not the best union.
+(b) is a ridge fit from the MLP input to each token's standardised expert mass (refit.fit_router_logits, the
+reconstruction's router fit, given the target of carve's refinement), fitted on half of the profiler's sampled
+tokens and scored on the other half; (c) takes the k experts with the most mass. `+ overlap` adds N/2 experts of
+the same size that may repeat neurons: the profile's tokens clustered by their routed pattern (balanced k-means),
+each cluster's expert holding the neurons its tokens use most. A token's share counts a neuron once, however many
+of its chosen experts hold it; the oracle and the router's target still rank experts by their summed mass, which
+counts a repeated neuron twice, so with overlap the oracle is not the best union.
 
 Usage: python bench/bench_routed_capture.py   (run it alone; writes docs/results.md section 'routed-capture')"""
 
@@ -18,11 +19,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from moefy.construct.cluster import balanced_kmeans
 from moefy.construct.layer import LayerInput
 from moefy.construct.methods import balanced_sizes
 from moefy.construct.recipe import BuildRecipe
+from moefy.construct.refit import fit_router_logits
 from moefy.construct.registry import METHODS, layer_rng, resolve_defaults
 from moefy.data.corpus import load_corpus
 from moefy.data.demo_corpus import build_demo_corpus
@@ -44,10 +47,6 @@ SPLITS = [("25%: shared 1/8 + 8 of 56 × 24 (carve's default)", 56, 8, 0.125),
 RIDGE = 1e-2
 
 
-def _standardised(mass: np.ndarray) -> np.ndarray:
-    return (mass - mass.mean(1, keepdims=True)) / np.maximum(mass.std(1, keepdims=True), 1e-6)
-
-
 def _share(m: np.ndarray, member: np.ndarray, chosen: np.ndarray) -> float:
     """Σ over tokens of the mass in the union of each token's chosen experts, ÷ all routed mass."""
     held = member[:, chosen].any(axis=2).T  # [tokens, neurons]
@@ -57,10 +56,8 @@ def _share(m: np.ndarray, member: np.ndarray, chosen: np.ndarray) -> float:
 def _shares(m: np.ndarray, x: np.ndarray, member: np.ndarray, k: int, fit: np.ndarray, test: np.ndarray):
     """(linear router, oracle) shares on the test tokens; member [neurons, experts] 0/1."""
     mass = m @ member
-    xf = x[fit]
-    penalty = RIDGE * np.square(xf).sum() / xf.shape[1]
-    weight = np.linalg.solve(xf.T @ xf + penalty * np.eye(xf.shape[1]), xf.T @ _standardised(mass[fit]))
-    linear = np.argsort(-(x[test] @ weight), axis=1)[:, :k]
+    router = fit_router_logits(torch.from_numpy(x[fit]).double(), torch.from_numpy(mass[fit]), RIDGE).double().numpy()
+    linear = np.argsort(-(x[test] @ router.T), axis=1)[:, :k]
     oracle = np.argsort(-mass[test], axis=1)[:, :k]
     return _share(m[test], member, linear), _share(m[test], member, oracle)
 
