@@ -323,8 +323,13 @@ def test_router_inits(tiny_llama, corpus, tmp_path, kind):
     assert api.verify(tmp_path / "moe", str(tiny_llama)).passed
 
 
+def _expert_outputs(x, gate, up, down, groups):
+    """[T, N, H]: each expert's output, computed the plain way (what the router fit must score without holding)."""
+    return torch.stack([(torch.nn.functional.silu(x @ gate[g].T) * (x @ up[g].T)) @ down[:, g].T for g in groups], 1)
+
+
 def test_router_fit_predicts_the_top_expert():
-    from moefy.construct.router_fit import _activations, _experts, _outputs_from, fit_router
+    from moefy.construct.router_fit import fit_router
 
     torch.manual_seed(0)
     hidden, width, n = 16, 64, 8
@@ -332,7 +337,7 @@ def test_router_fit_predicts_the_top_expert():
     groups = [np.arange(e * 8, (e + 1) * 8) for e in range(n)]
     x_fit, x_test = torch.randn(2048, hidden), torch.randn(512, hidden)
     router, scale = fit_router(x_fit, gate, up, down, groups, top_k=2, ridge=1e-2)
-    outs = _outputs_from(_activations(x_test, gate, up), _experts(down, groups))  # [T, N, H]
+    outs = _expert_outputs(x_test, gate, up, down, groups)  # [T, N, H]
     contrib = (outs * outs.sum(1, keepdim=True)).sum(2)
     hit = (contrib.argmax(1) == (x_test @ router.T).argmax(1)).float().mean().item()
     assert hit > 3 / n  # chance is 1/8
@@ -340,16 +345,19 @@ def test_router_fit_predicts_the_top_expert():
 
 
 def test_router_fit_does_not_depend_on_its_chunking(monkeypatch):
-    """The fit reads expert outputs a chunk of tokens at a time and scores each temperature from per-token inner
-    products: the router and scale must be those of one chunk holding every sample, and the scale must be the
-    least-squares scale of the chosen mix, computed directly from the experts' outputs."""
+    """The fit reads activations a chunk of tokens at a time and scores experts and temperatures from per-token inner
+    products, never the experts' outputs: the router and scale must be those of one chunk holding every sample, the
+    router the ridge fit to each expert's contribution along the full output (up to the chosen temperature), and the
+    scale the least-squares scale of the chosen mix, all computed directly from the experts' outputs. The experts
+    are scattered neurons, and some neurons are in none (a shared block's)."""
     from moefy.construct import router_fit
-    from moefy.construct.router_fit import _activations, _experts, _outputs_from, fit_router
+    from moefy.construct.router_fit import fit_router
 
     torch.manual_seed(0)
     hidden, width, n, k = 16, 60, 6, 2
     gate, up, down = torch.randn(width, hidden), torch.randn(width, hidden), torch.randn(hidden, width)
-    groups = [np.arange(e * 10, (e + 1) * 10) for e in range(n)]
+    perm = torch.randperm(width).numpy()
+    groups = [np.sort(perm[e * 9:(e + 1) * 9]) for e in range(n)]  # 54 of the 60 neurons
     x = torch.randn(700, hidden)  # not a multiple of the chunk: the last chunk is short
     monkeypatch.setattr(router_fit, "CHUNK", 64)
     router, scale = fit_router(x, gate, up, down, groups, top_k=k, ridge=1e-2)
@@ -357,13 +365,22 @@ def test_router_fit_does_not_depend_on_its_chunking(monkeypatch):
     whole, whole_scale = fit_router(x, gate, up, down, groups, top_k=k, ridge=1e-2)
     torch.testing.assert_close(router, whole, rtol=1e-5, atol=1e-6)
     assert scale == pytest.approx(whole_scale, rel=1e-6)
-    outs = _outputs_from(_activations(x, gate, up), _experts(down, groups)).double()  # [T, N, H]
+    outs = _expert_outputs(x, gate, up, down, groups).double()  # [T, N, H]
     logits = x @ router.T
     chosen = logits.topk(k, dim=1).indices
     weights = torch.zeros(len(x), n, dtype=torch.float64).scatter_(
         1, chosen, torch.softmax(logits.gather(1, chosen), dim=1).double())
     mix, full = (weights[..., None] * outs).sum(1), outs.sum(1)
     assert scale == pytest.approx(float((full * mix).sum() / (mix * mix).sum()), rel=1e-5)
+    contrib = torch.einsum("tnh,th->tn", outs, full / full.norm(dim=1, keepdim=True))
+    target = (contrib - contrib.mean(1, keepdim=True)) / contrib.std(1, keepdim=True)
+    xd = x.double()
+    gram = xd.T @ xd
+    direct = torch.linalg.solve(gram + 1e-2 * gram.diagonal().mean() * torch.eye(hidden, dtype=torch.float64),
+                                xd.T @ target).T
+    temperature = float(direct.norm() / router.double().norm())
+    assert min(abs(temperature / t - 1) for t in router_fit.TEMPERATURES) < 1e-4
+    torch.testing.assert_close(router.double() * temperature, direct, rtol=1e-4, atol=1e-5)
 
 
 def test_domain_router_needs_one_expert_per_domain(tiny_llama, corpus, tmp_path):

@@ -15,71 +15,71 @@ import numpy as np
 import torch
 
 TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 16.0, 1e3)
-# Tokens whose N expert outputs are held at once, [chunk, N, H]: all S sampled tokens' outputs at once were the
-# carve plan's peak (28 experts × 2,048 samples × 4,096 wide, fp32: 0.94 GB per 7B layer).
+# Sampled tokens whose activations are turned into scores at once: the full-width gate/up products of a chunk are
+# [chunk, I] each (22 MB at a 7B layer's 11,008 neurons).
 CHUNK = 512
 
 
-def _experts(down: torch.Tensor, groups: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per expert: its neuron indices and its down projection's columns as [n, H], gathered once per layer. Gathering
-    the strided columns again for every chunk made the chunked fit slower than the one-chunk fit it replaced (the
-    carve plan's s / layer in docs/benchmarks.md); the copy is one down projection (180 MB per 7B layer in fp32)."""
-    return [(idx, down[:, idx].T.contiguous()) for idx in map(torch.from_numpy, groups)]
+def _activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+    """[T, R]: the routed neurons' activations, in the order of `routed`, from two wide matmuls over a chunk at a
+    time; one narrow pair per expert (24 neurons each at carve's defaults) ran far below the BLAS's speed."""
+    return torch.cat([(torch.nn.functional.silu(x[c:c + CHUNK] @ gate.T) * (x[c:c + CHUNK] @ up.T))[:, routed]
+                      for c in range(0, len(x), CHUNK)])
 
 
-def _activations(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """[T, I]: every neuron's activation, in two wide matmuls; one narrow pair per expert (24 neurons each at carve's
-    defaults) ran far below the BLAS's speed."""
-    return torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+def _along_full(act: torch.Tensor, down_rows: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, <E_e, full> for every expert e [T, N] and ‖full‖ [T], where full = Σ_e E_e is the routed output.
+    <E_e, full> = Σ_{i∈e} a_i · (down_i · full): two wide matmuls and a sum per expert, never the [T, N, H] outputs
+    themselves (470 MB per chunk of 512 tokens at a 7B layer with 56 experts)."""
+    along, norms = [], []
+    for c in range(0, len(act), CHUNK):
+        full = act[c:c + CHUNK] @ down_rows  # [T, H]
+        along.append((act[c:c + CHUNK] * (full @ down_rows.T)) @ member)
+        norms.append(full.norm(dim=1))
+    return torch.cat(along), torch.cat(norms)
 
 
-def _outputs_from(act: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """[T, N, H]: each expert's output E_e(x) from the tokens' activations (written in place: a list to stack would
-    double it)."""
-    out = torch.empty(len(act), len(experts), experts[0][1].shape[1])
-    for e, (idx, down) in enumerate(experts):
-        out[:, e] = act[:, idx] @ down
-    return out
-
-
-def _chosen_gram(act: torch.Tensor, experts: list[tuple[torch.Tensor, torch.Tensor]],
+def _chosen_gram(act: torch.Tensor, down_rows: torch.Tensor, spans: list[tuple[int, int]],
                  chosen: torch.Tensor) -> torch.Tensor:
     """[T, k, k] float64: the inner products <E_i, E_j> of each token's chosen experts only, which is all that scoring
-    the stock gate's mix needs (the N × N products of every pair were a third of the fit)."""
-    picked = torch.zeros(*chosen.shape, experts[0][1].shape[1])
-    for e, (idx, down) in enumerate(experts):
-        token, slot = (chosen == e).nonzero(as_tuple=True)
-        if len(token):
-            picked[token, slot] = act[token[:, None], idx] @ down
-    return torch.einsum("tkh,tlh->tkl", picked, picked).double()
+    the stock gate's mix needs; expert e's neurons are act's columns spans[e]."""
+    grams = []
+    for c in range(0, len(act), CHUNK):
+        picks = chosen[c:c + CHUNK]
+        out = torch.zeros(*picks.shape, down_rows.shape[1])
+        for e, (lo, hi) in enumerate(spans):
+            token, slot = (picks == e).nonzero(as_tuple=True)
+            if len(token):
+                out[token, slot] = act[c + token, lo:hi] @ down_rows[lo:hi]
+        grams.append(torch.einsum("tkh,tlh->tkl", out, out).double())
+    return torch.cat(grams)
 
 
 def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                groups: list[np.ndarray], top_k: int, ridge: float) -> tuple[torch.Tensor, float]:
     x = hidden.float()
-    experts = _experts(down, groups)
-    # The activations of every sampled token are kept ([S, I]: 90 MB at a 7B layer's 2,048 samples), so the second
-    # pass over the chosen experts needs no gate/up matmul again.
-    act = torch.cat([_activations(x[c:c + CHUNK], gate, up) for c in range(0, len(x), CHUNK)])
-    # Per token, from one chunk of expert outputs at a time: how much each expert moves the output along the full
-    # output's direction (the regression target), and <E_e, full>, which scores a weighted mix of experts against the
-    # full output without holding any output.
-    contrib, along = [], []
-    for c in range(0, len(x), CHUNK):
-        outputs = _outputs_from(act[c:c + CHUNK], experts)
-        full = outputs.sum(1)  # [T, H]
-        unit = full / full.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        contrib.append(torch.einsum("tnh,th->tn", outputs, unit))
-        along.append(torch.einsum("tnh,th->tn", outputs, full).double())
-    contrib, along = torch.cat(contrib), torch.cat(along)
+    sizes = [len(g) for g in groups]
+    ends = np.cumsum(sizes).tolist()
+    spans = list(zip([0, *ends[:-1]], ends))
+    routed = torch.from_numpy(np.concatenate(groups))
+    member = torch.zeros(len(routed), len(groups))
+    member[torch.arange(len(routed)), torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes))] = 1.0
+    down_rows = down[:, routed].T.contiguous()  # [R, H], experts in order: one copy of the routed down projection
+    # The activations of every sampled token are kept ([S, R]: 79 MB at a 7B layer's 2,048 samples), so the pass
+    # over the chosen experts needs no gate/up matmul again.
+    act = _activations(x, gate, up, routed)
+    # How much each expert moves the routed output along its own direction (the regression target), and
+    # <E_e, full>, which scores a weighted mix of experts against the full output without holding any output.
+    along, norms = _along_full(act, down_rows, member)
+    contrib = along / norms.clamp_min(1e-12)[:, None]
+    along = along.double()
     target = (contrib - contrib.mean(1, keepdim=True)) / contrib.std(1, keepdim=True).clamp_min(1e-6)
     gram = x.T @ x
     penalty = ridge * gram.diagonal().mean() * torch.eye(x.shape[1])
     weight = torch.linalg.solve(gram + penalty, x.T @ target).T  # [N, H]
     logits = x @ weight.T
     chosen = logits.topk(top_k, dim=1).indices
-    overlap = torch.cat([_chosen_gram(act[c:c + CHUNK], experts, chosen[c:c + CHUNK])
-                         for c in range(0, len(x), CHUNK)])  # [S, k, k]
+    overlap = _chosen_gram(act, down_rows, spans, chosen)  # [S, k, k]
     along_chosen = along.gather(1, chosen)
     best = (-float("inf"), 1.0, 1.0)
     for t in TEMPERATURES:
