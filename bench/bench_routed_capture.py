@@ -15,28 +15,17 @@ Usage: python bench/bench_routed_capture.py   (run it alone; writes docs/results
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moefy.construct.cluster import balanced_kmeans
-from moefy.construct.layer import LayerInput
 from moefy.construct.methods import balanced_sizes
-from moefy.construct.recipe import BuildRecipe
 from moefy.construct.refit import fit_router_logits
-from moefy.construct.registry import METHODS, layer_rng, resolve_defaults
-from moefy.data.corpus import load_corpus
-from moefy.data.demo_corpus import build_demo_corpus
-from moefy.families import family_for
-from moefy.profile.options import ProfileOptions
-from moefy.profile.runner import profile_cached
-from moefy.sources import resolve_model
-from moefy.tensor_io import LazyCheckpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CALIB, MODEL  # noqa: E402
+from common import carve_layers  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 # (label, experts, top_k, shared_fraction): carve's default, make demo's split, and the 50% splits of docs/results.md
@@ -73,22 +62,10 @@ def _overlap_experts(m: np.ndarray, count: int, size: int) -> np.ndarray:
 
 
 def main() -> None:
-    source = resolve_model(MODEL)
-    config, family = source.config(), family_for(source.config())
-    with tempfile.TemporaryDirectory(prefix="moefy-routed-capture-") as work:
-        build_demo_corpus(Path(work) / "corpus")
-        stats = profile_cached(source, family, load_corpus(Path(work) / "corpus" / "calib"),
-                               ProfileOptions(**CALIB), 0)
-    reader = LazyCheckpoint(source.directory)
     rows = []
     for label, experts, top_k, shared in SPLITS:
-        recipe = resolve_defaults(BuildRecipe(model=MODEL, method="carve", experts=experts, top_k=top_k,
-                                              shared_fraction=shared))
         shares = []
-        for i in range(int(config["num_hidden_layers"])):
-            layer = LayerInput(i, int(config["intermediate_size"]), lambda w, i=i: reader.get(family.ffn_key(i, w)),
-                               lambda: stats)
-            split = METHODS["carve"](layer, recipe, layer_rng(recipe.seed, i, "method"))  # a build's partition
+        for i, layer, split, _ in carve_layers(dict(experts=experts, top_k=top_k, shared_fraction=shared)):
             st = layer.stats("carve")
             routed = np.sort(np.concatenate(split.routed))
             m = (st["abs_act"] * layer.weight("down").norm(dim=0)).numpy()[:, routed]

@@ -15,7 +15,6 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,9 +38,6 @@ def _module(path: str | None):
 
 def _inputs(kind: str, experts: int, top_k: int):
     """Per layer: (hidden, gate, up, down, groups, top_k, ridge), as carve's registry would pass them."""
-    from moefy.construct.layer import LayerInput
-    from moefy.construct.recipe import BuildRecipe
-    from moefy.construct.registry import METHODS, layer_rng, resolve_defaults
     if kind == "7b":
         g = torch.Generator().manual_seed(0)
         hidden, width = 4096, 11008
@@ -50,28 +46,9 @@ def _inputs(kind: str, experts: int, top_k: int):
         groups = np.array_split(np.arange(width // 8, width), experts)
         return [(torch.randn(2048, hidden, generator=g).half(), gate, up, down, groups, top_k, 1e-2)]
     sys.path.insert(0, str(Path(__file__).parent))
-    from common import CALIB, MODEL
-
-    from moefy.data.corpus import load_corpus
-    from moefy.data.demo_corpus import build_demo_corpus
-    from moefy.families import family_for
-    from moefy.profile.options import ProfileOptions
-    from moefy.profile.runner import profile_cached
-    from moefy.sources import resolve_model
-    from moefy.tensor_io import LazyCheckpoint
-    source = resolve_model(MODEL)
-    config, family = source.config(), family_for(source.config())
-    with tempfile.TemporaryDirectory(prefix="moefy-router-fit-") as work:
-        build_demo_corpus(Path(work) / "corpus")
-        stats = profile_cached(source, family, load_corpus(Path(work) / "corpus" / "calib"),
-                               ProfileOptions(**CALIB), 0)
-    reader = LazyCheckpoint(source.directory)
-    recipe = resolve_defaults(BuildRecipe(model=MODEL, method="carve", experts=experts, top_k=top_k))
+    from common import carve_layers
     layers = []
-    for i in range(0, int(config["num_hidden_layers"]), 3):
-        layer = LayerInput(i, int(config["intermediate_size"]), lambda w, i=i: reader.get(family.ffn_key(i, w)),
-                           lambda: stats)
-        split = METHODS["carve"](layer, recipe, layer_rng(recipe.seed, i, "method"))
+    for _, layer, split, recipe in carve_layers(dict(experts=experts, top_k=top_k), every=3):
         layers.append((layer.stats("carve")["hidden"], layer.weight("gate"), layer.weight("up"),
                        layer.weight("down"), split.routed, top_k, recipe.router.ridge))
     return layers

@@ -85,3 +85,28 @@ def dense_row(dense: Perplexity, label: str = "dense (absolute ppl)", lead: int 
 
 def ratio_cells(ppl: Perplexity, dense: Perplexity) -> list[str]:
     return [f"×{ppl.ppl(d) / dense.ppl(d):.3g}" for d in dense.per_domain] + [f"**×{ppl.ppl() / dense.ppl():.3g}**"]
+
+
+def carve_layers(fields: dict, every: int = 1):
+    """Yield (layer index, LayerInput, Split, recipe) for SmolLM2 with a carve recipe of `fields` (today's defaults
+    otherwise): the partition a build makes, from the demo calibration's statistics (profiled once, then cached)."""
+    import tempfile
+
+    from moefy.construct.layer import LayerInput
+    from moefy.construct.registry import METHODS, layer_rng, resolve_defaults
+    from moefy.families import family_for
+    from moefy.profile.options import ProfileOptions
+    from moefy.profile.runner import profile_cached
+    from moefy.tensor_io import LazyCheckpoint
+    source = resolve_model(MODEL)
+    config, family = source.config(), family_for(source.config())
+    with tempfile.TemporaryDirectory(prefix="moefy-carve-layers-") as work:
+        build_demo_corpus(Path(work) / "corpus")
+        stats = profile_cached(source, family, load_corpus(Path(work) / "corpus" / "calib"), ProfileOptions(**CALIB), 0)
+    reader = LazyCheckpoint(source.directory)
+    recipe = resolve_defaults(BuildRecipe(model=MODEL, method="carve", **fields))
+    for i in range(0, int(config["num_hidden_layers"]), every):
+        layer = LayerInput(i, int(config["intermediate_size"]), lambda w, i=i: reader.get(family.ffn_key(i, w)),
+                           lambda: stats)
+        yield i, layer, METHODS["carve"](layer, recipe, layer_rng(recipe.seed, i, "method")), recipe
+
