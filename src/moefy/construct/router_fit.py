@@ -69,7 +69,7 @@ def fit_router(hidden: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down:
     # The activations of every sampled token are kept ([S, R]: 79 MB at a 7B layer's 2,048 samples), so the pass
     # over the chosen experts needs no gate/up matmul again.
     act = _activations(x, gate, up, routed)
-    # How much each expert moves the routed output along its own direction (the regression target), and
+    # How far each expert moves the routed output along the full output's direction (the regression target), and
     # <E_e, full>, which scores a weighted mix of experts against the full output without holding any output.
     along, norms = _along_full(act, down_rows, member)
     contrib = along / norms.clamp_min(1e-12)[:, None]
