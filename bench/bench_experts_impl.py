@@ -6,8 +6,10 @@ step is a few microseconds of arithmetic per call, so the call count, not the FL
 (bench_speed.py asks the other question: random builds of any checkpoint at several granularities, on any device,
 with transformers' default implementation.)
 
-`batched_mm` is left out: it gathers every token's expert weights, and a prompt of 4 × 512 tokens ran at 0.06×
-dense in a trial run, which would make this bench take most of an hour.
+`batched_mm` gathers every token's chosen expert weights, one copy per token: a prompt of 4 × 512 tokens ran at
+0.06× dense in a trial run, so its prompt rate is not measured (it would take most of an hour). Its generation
+(batch 1, a 32-token prompt, where the gather is k experts' weights) is measured in a second pass, against the
+dense model again in that pass.
 
 Usage: python bench/bench_experts_impl.py LABEL=MOE_DIR...   (run it alone; writes docs/results.md section
 'experts-impl')"""
@@ -29,6 +31,7 @@ from common import MODEL  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 IMPLEMENTATIONS = ("grouped_mm", "eager")
+GENERATION_ONLY = ("batched_mm",)
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # grouped_mm itself is not one: its per-expert mm calls are
 BATCH, PROMPT, NEW = 4, 512, 64
 
@@ -47,32 +50,39 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="+", metavar="LABEL=MOE_DIR", help="built MoE directories, each with its row label")
     args = p.parse_args()
-    models = {"dense": load_causal_lm(resolve_model(MODEL).directory)}
+    dense = load_causal_lm(resolve_model(MODEL).directory)
+    models, generation_only, rows = {"dense": dense}, {"dense": dense}, {}
     for label, directory in (m.split("=", 1) for m in args.models):
-        for impl in IMPLEMENTATIONS:
+        for impl in IMPLEMENTATIONS + GENERATION_ONLY:
             model = load_causal_lm(Path(directory))
             model.set_experts_implementation(impl)
-            models[f"{label}, {impl}"] = model
-    probe = torch.randint(0, models["dense"].config.vocab_size, (BATCH, PROMPT),
-                          generator=torch.Generator().manual_seed(0))
+            (generation_only if impl in GENERATION_ONLY else models)[f"{label}, {impl}"] = model
+            rows[f"{label}, {impl}"] = model
+    probe = torch.randint(0, dense.config.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     speed = measure(models, probe, new_tokens=NEW)
     base = speed["dense"]
+    # measure() also times a forward of its input; one 32-token row keeps that short for batched_mm
+    speed_gen = measure(generation_only, probe[:1, :32], new_tokens=NEW)
     lines = ["## Experts implementation in transformers (CPU)", "",
              f"`python bench/bench_experts_impl.py LABEL=MOE_DIR...`, alone on the machine. Each model ÷ the dense "
              f"source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; medians of 3 "
              "interleaved repeats, fp32, torch's default threads), loaded with stock transformers and "
              "`set_experts_implementation`. Matmul calls: one 1-token forward, nested calls counted "
-             "(torch.profiler).", "",
+             "(torch.profiler). batched_mm's generation is timed in a second pass beside the dense model again; "
+             "its prompt rate is not measured (0.06× dense in a trial: it copies each token's expert weights).", "",
              "| model | experts implementation | prompt ÷ dense | generation ÷ dense | matmul calls per token |",
              "|---|---|---|---|---|",
              f"| dense | | 1.00× | 1.00× | {matmuls_per_token(models['dense'])} |"]
-    for name, model in models.items():
-        if name == "dense":
-            continue
+    for name, model in rows.items():
         label, impl = name.rsplit(", ", 1)
-        s = speed[name]
-        lines.append(f"| {label} | {impl} | {s.forward_tokens_per_s / base.forward_tokens_per_s:.2f}× | "
-                     f"{s.generate_tokens_per_s / base.generate_tokens_per_s:.2f}× | {matmuls_per_token(model)} |")
+        if name in models:
+            s = speed[name]
+            prompt = f"{s.forward_tokens_per_s / base.forward_tokens_per_s:.2f}×"
+            gen = s.generate_tokens_per_s / base.generate_tokens_per_s
+        else:
+            prompt = "not measured"
+            gen = speed_gen[name].generate_tokens_per_s / speed_gen["dense"].generate_tokens_per_s
+        lines.append(f"| {label} | {impl} | {prompt} | {gen:.2f}× | {matmuls_per_token(model)} |")
         print(lines[-1], flush=True)
     lines += ["", f"Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): prompt "
               f"{base.forward_tokens_per_s:.0f} tok/s, generation {base.generate_tokens_per_s:.1f} tok/s."]
