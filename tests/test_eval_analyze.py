@@ -106,6 +106,33 @@ def test_eval_cli_side_by_side_with_speed(capsys, tiny_llama, tiny_moe, heldout,
     assert moe_speed["forward_tokens_per_s"] > 0 and moe_speed["generate_tokens_per_s"] > 0
 
 
+def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(capsys, monkeypatch, tiny_llama, tiny_moe, heldout,
+                                                              tmp_path):
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    kernel = ALL_EXPERTS_FUNCTIONS["batched_mm"]
+    calls = []
+
+    def spy(module, *args, **kwargs):
+        calls.append(type(module).__name__)
+        return kernel(module, *args, **kwargs)
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "batched_mm", spy)
+    default = api.evaluate([str(tiny_moe)], str(heldout), seq_len=32, tokens_per_domain=128)
+    assert not calls and default.experts_implementation is None
+    code = cli.main(["eval", str(tiny_llama), str(tiny_moe), "--data", str(heldout), "--seq-len", "32",
+                     "--tokens-per-domain", "128", "--experts-impl", "batched_mm", "--json", str(tmp_path / "e.json")])
+    assert code == 0 and calls  # the MoE's experts ran through the kernel asked for; the dense model has none
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["experts_implementation"] == "batched_mm"
+    # another kernel computes the same function: the same perplexity, to float order
+    for d in DOMAINS:
+        assert data["perplexity"][str(tiny_moe)]["ppl"][d] == pytest.approx(default.perplexity[str(tiny_moe)].ppl(d),
+                                                                            rel=1e-4)
+    with pytest.raises(MoefyError, match="'fused' is not one of grouped_mm, eager, batched_mm"):
+        api.evaluate([str(tiny_moe)], str(tmp_path / "no-corpus-read-first"), experts_implementation="fused")
+
+
 def test_eval_errors(capsys, tiny_llama, heldout):
     code = cli.main(["eval", str(tiny_llama), "--data", str(heldout), "--seq-len", "4096"])
     err = capsys.readouterr().err

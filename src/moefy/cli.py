@@ -11,6 +11,7 @@ from moefy.construct.recipe import BuildRecipe
 from moefy.data.filtering import FilterRecipe
 from moefy.data.generate import SELF_DOMAIN, domain_names
 from moefy.errors import MoefyError
+from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS
 from moefy.recipe_flags import add_recipe_flags, recipe_overrides
 from moefy.recipes import load_recipe
 from moefy.train.recipe import Stage, TrainRecipe
@@ -102,6 +103,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    "routing) and neuron oracle (each token's own top neurons, same active fraction), run inside its "
                    "dense source on the same corpus: how much is lost to routing, how much to the partition; and its "
                    "routing oracle (its own experts, each token's best k of them)")
+    e.add_argument("--experts-impl", choices=EXPERTS_IMPLEMENTATIONS, dest="experts_impl",
+                   help="run the transformers MoEs with this experts kernel, as from_pretrained(DIR, "
+                   "experts_implementation=...) would (default: transformers' own choice, grouped_mm); on a CPU eager "
+                   "runs long prompts faster and grouped_mm generates faster (docs/results.md, experts-impl)")
     e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
@@ -283,7 +288,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_writable(args.json_out)
     result = api.evaluate(args.models, args.data, seq_len=args.seq_len, stride=args.stride,
                           tokens_per_domain=args.tokens_per_domain, speed=args.speed, tasks=tasks,
-                          task_limit=args.task_limit, oracle=args.oracle)
+                          task_limit=args.task_limit, oracle=args.oracle, experts_implementation=args.experts_impl)
     first = next(iter(result.perplexity.values()))
     table = Table(title=f"held-out perplexity (context {first.seq_len}, stride {first.stride})")
     table.add_column("domain")

@@ -16,6 +16,7 @@ from moefy.construct.plan import PLAN_JSON, load_plan
 from moefy.data.corpus import load_corpus
 from moefy.errors import MoefyError, check_at_least
 from moefy.evaluate.harness import run_tasks
+from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS
 from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export import llama_cpp
@@ -38,6 +39,7 @@ class EvalResult:
     baseline: dict[str, str] = dataclasses.field(default_factory=dict)
     # moefy build spec -> its bounds on the same corpus, computed inside its dense source, when asked for (--oracle)
     oracles: dict[str, Oracles] = dataclasses.field(default_factory=dict)
+    experts_implementation: str | None = None  # the transformers MoEs' experts kernel; None: transformers' default
 
     def speed_ratio(self, spec: str) -> tuple[float, float]:
         """(forward, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
@@ -50,7 +52,7 @@ class EvalResult:
                 "speed": {m: {**s.to_dict(), "baseline": self.baseline.get(m, m),
                               "forward_x_baseline": self.speed_ratio(m)[0],
                               "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
-                "tasks": self.tasks, "corpus": self.corpus,
+                "tasks": self.tasks, "corpus": self.corpus, "experts_implementation": self.experts_implementation,
                 "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),
                                 "neuron": o.neuron.to_dict(), "routing": o.routing.to_dict()}
                             for m, o in self.oracles.items()}}
@@ -69,11 +71,17 @@ class Oracles:
 
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
              tokens_per_domain: int | None = 4096, speed: bool = False, tasks: list[str] | None = None,
-             task_limit: int | None = None, oracle: bool = False) -> EvalResult:
+             task_limit: int | None = None, oracle: bool = False,
+             experts_implementation: str | None = None) -> EvalResult:
     """Held-out perplexity per domain for each model (dense or MoE), optionally speed against the dense source, and
-    (oracle) each moefy build's expert and neuron oracles on the same corpus."""
+    (oracle) each moefy build's expert and neuron oracles on the same corpus. experts_implementation: run the
+    transformers MoEs with that experts kernel (perplexity, tasks and speed alike) instead of transformers'
+    default; llama.cpp rows and dense models are unaffected."""
     check_at_least(2, seq_len=seq_len)  # a window needs a token to predict from and one to score
     check_at_least(1, stride=stride, tokens_per_domain=tokens_per_domain, task_limit=task_limit)
+    if experts_implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
+        raise MoefyError(f"experts implementation {experts_implementation!r} is not one of "
+                         f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
 
     corpus = load_corpus(data)
     if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
@@ -85,7 +93,7 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     if oracle and not builds:  # before any model loads
         raise MoefyError("--oracle needs a moefy build among the models (a directory with moefy_plan.json): the "
                          "oracles run its plan inside its dense source")
-    loaded = {spec: _load_for_eval(spec, seq_len) for spec in models}
+    loaded = {spec: _load_for_eval(spec, seq_len, experts_implementation) for spec in models}
     results, task_scores = {}, {}
     for spec, (model, tok) in loaded.items():
         results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
@@ -112,7 +120,7 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     in_memory = {d.resolve(): loaded[spec][0] for spec, d in dirs.items()}
     oracles = {spec: _oracles(d, loaded[spec][0], in_memory, corpus, seq_len, tokens_per_domain, stride)
                for spec, d in builds.items()}
-    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles)
+    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles, experts_implementation)
 
 
 def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int, tokens_per_domain: int | None,
@@ -135,10 +143,13 @@ def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int,
     return Oracles(fraction, expert, neuron, routing)
 
 
-def _load_for_eval(spec: str, seq_len: int):
+def _load_for_eval(spec: str, seq_len: int, experts_implementation: str | None):
     """(model, tokenizer): transformers for a model spec, llama.cpp (with its own tokenizer) for llama.cpp:FILE."""
     if spec.startswith(LLAMA_CPP):
         lm = llama_cpp.LlamaCppLM(Path(spec.removeprefix(LLAMA_CPP)), n_ctx=seq_len + 64)
         return lm, lm.tokenizer
     directory = resolve_model(spec).directory
-    return load_causal_lm(directory), load_tokenizer(directory)
+    model = load_causal_lm(directory)
+    if experts_implementation:  # a dense model takes it as a no-op
+        model.set_experts_implementation(experts_implementation)
+    return model, load_tokenizer(directory)
