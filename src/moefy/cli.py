@@ -304,7 +304,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     if result.speed:
-        speed = Table(title="speed (same run; medians of interleaved repeats)")
+        kernel = result.experts_implementation or "transformers' default"
+        speed = Table(title=f"speed (same run; medians of interleaved repeats; MoE experts kernel: {kernel})")
         for col in ("model", "forward tok/s", "generate tok/s", "÷ baseline (fwd / gen)", "active params/token",
                     "active / total"):
             speed.add_column(col, justify="right")
