@@ -106,8 +106,7 @@ def test_eval_cli_side_by_side_with_speed(capsys, tiny_llama, tiny_moe, heldout,
     assert moe_speed["forward_tokens_per_s"] > 0 and moe_speed["generate_tokens_per_s"] > 0
 
 
-def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(capsys, monkeypatch, tiny_llama, tiny_moe, heldout,
-                                                              tmp_path):
+def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(monkeypatch, tiny_llama, tiny_moe, heldout, tmp_path):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     kernel = ALL_EXPERTS_FUNCTIONS["batched_mm"]
