@@ -11,8 +11,12 @@ with transformers' default implementation.)
 (batch 1, a 32-token prompt, where the gather is k experts' weights) is measured in a second pass, against the
 dense model again in that pass.
 
-Usage: python bench/bench_experts_impl.py LABEL=MOE_DIR...   (run it alone; writes docs/results.md section
-'experts-impl')"""
+With --compile every model (the dense one too) is timed compiled by torch.compile's inductor, generating on a
+static KV cache (`evaluate/speed.py:measure`), each compiled before it is timed: the compiled code runs the routing's
+small ops without Python between them, which is the per-token overhead the plain rows pay.
+
+Usage: python bench/bench_experts_impl.py [--compile] LABEL=MOE_DIR...   (run it alone; writes docs/results.md
+section 'experts-impl', or 'experts-impl-compiled')"""
 
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ def matmuls_per_token(model) -> int:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="+", metavar="LABEL=MOE_DIR", help="built MoE directories, each with its row label")
+    p.add_argument("--compile", action="store_true", help="time every model compiled (torch.compile, inductor)")
     args = p.parse_args()
+    backend = "inductor" if args.compile else None
     dense = load_causal_lm(resolve_model(MODEL).directory)
     models, generation_only, rows = {"dense": dense}, {"dense": dense}, {}
     for label, directory in (m.split("=", 1) for m in args.models):
@@ -59,15 +65,18 @@ def main() -> None:
             (generation_only if impl in GENERATION_ONLY else models)[f"{label}, {impl}"] = model
             rows[f"{label}, {impl}"] = model
     probe = torch.randint(0, dense.config.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
-    speed = measure(models, probe, new_tokens=NEW)
+    speed = measure(models, probe, new_tokens=NEW, compile_backend=backend)
     base = speed["dense"]
     # measure() also times a forward of its input; one 32-token row keeps that short for batched_mm
-    speed_gen = measure(generation_only, probe[:1, :32], new_tokens=NEW)
-    lines = ["## Experts implementation in transformers (CPU)", "",
-             f"`python bench/bench_experts_impl.py LABEL=MOE_DIR...`, alone on the machine. Each model ÷ the dense "
-             f"source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; medians of 3 "
-             "interleaved repeats, fp32, torch's default threads), loaded with stock transformers and "
-             "`set_experts_implementation`. Matmul calls: one 1-token forward, nested calls counted "
+    speed_gen = measure(generation_only, probe[:1, :32], new_tokens=NEW, compile_backend=backend)
+    compiled = (" compiled", " --compile", ", every model (the dense one too) compiled by torch.compile's inductor "
+                "and generating on a static KV cache, each compiled before it is timed") if args.compile else ("",) * 3
+    lines = [f"## Experts implementation in transformers (CPU){compiled[0]}", "",
+             f"`python bench/bench_experts_impl.py{compiled[1]} LABEL=MOE_DIR...`, alone on the machine. Each model ÷ "
+             f"the dense source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; "
+             f"medians of 3 interleaved repeats, fp32, torch's default threads{compiled[2]}), loaded with stock "
+             "transformers and `set_experts_implementation`. Matmul calls: one 1-token forward (not compiled), nested "
+             "calls counted "
              "(torch.profiler). batched_mm's generation is timed in a second pass beside the dense model again; "
              "its prompt rate is not measured (0.06× dense in a trial: it copies each token's expert weights).", "",
              "| model | experts implementation | prompt ÷ dense | generation ÷ dense | matmul calls per token |",
@@ -86,7 +95,8 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines += ["", f"Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): prompt "
               f"{base.forward_tokens_per_s:.0f} tok/s, generation {base.generate_tokens_per_s:.1f} tok/s."]
-    replace_section(Path(__file__).parent.parent / "docs" / "results.md", "experts-impl", "\n".join(lines))
+    section = "experts-impl-compiled" if args.compile else "experts-impl"
+    replace_section(Path(__file__).parent.parent / "docs" / "results.md", section, "\n".join(lines))
 
 
 if __name__ == "__main__":

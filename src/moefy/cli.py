@@ -107,6 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="run the transformers MoEs with this experts kernel, as from_pretrained(DIR, "
                    "experts_implementation=...) would (default: transformers' own choice, grouped_mm); on a CPU eager "
                    "runs long prompts faster and grouped_mm generates faster (docs/results.md, experts-impl)")
+    e.add_argument("--compile", action="store_true", help="with --speed: time the transformers models (MoEs and "
+                   "dense sources alike) compiled by torch.compile, generating on a static KV cache; compiling takes "
+                   "a minute or more per model on a laptop CPU and needs a C++ compiler")
     e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
@@ -288,7 +291,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_writable(args.json_out)
     result = api.evaluate(args.models, args.data, seq_len=args.seq_len, stride=args.stride,
                           tokens_per_domain=args.tokens_per_domain, speed=args.speed, tasks=tasks,
-                          task_limit=args.task_limit, oracle=args.oracle, experts_implementation=args.experts_impl)
+                          task_limit=args.task_limit, oracle=args.oracle, experts_implementation=args.experts_impl,
+                          compiled=args.compile)
     first = next(iter(result.perplexity.values()))
     table = Table(title=f"held-out perplexity (context {first.seq_len}, stride {first.stride})")
     table.add_column("domain")
@@ -305,15 +309,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     console.print(table)
     if result.speed:
         kernel = result.experts_implementation or "transformers' default"
-        speed = Table(title=f"speed (same run; medians of interleaved repeats; MoE experts kernel: {kernel})")
+        how = "compiled (torch.compile, static KV cache)" if result.compiled else "not compiled"
+        speed = Table(title=f"speed (same run; medians of interleaved repeats; MoE experts kernel: {kernel}; {how})")
         for col in ("model", "forward tok/s", "generate tok/s", "÷ baseline (fwd / gen)", "active params/token",
-                    "active / total"):
+                    "active / total", *(["compile s"] if result.compiled else [])):
             speed.add_column(col, justify="right")
         for m, s in result.speed.items():
             fwd, gen = result.speed_ratio(m)
+            compile_s = [] if not result.compiled else ["–" if s.compile_s is None else f"{s.compile_s:.0f}"]
             speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.generate_tokens_per_s:.1f}",
                           f"{fwd:.2f}× / {gen:.2f}×", f"{s.active_params / 1e6:.1f}M",
-                          f"{s.active_params / s.total_params:.2f}")
+                          f"{s.active_params / s.total_params:.2f}", *compile_s)
         console.print(speed)
     if result.tasks:
         scores = Table(title="lm-eval tasks")

@@ -40,6 +40,7 @@ class EvalResult:
     # moefy build spec -> its bounds on the same corpus, computed inside its dense source, when asked for (--oracle)
     oracles: dict[str, Oracles] = dataclasses.field(default_factory=dict)
     experts_implementation: str | None = None  # the transformers MoEs' experts kernel; None: transformers' default
+    compiled: bool = False  # the transformers models' speed was timed compiled (torch.compile, static KV cache)
 
     def speed_ratio(self, spec: str) -> tuple[float, float]:
         """(forward, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
@@ -53,6 +54,7 @@ class EvalResult:
                               "forward_x_baseline": self.speed_ratio(m)[0],
                               "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
                 "tasks": self.tasks, "corpus": self.corpus, "experts_implementation": self.experts_implementation,
+                "compiled": self.compiled,
                 "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),
                                 "neuron": o.neuron.to_dict(), "routing": o.routing.to_dict()}
                             for m, o in self.oracles.items()}}
@@ -72,16 +74,19 @@ class Oracles:
 def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | None = None,
              tokens_per_domain: int | None = 4096, speed: bool = False, tasks: list[str] | None = None,
              task_limit: int | None = None, oracle: bool = False,
-             experts_implementation: str | None = None) -> EvalResult:
+             experts_implementation: str | None = None, compiled: bool = False) -> EvalResult:
     """Held-out perplexity per domain for each model (dense or MoE), optionally speed against the dense source, and
     (oracle) each moefy build's expert and neuron oracles on the same corpus. experts_implementation: run the
     transformers MoEs with that experts kernel (perplexity, tasks and speed alike) instead of transformers'
-    default; llama.cpp rows and dense models are unaffected."""
+    default; llama.cpp rows and dense models are unaffected. compiled: time the transformers models' speed compiled
+    with torch.compile's inductor (generation on a static KV cache), each compiled once before timing."""
     check_at_least(2, seq_len=seq_len)  # a window needs a token to predict from and one to score
     check_at_least(1, stride=stride, tokens_per_domain=tokens_per_domain, task_limit=task_limit)
     if experts_implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
         raise MoefyError(f"experts implementation {experts_implementation!r} is not one of "
                          f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
+    if compiled and not speed:
+        raise MoefyError("--compile times the models compiled; it needs --speed")
 
     corpus = load_corpus(data)
     if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):
@@ -115,12 +120,13 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
                 baseline[spec] = source
         probe = torch.randint(0, next(iter(timed.values())).config.vocab_size, (4, seq_len),
                               generator=torch.Generator().manual_seed(0))
-        speeds = measure_speed(timed, probe)
+        speeds = measure_speed(timed, probe, compile_backend="inductor" if compiled else None)
     # the models already loaded serve the oracles too (each oracle's hooks come off when it is done)
     in_memory = {d.resolve(): loaded[spec][0] for spec, d in dirs.items()}
     oracles = {spec: _oracles(d, loaded[spec][0], in_memory, corpus, seq_len, tokens_per_domain, stride)
                for spec, d in builds.items()}
-    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles, experts_implementation)
+    return EvalResult(results, speeds, task_scores, corpus.summary(), baseline, oracles, experts_implementation,
+                      compiled)
 
 
 def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int, tokens_per_domain: int | None,

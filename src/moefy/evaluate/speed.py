@@ -1,13 +1,18 @@
 """Speed of a model against its dense source, measured in the same run: forward tokens/s, generation tokens/s,
-active parameters per token and the ideal FLOP ratio. Timings are medians of interleaved repeats."""
+active parameters per token and the ideal FLOP ratio. Timings are medians of interleaved repeats, optionally of the
+models compiled with torch.compile."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+
+from moefy.errors import MoefyError
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,7 @@ class Speed:
     generate_tokens_per_s: float
     active_params: int  # per token, embeddings excluded
     total_params: int  # embeddings excluded
+    compile_s: float | None = None  # seconds of the untimed first forward and generation that compiled it (compiled)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,25 +51,64 @@ def _sync(model) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextmanager
+def _compiled(model, backend: str | Callable):
+    """The model with its forward compiled (shapes static), undone on exit so that later passes (oracle hooks) see
+    the plain model. Generation then runs on a static KV cache, whose fixed shapes let one compiled decode step
+    serve every token: transformers' own compiled decoding, which it turns on by itself only on GPUs."""
+    model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
+    try:
+        yield
+    finally:
+        del model.forward  # the instance attribute; the class's forward shows through again
+
+
 @torch.no_grad()
-def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> dict[str, Speed]:
-    """Interleave the models' timings so machine noise hits them alike."""
+def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3,
+            compile_backend: str | Callable | None = None) -> dict[str, Speed]:
+    """Interleave the models' timings so machine noise hits them alike. compile_backend (torch.compile's, e.g.
+    "inductor"): time every torch model compiled, each after one untimed forward and generation that compile it;
+    a llama.cpp model is timed as it is."""
     fwd = {name: [] for name in models}
     gen = {name: [] for name in models}
     prompt = input_ids[:1, :32]
-    for _ in range(repeats):
-        for name, model in models.items():
-            _sync(model)
+    compiled = {name for name, model in models.items() if compile_backend and isinstance(model, torch.nn.Module)}
+    gen_kwargs = {name: {"cache_implementation": "static"} if name in compiled else {} for name in models}
+
+    def generate(name: str) -> None:
+        models[name].generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              **gen_kwargs[name])
+
+    compile_s = {}
+    with ExitStack() as stack:
+        for name in compiled:
+            stack.enter_context(_compiled(models[name], compile_backend))
             t0 = time.perf_counter()
-            model(input_ids=input_ids)
-            _sync(model)
-            fwd[name].append(input_ids.numel() / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            _sync(model)
-            gen[name].append(new_tokens / (time.perf_counter() - t0))
+            try:
+                models[name](input_ids=input_ids)
+                generate(name)
+            except Exception as e:  # inductor needs a C++ compiler; its errors run to pages, wrapped in dynamo's
+                root = e
+                while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+                    root = inner
+                first = (str(root).strip().splitlines() or [""])[0]
+                raise MoefyError(f"torch.compile failed on {name}: {type(root).__name__}: {first}; time it without "
+                                 "compiling") from e
+            compile_s[name] = time.perf_counter() - t0
+        for _ in range(repeats):
+            for name, model in models.items():
+                _sync(model)
+                t0 = time.perf_counter()
+                model(input_ids=input_ids)
+                _sync(model)
+                fwd[name].append(input_ids.numel() / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                generate(name)
+                _sync(model)
+                gen[name].append(new_tokens / (time.perf_counter() - t0))
     out = {}
     for name, model in models.items():
         active, total = matmul_params(model)
-        out[name] = Speed(statistics.median(fwd[name]), statistics.median(gen[name]), active, total)
+        out[name] = Speed(statistics.median(fwd[name]), statistics.median(gen[name]), active, total,
+                          compile_s.get(name))
     return out
