@@ -13,7 +13,8 @@ dense model again in that pass.
 
 With --compile every model (the dense one too) is timed compiled by torch.compile's inductor, generating on a
 static KV cache (`evaluate/speed.py:measure`), each compiled before it is timed: the compiled code runs the routing's
-small ops without Python between them, which is the per-token overhead the plain rows pay.
+small ops without Python between them, which is the per-token overhead the plain rows pay. eager is left out there:
+torch.compile breaks its graph at every expert (evaluate/options.py).
 
 Usage: python bench/bench_experts_impl.py [--compile] LABEL=MOE_DIR...   (run it alone; writes docs/results.md
 section 'experts-impl', or 'experts-impl-compiled')"""
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from moefy.evaluate.options import NOT_COMPILABLE
 from moefy.evaluate.speed import measure
 from moefy.models import load_causal_lm
 from moefy.sources import resolve_model
@@ -56,10 +58,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="time every model compiled (torch.compile, inductor)")
     args = p.parse_args()
     backend = "inductor" if args.compile else None
+    implementations = tuple(i for i in IMPLEMENTATIONS if not (args.compile and i in NOT_COMPILABLE))
     dense = load_causal_lm(resolve_model(MODEL).directory)
     models, generation_only, rows = {"dense": dense}, {"dense": dense}, {}
     for label, directory in (m.split("=", 1) for m in args.models):
-        for impl in IMPLEMENTATIONS + GENERATION_ONLY:
+        for impl in implementations + GENERATION_ONLY:
             model = load_causal_lm(Path(directory))
             model.set_experts_implementation(impl)
             (generation_only if impl in GENERATION_ONLY else models)[f"{label}, {impl}"] = model

@@ -109,7 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "runs long prompts faster and grouped_mm generates faster (docs/results.md, experts-impl)")
     e.add_argument("--compile", action="store_true", help="with --speed: time the transformers models (MoEs and "
                    "dense sources alike) compiled by torch.compile, generating on a static KV cache; compiling takes "
-                   "a minute or more per model on a laptop CPU and needs a C++ compiler")
+                   "a minute or more per model on a laptop CPU and needs a C++ compiler; not with --experts-impl eager")
     e.add_argument("--tasks", help="comma list of lm-eval task names (need a network) or local task YAML paths")
     e.add_argument("--task-limit", type=int, dest="task_limit", help="at most this many examples per task")
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")

@@ -16,7 +16,7 @@ from moefy.construct.plan import PLAN_JSON, load_plan
 from moefy.data.corpus import load_corpus
 from moefy.errors import MoefyError, check_at_least
 from moefy.evaluate.harness import run_tasks
-from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS
+from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS, NOT_COMPILABLE
 from moefy.evaluate.speed import Speed
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export import llama_cpp
@@ -87,6 +87,9 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
                          f"{', '.join(EXPERTS_IMPLEMENTATIONS)}")
     if compiled and not speed:
         raise MoefyError("--compile times the models compiled; it needs --speed")
+    if compiled and experts_implementation in NOT_COMPILABLE:
+        raise MoefyError(f"--compile cannot time the {experts_implementation} experts kernel: torch.compile breaks its "
+                         "graph at every expert; compile with grouped_mm or batched_mm")
 
     corpus = load_corpus(data)
     if tasks and any(spec.startswith(LLAMA_CPP) for spec in models):

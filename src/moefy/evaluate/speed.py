@@ -68,7 +68,8 @@ def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int 
             compile_backend: str | Callable | None = None) -> dict[str, Speed]:
     """Interleave the models' timings so machine noise hits them alike. compile_backend (torch.compile's, e.g.
     "inductor"): time every torch model compiled, each after one untimed forward and generation that compile it;
-    a llama.cpp model is timed as it is."""
+    a llama.cpp model is timed as it is. Compiling clears torch.compile's caches before and after
+    (torch._dynamo.reset)."""
     fwd = {name: [] for name in models}
     gen = {name: [] for name in models}
     prompt = input_ids[:1, :32]
@@ -81,6 +82,14 @@ def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int 
 
     compile_s = {}
     with ExitStack() as stack:
+        if compiled:
+            # every model's forward passes through code that transformers' decorators share, and dynamo counts the
+            # compiled variants of a code object over the whole process: three shapes (the forward, the prompt, the
+            # decode step) per model would pass its default limit of 8 and leave the later models uncompiled, so
+            # the limit fits the models, and the count starts from none (and its entries go) with this measurement
+            torch._dynamo.reset()
+            stack.callback(torch._dynamo.reset)
+            stack.enter_context(torch._dynamo.config.patch(recompile_limit=max(8, 4 * len(compiled))))
         for name in compiled:
             stack.enter_context(_compiled(models[name], compile_backend))
             t0 = time.perf_counter()
