@@ -13,8 +13,9 @@ dense model again in that pass.
 
 With --compile every model (the dense one too) is timed compiled by torch.compile's inductor, generating on a
 static KV cache (`evaluate/speed.py:measure`), each compiled before it is timed: the compiled code runs the routing's
-small ops without Python between them, which is the per-token overhead the plain rows pay. eager is left out there:
-torch.compile breaks its graph at every expert (evaluate/options.py).
+small ops without Python between them, which is the per-token overhead the plain rows pay. Compiled, batched_mm's
+gather no longer copies weights, so it is timed in full with the others. eager is left out: torch.compile breaks its
+graph at every expert (evaluate/options.py).
 
 Usage: python bench/bench_experts_impl.py [--compile] LABEL=MOE_DIR...   (run it alone; writes docs/results.md
 section 'experts-impl', or 'experts-impl-compiled')"""
@@ -58,20 +59,24 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="time every model compiled (torch.compile, inductor)")
     args = p.parse_args()
     backend = "inductor" if args.compile else None
-    implementations = tuple(i for i in IMPLEMENTATIONS if not (args.compile and i in NOT_COMPILABLE))
+    if args.compile:
+        timed = tuple(i for i in IMPLEMENTATIONS + GENERATION_ONLY if i not in NOT_COMPILABLE)
+        generation_only_impls = ()
+    else:
+        timed, generation_only_impls = IMPLEMENTATIONS, GENERATION_ONLY
     dense = load_causal_lm(resolve_model(MODEL).directory)
     models, generation_only, rows = {"dense": dense}, {"dense": dense}, {}
     for label, directory in (m.split("=", 1) for m in args.models):
-        for impl in implementations + GENERATION_ONLY:
+        for impl in timed + generation_only_impls:
             model = load_causal_lm(Path(directory))
             model.set_experts_implementation(impl)
-            (generation_only if impl in GENERATION_ONLY else models)[f"{label}, {impl}"] = model
+            (generation_only if impl in generation_only_impls else models)[f"{label}, {impl}"] = model
             rows[f"{label}, {impl}"] = model
     probe = torch.randint(0, dense.config.vocab_size, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
     speed = measure(models, probe, new_tokens=NEW, compile_backend=backend)
     base = speed["dense"]
     # measure() also times a forward of its input; one 32-token row keeps that short for batched_mm
-    speed_gen = measure(generation_only, probe[:1, :32], new_tokens=NEW, compile_backend=backend)
+    speed_gen = measure(generation_only, probe[:1, :32], new_tokens=NEW) if generation_only_impls else {}
     compiled = (" compiled", " --compile", ", every model (the dense one too) compiled by torch.compile's inductor "
                 "and generating on a static KV cache, each compiled before it is timed") if args.compile else ("",) * 3
     lines = [f"## Experts implementation in transformers (CPU){compiled[0]}", "",
@@ -79,9 +84,9 @@ def main() -> None:
              f"the dense source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; "
              f"medians of 3 interleaved repeats, fp32, torch's default threads{compiled[2]}), loaded with stock "
              "transformers and `set_experts_implementation`. Matmul calls: one 1-token forward (not compiled), nested "
-             "calls counted "
-             "(torch.profiler). batched_mm's generation is timed in a second pass beside the dense model again; "
-             "its prompt rate is not measured (0.06× dense in a trial: it copies each token's expert weights).", "",
+             "calls counted (torch.profiler)." + ("" if args.compile else " batched_mm's generation is timed in a "
+             "second pass beside the dense model again; its prompt rate is not measured (0.06× dense in a trial: it "
+             "copies each token's expert weights)."), "",
              "| model | experts implementation | prompt ÷ dense | generation ÷ dense | matmul calls per token |",
              "|---|---|---|---|---|",
              f"| dense | | 1.00× | 1.00× | {matmuls_per_token(models['dense'])} |"]
