@@ -311,6 +311,10 @@ def test_speed_compiled_times_the_models_compiled_and_gives_them_back_plain(tiny
     assert all("forward" not in vars(m) for m in models.values())  # the class's own forward again
     assert torch.equal(models["moe"].generate(prompt, max_new_tokens=6, do_sample=False), before)
     assert measure(models, ids, new_tokens=4, repeats=1)["moe"].compile_s is None
+    own = models["dense"].forward  # a forward set on the instance by the caller comes back as it was
+    models["dense"].forward = own
+    measure(models, ids, new_tokens=4, repeats=1, compile_backend=backend)
+    assert vars(models["dense"])["forward"] is own and "forward" not in vars(models["moe"])
 
 
 def test_speed_compile_failure_is_one_line(tiny_llama):

@@ -56,11 +56,15 @@ def _compiled(model, backend: str | Callable):
     """The model with its forward compiled (shapes static), undone on exit so that later passes (oracle hooks) see
     the plain model. Generation then runs on a static KV cache, whose fixed shapes let one compiled decode step
     serve every token: transformers' own compiled decoding, which it turns on by itself only on GPUs."""
+    own = vars(model).get("forward")  # a forward the caller set on the instance (their own compiled one, say)
     model.forward = torch.compile(model.forward, backend=backend, dynamic=False)
     try:
         yield
     finally:
-        del model.forward  # the instance attribute; the class's forward shows through again
+        if own is None:
+            del model.forward  # the class's forward shows through again
+        else:
+            model.forward = own
 
 
 @torch.no_grad()
