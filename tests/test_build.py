@@ -64,6 +64,9 @@ def test_output_is_stock_mixtral_in_legacy_layout(tiny_llama, tmp_path):
     for name in ("config.json", "tokenizer.json", "moefy.yaml", "moefy_plan.json", "moefy_plan.safetensors",
                  "README.md"):
         assert (tmp_path / "moe" / name).is_file(), name
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert "training-free construction" in card and "refitted" not in card
+    assert 'experts_implementation="batched_mm"' in card and "torch.compile" in card  # how to generate fast
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (4, 2, 16)
 

@@ -114,6 +114,8 @@ def test_reconstruction_is_saved_verified_and_deterministic(capsys, llama3, ab_c
     fits = json.loads((tmp_path / "a" / "reconstruction.json").read_text())
     assert [f["layer"] for f in fits] == [0, 1, 2] and all(f["nmse_after"] < f["nmse_before"] for f in fits)
     assert (tmp_path / "a" / "reconstruction.png").is_file()
+    card = (tmp_path / "a" / "README.md").read_text()  # the card says what was done to the experts
+    assert "refitted to the dense model layer by layer" in card and "training-free construction" not in card
     report = api.verify(tmp_path / "a", str(llama3))  # the construction under the fitted weights is still exact
     assert report.passed and report.check == "uniform"
     assert cli.main([*argv, str(recipe), "--out", str(tmp_path / "b")]) == 0

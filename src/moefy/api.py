@@ -131,7 +131,7 @@ def _write_moe(tmp: Path, recipe: BuildRecipe, source, reader: LazyCheckpoint, p
         _save_build_reports(tmp, plan, mining, fits)
     dump_recipe(recipe, tmp / BUILD_RECIPE)
     architecture = model_config["architectures"][0]
-    write_card(tmp, plan.meta, source.description, architecture, total, dense_params)
+    write_card(tmp, plan.meta, source.description, architecture, total, dense_params, fits is not None)
     return architecture, total, dense_params
 
 
