@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from moefy.evaluate.options import NOT_COMPILABLE
+from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS, NOT_COMPILABLE
 from moefy.evaluate.speed import measure
 from moefy.models import load_causal_lm
 from moefy.sources import resolve_model
@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import MODEL  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
-IMPLEMENTATIONS = ("grouped_mm", "eager")
-GENERATION_ONLY = ("batched_mm",)
+GENERATION_ONLY = ("batched_mm",)  # uncompiled, its prompts are too slow to time
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")  # grouped_mm itself is not one: its per-expert mm calls are
 BATCH, PROMPT, NEW = 4, 512, 64
 
@@ -59,11 +58,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="time every model compiled (torch.compile, inductor)")
     args = p.parse_args()
     backend = "inductor" if args.compile else None
-    if args.compile:
-        timed = tuple(i for i in IMPLEMENTATIONS + GENERATION_ONLY if i not in NOT_COMPILABLE)
-        generation_only_impls = ()
-    else:
-        timed, generation_only_impls = IMPLEMENTATIONS, GENERATION_ONLY
+    left_out = NOT_COMPILABLE if args.compile else GENERATION_ONLY
+    timed = tuple(i for i in EXPERTS_IMPLEMENTATIONS if i not in left_out)
+    generation_only_impls = () if args.compile else GENERATION_ONLY
     dense = load_causal_lm(resolve_model(MODEL).directory)
     models, generation_only, rows = {"dense": dense}, {"dense": dense}, {}
     for label, directory in (m.split("=", 1) for m in args.models):
@@ -77,12 +74,13 @@ def main() -> None:
     base = speed["dense"]
     # measure() also times a forward of its input; one 32-token row keeps that short for batched_mm
     speed_gen = measure(generation_only, probe[:1, :32], new_tokens=NEW) if generation_only_impls else {}
-    compiled = (" compiled", " --compile", ", every model (the dense one too) compiled by torch.compile's inductor "
-                "and generating on a static KV cache, each compiled before it is timed") if args.compile else ("",) * 3
-    lines = [f"## Experts implementation in transformers (CPU){compiled[0]}", "",
-             f"`python bench/bench_experts_impl.py{compiled[1]} LABEL=MOE_DIR...`, alone on the machine. Each model ÷ "
+    title, flag, how = ((" compiled", " --compile", ", every model (the dense one too) compiled by torch.compile's "
+                         "inductor and generating on a static KV cache, each compiled before it is timed")
+                        if args.compile else ("", "", ""))
+    lines = [f"## Experts implementation in transformers (CPU){title}", "",
+             f"`python bench/bench_experts_impl.py{flag} LABEL=MOE_DIR...`, alone on the machine. Each model ÷ "
              f"the dense source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; "
-             f"medians of 3 interleaved repeats, fp32, torch's default threads{compiled[2]}), loaded with stock "
+             f"medians of 3 interleaved repeats, fp32, torch's default threads{how}), loaded with stock "
              "transformers and `set_experts_implementation`. Matmul calls: one 1-token forward (not compiled), nested "
              "calls counted (torch.profiler)." + ("" if args.compile else " batched_mm's generation is timed in a "
              "second pass beside the dense model again; its prompt rate is not measured (0.06× dense in a trial: it "

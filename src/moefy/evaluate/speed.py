@@ -78,11 +78,11 @@ def measure(models: dict[str, object], input_ids: torch.Tensor, new_tokens: int 
     gen = {name: [] for name in models}
     prompt = input_ids[:1, :32]
     compiled = {name for name, model in models.items() if compile_backend and isinstance(model, torch.nn.Module)}
-    gen_kwargs = {name: {"cache_implementation": "static"} if name in compiled else {} for name in models}
 
     def generate(name: str) -> None:
+        static = {"cache_implementation": "static"} if name in compiled else {}
         models[name].generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              **gen_kwargs[name])
+                              **static)
 
     compile_s = {}
     with ExitStack() as stack:
