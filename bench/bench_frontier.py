@@ -1,7 +1,9 @@
 """Expert granularity at 25% of FFN neurons active: quality against speed (issue: llama.cpp parity and speed, §3).
 SmolLM2-135M, demo corpus; every row is carve with closed-form reconstruction (no Adam steps, to keep the sweep
 short), so the rows differ only in how the active quarter is cut: many small experts route better, few large ones
-run faster. Speed is each model ÷ dense in the same client and run: transformers (f32) and llama.cpp (f16 GGUF).
+run faster. Speed is each model ÷ dense in the same client and run: transformers (f32) as loaded, transformers
+compiled (torch.compile's inductor, every MoE with the batched_mm experts kernel, generating on a static KV cache:
+the README's fast recipe; the dense model compiled too), and llama.cpp (f16 GGUF).
 
 Usage: python bench/bench_frontier.py [--work out/bench-frontier]   (needs make setup-llama; run it alone)
 Writes docs/results.md section 'frontier' and docs/frontier.png."""
@@ -28,13 +30,16 @@ from docs_sections import replace_section  # noqa: E402
 CLOSED_FORM = {"enabled": True, "steps": 0}
 # (label, fields): each keeps 384 of 1,536 neurons active per token (shared neurons counted).
 ROWS = [
-    ("56 experts × 24, top-8, + 192 shared (default)", dict(experts=56, top_k=8)),
+    ("56 experts × 24, top-8, + 192 shared", dict(experts=56, top_k=8)),
     ("28 × 48, top-4, + 192 shared", dict(experts=28, top_k=4)),
     ("14 × 96, top-2, + 192 shared", dict(experts=14, top_k=2)),
     ("16 × 96, top-4, no shared (Mixtral)", dict(experts=16, top_k=4, shared_fraction=0.0)),
     ("8 × 192, top-2, no shared (Mixtral)", dict(experts=8, top_k=2, shared_fraction=0.0)),
 ]
 PROMPT, NEW = 512, 64
+COMPILED = "transformers compiled"
+FAST_KERNEL = "batched_mm"  # the kernel the README's compiled recipe uses (docs/results.md, experts-impl-compiled)
+CLIENTS = ("transformers", COMPILED, "llama.cpp")
 
 
 def main() -> None:
@@ -44,6 +49,7 @@ def main() -> None:
     bench = setup(args.work)
     dense_dir = resolve_model(MODEL).directory
     hf, ll, rows = {"dense": load_causal_lm(dense_dir)}, {}, {}
+    fast = {"dense": load_causal_lm(dense_dir)}  # its own copy: compiling a model patches its forward
     ll["dense"] = LlamaCppLM(api.export_gguf(str(dense_dir), args.work / "dense.gguf", "f16", True).path,
                              n_ctx=PROMPT + NEW + 8)
     for i, (label, fields) in enumerate(ROWS):
@@ -51,12 +57,14 @@ def main() -> None:
         rows[label] = {"ppl_x_dense": bench.evaluate(out).ppl() / bench.dense.ppl(),
                        "near_tied": api.verify(out, MODEL).near_tie_fraction}
         hf[label] = load_causal_lm(out)
+        fast[label] = load_causal_lm(out)
+        fast[label].set_experts_implementation(FAST_KERNEL)
         ll[label] = LlamaCppLM(api.export_gguf(str(out), args.work / f"row{i}.gguf", "f16", True).path,
                                n_ctx=PROMPT + NEW + 8)
         print(label, rows[label], flush=True)
     probe = torch.randint(0, hf["dense"].config.vocab_size, (4, PROMPT), generator=torch.Generator().manual_seed(0))
-    for client, models in (("transformers", hf), ("llama.cpp", ll)):
-        speed = measure(models, probe, new_tokens=NEW)
+    for client, models in zip(CLIENTS, (hf, fast, ll)):
+        speed = measure(models, probe, new_tokens=NEW, compile_backend="inductor" if client == COMPILED else None)
         for label in rows:
             rows[label][client] = {"prompt": speed[label].forward_tokens_per_s / speed["dense"].forward_tokens_per_s,
                                    "gen": speed[label].generate_tokens_per_s / speed["dense"].generate_tokens_per_s}
@@ -70,8 +78,8 @@ def write_docs(rows: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, client in zip(axes, ("transformers", "llama.cpp")):
+    fig, axes = plt.subplots(1, len(CLIENTS), figsize=(14, 4), sharey=True)
+    for ax, client in zip(axes, CLIENTS):
         for label, r in rows.items():
             ax.scatter([r[client]["prompt"]], [r["ppl_x_dense"]], label=label.split(",")[0] + ", " +
                        label.split(",")[1].strip())
@@ -80,22 +88,24 @@ def write_docs(rows: dict) -> None:
         ax.set_title(f"{client}: ● prompt, × generation")
         ax.set_xlabel("tokens/s ÷ dense")
     axes[0].set_ylabel("held-out perplexity ÷ dense")
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.suptitle("carve + closed-form reconstruction at 25% active, SmolLM2-135M")
     fig.tight_layout()
     fig.savefig("docs/frontier.png", dpi=110)
     lines = ["### Expert granularity at 25% active: quality against speed", "",
              "`python bench/bench_frontier.py` (needs `make setup-llama`), alone on the 2-core machine. carve with "
              "closed-form reconstruction (no Adam steps), demo held-out; speed ÷ dense in the same client and run "
-             f"(prompt {PROMPT} × 4, generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32); near-tied as in "
+             f"(prompt {PROMPT} × 4, generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32; compiled: "
+             f"torch.compile (inductor), each MoE with the {FAST_KERNEL} experts kernel, a static KV cache, the dense "
+             "model compiled too, each compiled before it is timed); near-tied as in "
              "`moefy verify` (k-th and (k+1)-th logits within 1e-3 of the token's logit spread). "
              "Plot: docs/frontier.png.", "",
-             "| experts | ppl ÷ dense | near-tied | transformers prompt | transformers gen | llama.cpp prompt | "
-             "llama.cpp gen |", "|---|---|---|---|---|---|---|"]
+             "| experts | ppl ÷ dense | near-tied | " + " | ".join(f"{c} {what}" for c in CLIENTS
+                                                            for what in ("prompt", "gen")) + " |",
+             "|---|---|---|" + "---|" * 2 * len(CLIENTS)]
     for label, r in rows.items():
-        t, c = r["transformers"], r["llama.cpp"]
-        lines.append(f"| {label} | ×{r['ppl_x_dense']:.2f} | {r['near_tied']:.0%} | {t['prompt']:.2f}× | "
-                     f"{t['gen']:.2f}× | {c['prompt']:.2f}× | {c['gen']:.2f}× |")
+        speeds = " | ".join(f"{r[c][what]:.2f}×" for c in CLIENTS for what in ("prompt", "gen"))
+        lines.append(f"| {label} | ×{r['ppl_x_dense']:.2f} | {r['near_tied']:.0%} | {speeds} |")
     replace_section(Path("docs/results.md"), "frontier", "\n".join(lines))
 
 
