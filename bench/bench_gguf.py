@@ -34,8 +34,9 @@ BUILDS = [  # (name, build recipe fields); None: the dense source itself
     ("dense", None),
     ("Mixtral 8 experts, top-2 (random split)", dict(method="random", experts=8, top_k=2)),
     ("carve 25% (56 experts top-8 + shared), Qwen2-MoE -> granitemoe", dict(method="carve", experts=56, top_k=8)),
-    ("carve 25% (56 × 24, top-8) + reconstruction", dict(method="carve", experts=56, top_k=8,
-                                                          reconstruct={"enabled": True})),
+    # make demo's split, the granularity the frontier chose (docs/results.md, frontier), with today's reconstruction
+    ("carve 25% (28 × 48, top-4, make demo's split) + reconstruction", dict(method="carve", experts=28, top_k=4,
+                                                                           reconstruct={"enabled": True})),
 ]
 OUTTYPES = ("f32", "f16", "q8_0")
 SPEED_OUTTYPES = ("f16", "q8_0")  # `moefy export-gguf`'s default, and what most laptop users run
