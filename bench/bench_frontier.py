@@ -5,7 +5,8 @@ run faster. Speed is each model ÷ dense in the same client and run: transformer
 compiled (torch.compile's inductor, every MoE with the batched_mm experts kernel, generating on a static KV cache:
 the README's fast recipe; the dense model compiled too), and llama.cpp (f16 GGUF).
 
-Usage: python bench/bench_frontier.py [--work out/bench-frontier]   (needs make setup-llama; run it alone)
+Usage: python bench/bench_frontier.py [--work out/bench-frontier] [--docs-only]   (needs make setup-llama; run it
+alone; --docs-only rewrites the docs from --work/frontier.json)
 Writes docs/results.md section 'frontier' and docs/frontier.png."""
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ CLIENTS = ("transformers", COMPILED, "llama.cpp")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("out/bench-frontier"))
+    ap.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --work/frontier.json")
     args = ap.parse_args()
+    if args.docs_only:
+        write_docs(json.loads((args.work / "frontier.json").read_text()))
+        return
     bench = setup(args.work)
     dense_dir = resolve_model(MODEL).directory
     hf, ll, rows = {"dense": load_causal_lm(dense_dir)}, {}, {}
@@ -105,7 +110,7 @@ def write_docs(rows: dict) -> None:
              "|---|---|---|" + "---|" * 2 * len(CLIENTS)]
     for label, r in rows.items():
         speeds = " | ".join(f"{r[c][what]:.2f}×" for c in CLIENTS for what in ("prompt", "gen"))
-        lines.append(f"| {label} | ×{r['ppl_x_dense']:.2f} | {r['near_tied']:.0%} | {speeds} |")
+        lines.append(f"| {label} | ×{r['ppl_x_dense']:.2f} | {r['near_tied']:.1%} | {speeds} |")
     replace_section(Path("docs/results.md"), "frontier", "\n".join(lines))
 
 
