@@ -1,9 +1,10 @@
 """Expert granularity at 25% of FFN neurons active: quality against speed (issue: llama.cpp parity and speed, §3).
 SmolLM2-135M, demo corpus; every row is carve with closed-form reconstruction (no Adam steps, to keep the sweep
 short), so the rows differ only in how the active quarter is cut: many small experts route better, few large ones
-run faster. Speed is each model ÷ dense in the same client and run: transformers (f32) as loaded, transformers
-compiled (torch.compile's inductor, every MoE with the batched_mm experts kernel, generating on a static KV cache:
-the README's fast recipe; the dense model compiled too), and llama.cpp (f16 GGUF).
+run faster. Speed (the prompt scored, the prompt prefilled, generation) is each model ÷ dense in the same client and
+run: transformers (f32) as loaded, transformers compiled (torch.compile's inductor, every MoE with the batched_mm
+experts kernel, generating on a static KV cache: the README's fast recipe; the dense model compiled too), and
+llama.cpp (f16 GGUF).
 
 Usage: python bench/bench_frontier.py [--work out/bench-frontier] [--docs-only]   (needs make setup-llama; run it
 alone; --docs-only rewrites the docs from --work/frontier.json)
@@ -41,6 +42,9 @@ PROMPT, NEW = 512, 64
 COMPILED = "transformers compiled"
 FAST_KERNEL = "batched_mm"  # the kernel the README's compiled recipe uses (docs/results.md, experts-impl-compiled)
 CLIENTS = ("transformers", COMPILED, "llama.cpp")
+# column -> Speed's rate: the prompt scored (every position's logits), prefilled (the last one's, as generation and
+# llama-bench compute it), and generation
+RATES = {"prompt": "forward", "prefill": "prefill", "gen": "generate"}
 
 
 def main() -> None:
@@ -71,8 +75,8 @@ def main() -> None:
     for client, models in zip(CLIENTS, (hf, fast, ll)):
         speed = measure(models, probe, new_tokens=NEW, compile_backend="inductor" if client == COMPILED else None)
         for label in rows:
-            rows[label][client] = {"prompt": speed[label].forward_tokens_per_s / speed["dense"].forward_tokens_per_s,
-                                   "gen": speed[label].generate_tokens_per_s / speed["dense"].generate_tokens_per_s}
+            rows[label][client] = {what: getattr(speed[label], f"{rate}_tokens_per_s")
+                                   / getattr(speed["dense"], f"{rate}_tokens_per_s") for what, rate in RATES.items()}
     (args.work / "frontier.json").write_text(json.dumps(rows, indent=1))
     write_docs(rows)
 
@@ -86,11 +90,11 @@ def write_docs(rows: dict) -> None:
     fig, axes = plt.subplots(1, len(CLIENTS), figsize=(14, 4), sharey=True)
     for ax, client in zip(axes, CLIENTS):
         for label, r in rows.items():
-            ax.scatter([r[client]["prompt"]], [r["ppl_x_dense"]], label=label.split(",")[0] + ", " +
+            ax.scatter([r[client]["prefill"]], [r["ppl_x_dense"]], label=label.split(",")[0] + ", " +
                        label.split(",")[1].strip())
             ax.scatter([r[client]["gen"]], [r["ppl_x_dense"]], marker="x", color=ax.collections[-1].get_facecolor())
         ax.axvline(1.0, color="grey", lw=0.8)
-        ax.set_title(f"{client}: ● prompt, × generation")
+        ax.set_title(f"{client}: ● prefill, × generation")
         ax.set_xlabel("tokens/s ÷ dense")
     axes[0].set_ylabel("held-out perplexity ÷ dense")
     axes[-1].legend(fontsize=7)
@@ -100,16 +104,17 @@ def write_docs(rows: dict) -> None:
     lines = ["### Expert granularity at 25% active: quality against speed", "",
              "`python bench/bench_frontier.py` (needs `make setup-llama`), alone on the 2-core machine. carve with "
              "closed-form reconstruction (no Adam steps), demo held-out; speed ÷ dense in the same client and run "
-             f"(prompt {PROMPT} × 4, generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32; compiled: "
+             f"(prompt {PROMPT} × 4, scored with every position's logits or prefilled with the last one's as "
+             f"generation and llama-bench do; generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32; compiled: "
              f"torch.compile (inductor), each MoE with the {FAST_KERNEL} experts kernel, a static KV cache, the dense "
              "model compiled too, each compiled before it is timed); near-tied as in "
              "`moefy verify` (k-th and (k+1)-th logits within 1e-3 of the token's logit spread). "
              "Plot: docs/frontier.png.", "",
              "| experts | ppl ÷ dense | near-tied | " + " | ".join(f"{c} {what}" for c in CLIENTS
-                                                            for what in ("prompt", "gen")) + " |",
-             "|---|---|---|" + "---|" * 2 * len(CLIENTS)]
+                                                            for what in RATES) + " |",
+             "|---|---|---|" + "---|" * len(RATES) * len(CLIENTS)]
     for label, r in rows.items():
-        speeds = " | ".join(f"{r[c][what]:.2f}×" for c in CLIENTS for what in ("prompt", "gen"))
+        speeds = " | ".join(f"{r[c][what]:.2f}×" for c in CLIENTS for what in RATES)
         lines.append(f"| {label} | ×{r['ppl_x_dense']:.2f} | {r['near_tied']:.1%} | {speeds} |")
     replace_section(Path("docs/results.md"), "frontier", "\n".join(lines))
 

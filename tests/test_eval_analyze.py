@@ -103,7 +103,8 @@ def test_eval_cli_side_by_side_with_speed(capsys, tiny_llama, tiny_moe, heldout,
     moe_speed, dense_speed = data["speed"][str(tiny_moe)], data["speed"][str(tiny_llama)]
     assert moe_speed["active_params"] < moe_speed["total_params"]
     assert dense_speed["active_params"] == dense_speed["total_params"]
-    assert moe_speed["forward_tokens_per_s"] > 0 and moe_speed["generate_tokens_per_s"] > 0
+    assert all(moe_speed[f"{rate}_tokens_per_s"] > 0 for rate in ("forward", "prefill", "generate"))
+    assert dense_speed["prefill_x_baseline"] == 1.0
 
 
 def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(monkeypatch, tiny_llama, tiny_moe, heldout, tmp_path):
@@ -300,13 +301,13 @@ def test_speed_compiled_times_the_models_compiled_and_gives_them_back_plain(tiny
         return gm.forward
 
     speed = measure(models, ids, new_tokens=4, repeats=1, compile_backend=backend)
-    assert len(calls) >= 3 * len(models)  # each model's forward, prompt and decode step ran compiled
+    assert len(calls) >= 4 * len(models)  # each model's forward, prefill, prompt and decode step ran compiled
     # dynamo counts compiled variants per code object over the process, and the models share transformers'
     # decorators: each measurement starts that count afresh, so new input widths never run into its limit
     for width in (36, 38, 40):
         calls.clear()
         measure(models, ids[:, :width], new_tokens=4, repeats=1, compile_backend=backend)
-        assert len(calls) >= 3 * len(models)
+        assert len(calls) >= 4 * len(models)
     assert all(s.compile_s > 0 and s.generate_tokens_per_s > 0 for s in speed.values())
     assert all("forward" not in vars(m) for m in models.values())  # the class's own forward again
     assert torch.equal(models["moe"].generate(prompt, max_new_tokens=6, do_sample=False), before)

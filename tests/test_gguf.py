@@ -153,10 +153,17 @@ def test_llama_cpp_logits_match_transformers(tiny, kind):
 
     out = tiny["root"] / f"{kind}-parity.gguf"
     api.export_gguf(str(tiny[kind]), out, "f32", overwrite=True)
-    theirs = LlamaCppLM(out, n_ctx=64)(input_ids=IDS).logits[0]
+    lm = LlamaCppLM(out, n_ctx=64)
+    theirs = lm(input_ids=IDS).logits[0]
     ours = _logits(tiny[kind])
     assert np.array_equal(ours.argmax(-1).numpy(), theirs.argmax(-1).numpy())
     assert (ours - theirs).abs().max() < 1e-3 * ours.abs().max()
+    # a prefill computes the last position's logits only, the same ones up to the rounding of a one-row LM head
+    # (6e-7 of 3 here); every position's come back after it
+    prefill = lm(input_ids=IDS, logits_to_keep=1).logits[0]
+    assert prefill.shape == (1, theirs.shape[-1])
+    assert (prefill[0] - theirs[-1]).abs().max() < 1e-5 * theirs[-1].abs().max()
+    assert torch.equal(lm(input_ids=IDS).logits[0], theirs)
 
 
 @pytest.mark.llama_cpp
@@ -181,5 +188,6 @@ def test_eval_scores_gguf_in_llama_cpp_beside_transformers(tiny, capsys):
     assert ppl[specs[0]] == pytest.approx(ppl[specs[2]], rel=1e-3)
     speed = result["speed"]
     assert speed[specs[2]]["baseline"] == specs[1] and speed[specs[0]]["baseline"] == str(tiny["dense"].resolve())
-    assert speed[specs[1]]["forward_x_baseline"] == 1.0
+    assert speed[specs[1]]["forward_x_baseline"] == speed[specs[1]]["prefill_x_baseline"] == 1.0
+    assert speed[specs[2]]["prefill_tokens_per_s"] > 0
     assert 0 < speed[specs[2]]["active_params"] < speed[specs[2]]["total_params"]

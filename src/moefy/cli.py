@@ -97,8 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="context length (default 256)")
     e.add_argument("--stride", type=int, help="sliding-window stride (default: the context length)")
     e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain")
-    e.add_argument("--speed", action="store_true", help="also forward/generation tokens/s, each MoE ÷ its dense "
-                   "source in the same run (llama.cpp rows ÷ the first llama.cpp model listed)")
+    e.add_argument("--speed", action="store_true", help="also prompt tokens/s (scored: every position's logits; "
+                   "prefilled: the last one's, as generation and llama-bench do) and generation tokens/s, each MoE ÷ "
+                   "its dense source in the same run (llama.cpp rows ÷ the first llama.cpp model listed)")
     e.add_argument("--oracle", action="store_true", help="also each moefy build's expert oracle (its partition, ideal "
                    "routing) and neuron oracle (each token's own top neurons, same active fraction), run inside its "
                    "dense source on the same corpus: how much is lost to routing, how much to the partition; and its "
@@ -311,14 +312,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         kernel = result.experts_implementation or "transformers' default"
         how = "compiled (torch.compile, static KV cache)" if result.compiled else "not compiled"
         speed = Table(title=f"speed (same run; medians of interleaved repeats; MoE experts kernel: {kernel}; {how})")
-        for col in ("model", "forward tok/s", "generate tok/s", "÷ baseline (fwd / gen)", "active params/token",
-                    "active / total", *(["compile s"] if result.compiled else [])):
+        for col in ("model", "score tok/s (all logits)", "prefill tok/s (last logits)", "generate tok/s",
+                    "÷ baseline (score / prefill / gen)", "active params/token", "active / total",
+                    *(["compile s"] if result.compiled else [])):
             speed.add_column(col, justify="right")
         for m, s in result.speed.items():
-            fwd, gen = result.speed_ratio(m)
+            ratios = " / ".join(f"{r:.2f}×" for r in result.speed_ratio(m))
             compile_s = [] if not result.compiled else ["–" if s.compile_s is None else f"{s.compile_s:.0f}"]
-            speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.generate_tokens_per_s:.1f}",
-                          f"{fwd:.2f}× / {gen:.2f}×", f"{s.active_params / 1e6:.1f}M",
+            speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.prefill_tokens_per_s:.0f}",
+                          f"{s.generate_tokens_per_s:.1f}", ratios, f"{s.active_params / 1e6:.1f}M",
                           f"{s.active_params / s.total_params:.2f}", *compile_s)
         console.print(speed)
     if result.tasks:

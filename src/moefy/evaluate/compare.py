@@ -42,17 +42,18 @@ class EvalResult:
     experts_implementation: str | None = None  # the transformers MoEs' experts kernel; None: transformers' default
     compiled: bool = False  # the transformers models' speed was timed compiled (torch.compile, static KV cache)
 
-    def speed_ratio(self, spec: str) -> tuple[float, float]:
-        """(forward, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
+    def speed_ratio(self, spec: str) -> tuple[float, float, float]:
+        """(forward, prefill, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
         mine, base = self.speed[spec], self.speed[self.baseline.get(spec, spec)]
         return (mine.forward_tokens_per_s / base.forward_tokens_per_s,
+                mine.prefill_tokens_per_s / base.prefill_tokens_per_s,
                 mine.generate_tokens_per_s / base.generate_tokens_per_s)
 
     def to_dict(self) -> dict:
         return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
                 "speed": {m: {**s.to_dict(), "baseline": self.baseline.get(m, m),
-                              "forward_x_baseline": self.speed_ratio(m)[0],
-                              "generate_x_baseline": self.speed_ratio(m)[1]} for m, s in self.speed.items()},
+                              **dict(zip(("forward_x_baseline", "prefill_x_baseline", "generate_x_baseline"),
+                                         self.speed_ratio(m), strict=True))} for m, s in self.speed.items()},
                 "tasks": self.tasks, "corpus": self.corpus, "experts_implementation": self.experts_implementation,
                 "compiled": self.compiled,
                 "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),

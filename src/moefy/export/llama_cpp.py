@@ -16,9 +16,11 @@ import sys
 import tarfile
 import tempfile
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from moefy.errors import MoefyError
@@ -170,19 +172,41 @@ class LlamaCppLM:
                 active += int(t.n_elements) * (k / n if "_exps." in t.name else 1)
         return int(active), total
 
-    def __call__(self, input_ids: torch.Tensor, **_) -> _Output:
+    @contextmanager
+    def _last_logits_only(self):
+        """llama.cpp computes the LM head only at the positions a batch asks logits for; llama-cpp-python asks for
+        every position while its (pinned) `_logits_all` is set, as perplexity needs, and for the last one otherwise,
+        as generation and llama-bench do."""
+        self.llm._logits_all = False
+        try:
+            yield
+        finally:
+            self.llm._logits_all = True
+
+    def __call__(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **_) -> _Output:
+        """Logits of every position, or of the last one (logits_to_keep=1, transformers' argument: a prefill)."""
+        if logits_to_keep not in (0, 1):
+            raise ValueError(f"llama.cpp keeps the logits of every position or of the last one, not {logits_to_keep}")
         rows = []
         for row in input_ids.tolist():
             self.llm.reset()
-            self.llm.eval(row)
-            rows.append(torch.from_numpy(self.llm.scores[: len(row)].copy()))
+            if logits_to_keep:
+                with self._last_logits_only():
+                    self.llm.eval(row)
+                logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(1, self.llm.n_vocab()))
+            else:
+                self.llm.eval(row)
+                logits = self.llm.scores[: len(row)]
+            rows.append(torch.from_numpy(logits.copy()))
         return _Output(torch.stack(rows))
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **_) -> list[int]:
-        """Greedy decoding of the first row, exactly max_new_tokens steps (what the speed benchmark times)."""
+        """Greedy decoding of the first row, exactly max_new_tokens steps (what the speed benchmark times). Only the
+        last logits of each step are computed, as in any llama.cpp client that samples."""
         out = []
-        for tok in self.llm.generate(input_ids[0].tolist(), temp=0.0, top_k=1, reset=True):
-            out.append(tok)
-            if len(out) == max_new_tokens:
-                return out
+        with self._last_logits_only():
+            for tok in self.llm.generate(input_ids[0].tolist(), temp=0.0, top_k=1, reset=True):
+                out.append(tok)
+                if len(out) == max_new_tokens:
+                    break
         return out
