@@ -74,13 +74,20 @@ def main() -> None:
     out = args.out or Path(DEFAULT_OUT[args.shape])
     if (out / "config.json").is_file():
         sys.exit(f"{out} exists; remove it first")
+    shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    all_specs, files = write_checkpoint(out, shape, args.seed)
+    save_byte_tokenizer(out)
+    print(f"{out}: {sum(s.nbytes for s in all_specs) / 1e9:.1f} GB in {len(files)} shards")
+
+
+def write_checkpoint(out: Path, shape: dict, seed: int = 0) -> tuple[list[TensorSpec], list[str]]:
+    """A LlamaForCausalLM of `shape` (SHAPES' fields) with N(0, 0.02) weights in `out`, without a tokenizer: its
+    (tensor specs, shard files)."""
     out.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
               "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "bos_token_id": 1,
-              "eos_token_id": 2, "dtype": "bfloat16", **SHAPES[args.shape]}
-    if args.layers:
-        config["num_hidden_layers"] = args.layers
-    gen = torch.Generator().manual_seed(args.seed)
+              "eos_token_id": 2, "dtype": "bfloat16", **shape}
+    gen = torch.Generator().manual_seed(seed)
     all_specs = specs(config)
     writer = ShardedWriter(out, all_specs, max_bytes=5 * 10**9)
     for s in all_specs:
@@ -88,8 +95,7 @@ def main() -> None:
         writer.write(s.name, t.to(s.dtype))
     writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_byte_tokenizer(out)
-    print(f"{out}: {sum(s.nbytes for s in all_specs) / 1e9:.1f} GB in {len(writer.files)} shards")
+    return all_specs, writer.files
 
 
 if __name__ == "__main__":
