@@ -5,7 +5,7 @@ only for K-quant and IQ weights; f16 and q8_0 experts run one dot product per ro
 (576, or the expert's width for the down projection). This bench separates the shape from the model: random-weight
 LLaMAs with SmolLM2's widths and with 2048-wide rows, random MoE splits of each at 25% of FFN neurons active
 (Mixtral format, `random` method: timing does not look at the values), each run in llama.cpp as f16 and as Q4_K_M
-(quantized by llama.cpp's own `llama_model_quantize`), MoE ÷ dense in the same run, interleaved.
+(`moefy export-gguf --outtype q4_k_m`: llama.cpp's own quantizer), MoE ÷ dense in the same run, interleaved.
 
 llama.cpp's extra buffer types are off (`use_extra_bufts=False`): on a Xeon with AMX they would run the dense
 model's matmuls on AMX (MoE expert matmuls never, `mul_mat_id` has no AMX path), which no laptop has, and this
@@ -29,7 +29,7 @@ import numpy as np
 
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
-from moefy.export.llama_cpp import require_runtime
+from moefy.export.llama_cpp import require_runtime, without_extra_buffers
 from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 
@@ -71,16 +71,8 @@ def main() -> None:
             recipe = {"model": str(dense), "method": "random", "experts": experts, "top_k": top_k}
             api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True)
             models[f"{experts} × {shape['intermediate_size'] // experts}, top-{top_k}"] = out
-        files = {}
-        for label, directory in models.items():
-            f16 = args.work / f"{directory.name}-f16.gguf"
-            api.export_gguf(str(directory), f16, "f16", overwrite=True)
-            q = args.work / f"{directory.name}-q4_k_m.gguf"
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-            if llama_cpp.llama_model_quantize(str(f16).encode(), str(q).encode(), params) != 0:
-                sys.exit(f"llama.cpp could not quantize {f16}")
-            files[label] = {"f16": f16, "q4_k_m": q}
+        files = {label: {t: api.export_gguf(str(directory), args.work / f"{directory.name}-{t}.gguf", t, True).path
+                         for t in OUTTYPES} for label, directory in models.items()}
         results[shape_name] = time_files(llama_cpp, files)
         print(shape_name, json.dumps(results[shape_name], indent=1), flush=True)
     results["cpu"] = cpu_name()
@@ -91,21 +83,10 @@ def main() -> None:
 def time_files(llama_cpp, files: dict[str, dict[str, Path]]) -> dict:
     """{outtype: {label: {prefill, gen} ÷ dense}, and the dense model's own tok/s (kept in the JSON only: an absolute
     rate on a shared machine is noise)}: medians of interleaved repeats."""
-    bindings = llama_cpp.llama_cpp  # the module Llama() builds its model params from
-    default_params = bindings.llama_model_default_params
-
-    def no_extra_buffers():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = no_extra_buffers  # Llama() has no argument for it
-    try:
+    with without_extra_buffers(llama_cpp):
         llms = {(label, t): llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT + NEW + 8, logits_all=False,
                                             verbose=False, n_threads=2, n_batch=PROMPT)
                 for label, by_type in files.items() for t, path in by_type.items()}
-    finally:
-        bindings.llama_model_default_params = default_params
     ids = np.random.default_rng(0).integers(100, 40000, PROMPT).tolist()
     pre, gen = {k: [] for k in llms}, {k: [] for k in llms}
     for _ in range(REPEATS):
@@ -145,8 +126,8 @@ def write_docs(results: dict) -> None:
              f"{results['cpu']}, 2 threads. Random-weight LLaMAs and random MoE splits of them at 25% of FFN neurons "
              "active (Mixtral format); each ÷ its dense model in the same run, same outtype (medians of "
              f"{REPEATS} interleaved repeats; prefill: {PROMPT} tokens, last logits only; generation: {NEW} greedy "
-             "tokens). Q4_K_M by llama.cpp's `llama_model_quantize`; llama.cpp's extra buffer types (AMX, "
-             "repacking) off.", "",
+             "tokens). Q4_K_M by `moefy export-gguf --outtype q4_k_m` (llama.cpp's quantizer); llama.cpp's extra "
+             "buffer types (AMX, repacking) off.", "",
              "| shape | experts | f16 prefill | f16 gen | Q4_K_M prefill | Q4_K_M gen |", "|---|---|---|---|---|---|"]
     for shape_name in SHAPES:
         r = results[shape_name]

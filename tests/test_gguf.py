@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_export_gguf_structure(tiny, kind, arch, outtype):
     assert out.read_bytes() == before
 
 
-def test_export_gguf_refusals(tiny, tmp_path, capsys):
+def test_export_gguf_refusals(tiny, tmp_path, capsys, monkeypatch):
     from moefy import api
     from moefy.cli import main
     from moefy.errors import MoefyError
@@ -109,6 +110,11 @@ def test_export_gguf_refusals(tiny, tmp_path, capsys):
     assert "some layers are kept dense" in capsys.readouterr().err
     assert main(["export-gguf", str(tiny["mixtral"]), "--out", str(tmp_path / "m.gguf"), "--outtype", "q4"]) == 2
     assert "--outtype must be one of" in capsys.readouterr().err
+    # a K-quant needs llama.cpp's quantizer: without llama-cpp-python, one line before any work
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert main(["export-gguf", str(tiny["mixtral"]), "--out", str(tmp_path / "m.gguf"), "--outtype", "q4_k_m"]) == 2
+    assert "--outtype q4_k_m needs llama-cpp-python" in capsys.readouterr().err
+    monkeypatch.undo()
     assert main(["export-gguf", str(tiny["mixtral"]), "--out", str(tiny["mixtral"] / "inside.gguf")]) == 2
     assert "lies inside the input" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*moefy-tmp*"))
@@ -164,6 +170,38 @@ def test_llama_cpp_logits_match_transformers(tiny, kind):
     assert prefill.shape == (1, theirs.shape[-1])
     assert (prefill[0] - theirs[-1]).abs().max() < 1e-5 * theirs[-1].abs().max()
     assert torch.equal(lm(input_ids=IDS).logits[0], theirs)
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python is not installed (make setup-llama builds it, "
+                                               "about 20 minutes on 2 cores)")
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_export_gguf_k_quant_runs_in_llama_cpp(tiny, kind, capsys):
+    """q4_k_m through llama.cpp's quantizer: the file type is Q4_K_M, the tiny model's rows (not a multiple of 256)
+    fall back to other types and the summary lists them, and llama.cpp runs it near transformers' logits."""
+    import llama_cpp
+    from gguf import GGUFReader
+
+    from moefy.cli import main
+    from moefy.export.llama_cpp import without_extra_buffers
+    from moefy.export.to_gguf import gguf_field
+
+    out = tiny["root"] / f"{kind}-q4km.gguf"
+    assert main(["export-gguf", str(tiny[kind]), "--out", str(out), "--outtype", "q4_k_m", "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    reader = GGUFReader(out)
+    assert gguf_field(reader, "general.file_type") == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    types = {t.tensor_type.name for t in reader.tensors}
+    assert "Q4_K" not in types and types & {"Q5_0", "Q5_1", "Q8_0"}  # 32-wide rows: every K-quant falls back
+    assert all(f" {t.lower()}" in printed for t in types)
+    with without_extra_buffers(llama_cpp):  # no AMX buffers: this release crashes loading q8_0 into them here
+        llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    llm.eval(IDS[0].tolist())
+    theirs = torch.from_numpy(llm.scores[: IDS.shape[1]].copy())
+    llm.close()
+    ours = _logits(tiny[kind])
+    # q5_0 / q8_0 noise on a 32-wide toy: 9-11% relative error measured; a scrambled tensor would give over 100%
+    assert (ours - theirs).norm() < 0.25 * ours.norm()
 
 
 @pytest.mark.llama_cpp

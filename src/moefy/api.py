@@ -210,18 +210,25 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def export_gguf(model: str, out: Path, outtype: str = "f16", overwrite: bool = False) -> GgufSummary:
-    """A moefy output (or a dense LLaMA) as one GGUF file for llama.cpp / Ollama, through llama.cpp's converter."""
-    if outtype not in OUTTYPES:
-        raise MoefyError(f"--outtype must be one of {', '.join(OUTTYPES)} (got {outtype!r})")
+    """A moefy output (or a dense LLaMA) as one GGUF file for llama.cpp / Ollama, through llama.cpp's converter, and
+    for a K-quant outtype its quantizer too (that needs llama-cpp-python)."""
+    if outtype not in (*OUTTYPES, *llama_cpp.QUANTIZED):
+        raise MoefyError(f"--outtype must be one of {', '.join((*OUTTYPES, *llama_cpp.QUANTIZED))} (got {outtype!r})")
     out = Path(out)
     if out.suffix != ".gguf":
         raise MoefyError(f"--out {out} should end in .gguf")
+    quantized = outtype in llama_cpp.QUANTIZED
+    if quantized:
+        llama_cpp.require_runtime(f"--outtype {outtype}")
     directory = resolve_model(model).directory
     llama_cpp.converter_script()  # missing converter: say so before any work
     with atomic_file(out, overwrite, inputs=(model,)) as tmp_file:
         staged = tmp_file.parent / "hf"
         arch = stage(directory, staged)
-        llama_cpp.convert(staged, tmp_file, outtype)
+        converted = tmp_file.parent / "f16.gguf" if quantized else tmp_file
+        llama_cpp.convert(staged, converted, "f16" if quantized else outtype)
+        if quantized:
+            llama_cpp.quantize(converted, tmp_file, outtype)
         summary = summarize(tmp_file, outtype)
         if summary.architecture != arch:
             raise MoefyError(f"the converter wrote a {summary.architecture!r} GGUF where {arch!r} was expected")

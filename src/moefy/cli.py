@@ -126,7 +126,9 @@ def _build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("export-gguf", help="write a GGUF for llama.cpp / Ollama (through llama.cpp's own converter)")
     g.add_argument("model", help="a moefy output directory, or a dense LLaMA (same forms as build)")
     g.add_argument("--out", type=Path, required=True, help="the .gguf file to write")
-    g.add_argument("--outtype", default="f16", help="f32, f16 (default), bf16 or q8_0")
+    g.add_argument("--outtype", default="f16", help="f32, f16 (default), bf16 or q8_0 (llama.cpp's converter); "
+                   "q4_k_m, q5_k_m or q6_k (its quantizer on the f16 file; needs llama-cpp-python: make setup-llama). "
+                   "A K-quant needs rows that are a multiple of 256 wide; others keep another type, listed after")
     g.add_argument("--overwrite", action="store_true")
     sub.add_parser("fetch-converter", help="download llama.cpp's HF->GGUF converter (from the pinned "
                    "llama-cpp-python sdist on PyPI) into the moefy cache")
@@ -344,7 +346,8 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
 
     s = api.export_gguf(args.model, args.out, args.outtype, args.overwrite)
     experts = f", {s.experts} experts, top-{s.experts_used}" if s.experts else ""
-    print(f"wrote {s.path}: llama.cpp arch {s.architecture}{experts}, {s.tensors} tensors, {s.outtype}, "
+    types = ", ".join(f"{n} {t.lower()}" for t, n in s.tensor_types.items())
+    print(f"wrote {s.path}: llama.cpp arch {s.architecture}{experts}, {s.tensors} tensors ({types}), {s.outtype}, "
           f"{s.size_bytes / 2**20:.1f} MiB")
     print(f"run it: llama-cli -m {s.path} -p 'Hello'   (Ollama: a Modelfile with 'FROM {s.path}', then ollama create)")
     return 0

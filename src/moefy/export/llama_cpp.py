@@ -92,13 +92,55 @@ def convert(hf_dir: Path, out_file: Path, outtype: str) -> None:
 
 # -- the runtime (optional extra `llama`) --
 
-def require_runtime():
+def require_runtime(purpose: str = "scoring a GGUF"):
     try:
         import llama_cpp
     except ImportError:
-        raise MoefyError("scoring a GGUF needs llama-cpp-python: pip install 'moefy[llama]' (it compiles llama.cpp, "
+        raise MoefyError(f"{purpose} needs llama-cpp-python: pip install 'moefy[llama]' (it compiles llama.cpp, "
                          "about 20 minutes on 2 cores)") from None
     return llama_cpp
+
+
+# outtype -> llama.cpp file type. The converter writes f32/f16/bf16/q8_0 only; these K-quants (what most GGUFs on the
+# hubs are) come from llama.cpp's own quantizer run on its f16 output. They matter for MoEs beyond size: llama.cpp's
+# tiled expert kernel takes K-quant weights only (docs/results.md, "llama-cpp-shapes").
+QUANTIZED = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+             "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
+_QUANTIZE = ("import sys, llama_cpp; p = llama_cpp.llama_model_quantize_default_params(); "
+             "p.ftype = getattr(llama_cpp, sys.argv[3]); "
+             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+
+
+def quantize(src: Path, dst: Path, outtype: str) -> None:
+    """llama.cpp's quantizer (llama-quantize's code) on an f16 GGUF, in a child process: its log runs to a line per
+    tensor, and a native crash must not end moefy's process. Its last error line becomes ours."""
+    done = subprocess.run([sys.executable, "-c", _QUANTIZE, str(src), str(dst), QUANTIZED[outtype]],
+                          capture_output=True, text=True)
+    if done.returncode or not dst.is_file():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        how = f"crashed ({signal.Signals(-done.returncode).name})" if done.returncode < 0 else "failed"
+        raise MoefyError(f"llama.cpp's quantizer {how} on {src} ({outtype}): {lines[-1] if lines else 'no output'}")
+
+
+@contextmanager
+def without_extra_buffers(llama_cpp):
+    """Llama() objects made inside load their weights without llama.cpp's extra buffer types (AMX on Xeons, repacked
+    layouts): the kernels every CPU has. llama-cpp-python takes no argument for it, so its default model params
+    are swapped for the block. This release crashes loading q8_0 or K-quant weights into AMX buffers on some
+    Xeons."""
+    bindings = llama_cpp.llama_cpp  # the module Llama() builds its model params from
+    default_params = bindings.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    bindings.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default_params
 
 
 # llama.cpp runs inside moefy's process, where a native crash would end it with no message (one build here died with a

@@ -9,8 +9,10 @@ streamed one layer at a time into a temp dir; the tests load it in transformers 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +44,9 @@ class GgufSummary:
     experts_used: int | None
     size_bytes: int
     outtype: str
+    # ggml type -> tensors: a quantized outtype keeps some tensors in other types (norms in f32; rows whose width is
+    # not a multiple of a K-quant's 256 in q5_0, q8_0 or f16), which users should see
+    tensor_types: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _refuse(reason: str) -> MoefyError:
@@ -169,5 +174,7 @@ def summarize(path: Path, outtype: str) -> GgufSummary:
 
     reader = GGUFReader(path)
     arch = gguf_field(reader, "general.architecture")
+    types = Counter(t.tensor_type.name for t in reader.tensors)
     return GgufSummary(path, arch, len(reader.tensors), gguf_field(reader, f"{arch}.expert_count"),
-                       gguf_field(reader, f"{arch}.expert_used_count"), path.stat().st_size, outtype)
+                       gguf_field(reader, f"{arch}.expert_used_count"), path.stat().st_size, outtype,
+                       dict(types.most_common()))
