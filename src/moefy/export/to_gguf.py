@@ -9,7 +9,6 @@ streamed one layer at a time into a temp dir; the tests load it in transformers 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections import Counter
@@ -46,7 +45,7 @@ class GgufSummary:
     outtype: str
     # ggml type -> tensors: a quantized outtype keeps some tensors in other types (norms in f32; rows whose width is
     # not a multiple of a K-quant's 256 in q5_0, q8_0 or f16), which users should see
-    tensor_types: dict[str, int] = dataclasses.field(default_factory=dict)
+    tensor_types: dict[str, int]
 
 
 def _refuse(reason: str) -> MoefyError:
