@@ -29,7 +29,8 @@ import numpy as np
 
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
-from moefy.export.llama_cpp import require_runtime, without_extra_buffers
+from moefy.export.llama_cpp import require_runtime
+from moefy.export.llama_cpp_buffers import without_extra_buffers
 from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
 

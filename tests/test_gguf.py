@@ -133,9 +133,10 @@ def test_converter_missing_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     assert "holds no convert_hf_to_gguf.py" in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_llama_cpp_crash_in_the_trial_process_is_one_line(tmp_path, monkeypatch):
-    """A GGUF runs in a child process before it runs in moefy's: a child that dies by a signal (as a llama.cpp build
-    did on q8_0 files) is a one-line error here, and a child that merely fails leaves the error to the real load."""
+def test_a_llama_cpp_crash_in_the_trial_process_is_one_line(tmp_path, monkeypatch, capsys):
+    """A GGUF runs in a child process before it runs in moefy's: a child that dies by a signal with and without
+    llama.cpp's extra buffer types is a one-line error here; one that dies only with them (as this release does on
+    q8_0 in AMX buffers) means running without them; a child that merely fails leaves the error to the real load."""
     from moefy.errors import MoefyError
     from moefy.export import llama_cpp
 
@@ -143,10 +144,16 @@ def test_a_llama_cpp_crash_in_the_trial_process_is_one_line(tmp_path, monkeypatc
     gguf.write_bytes(b"GGUF")
     monkeypatch.setattr(llama_cpp, "_TRIAL", "import os, signal, sys; open(sys.argv[1]); os.kill(os.getpid(), "
                                              "signal.SIGSEGV)")
-    with pytest.raises(MoefyError, match=r"llama.cpp crashed \(SIGSEGV\) running .*m.gguf in a trial process"):
+    with pytest.raises(MoefyError, match=r"crashed \(SIGSEGV\) running .*m.gguf in a trial process, with and"):
         llama_cpp.trial_run(gguf)
     monkeypatch.setattr(llama_cpp, "_TRIAL", "raise SystemExit(1)")
-    llama_cpp.trial_run(gguf)
+    assert llama_cpp.trial_run(gguf)  # a failure that is not a crash is left to the load in this process
+    # a crash with llama.cpp's extra buffer types only: run without them, and say so
+    monkeypatch.setattr(llama_cpp, "_TRIAL", "import os, signal, sys; sys.argv[2] == 'extra' and os.kill(os.getpid(), "
+                                             "signal.SIGSEGV)")
+    assert llama_cpp.trial_run(gguf) is False
+    err = capsys.readouterr().err
+    assert "crashed (SIGSEGV) running" in err and "running it without them" in err
 
 
 @pytest.mark.llama_cpp
@@ -183,7 +190,7 @@ def test_export_gguf_k_quant_runs_in_llama_cpp(tiny, kind, capsys):
     from gguf import GGUFReader
 
     from moefy.cli import main
-    from moefy.export.llama_cpp import without_extra_buffers
+    from moefy.export.llama_cpp import LlamaCppLM
     from moefy.export.to_gguf import gguf_field
 
     out = tiny["root"] / f"{kind}-q4km.gguf"
@@ -194,11 +201,8 @@ def test_export_gguf_k_quant_runs_in_llama_cpp(tiny, kind, capsys):
     types = {t.tensor_type.name for t in reader.tensors}
     assert "Q4_K" not in types and types & {"Q5_0", "Q5_1", "Q8_0"}  # 32-wide rows: every K-quant falls back
     assert all(f" {t.lower()}" in printed for t in types)
-    with without_extra_buffers(llama_cpp):  # no AMX buffers: this release crashes loading q8_0 into them here
-        llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
-    llm.eval(IDS[0].tolist())
-    theirs = torch.from_numpy(llm.scores[: IDS.shape[1]].copy())
-    llm.close()
+    # on a Xeon whose AMX buffers crash this release on q8_0, the trial process finds it and the file loads without
+    theirs = LlamaCppLM(out, n_ctx=64)(input_ids=IDS).logits[0]
     ours = _logits(tiny[kind])
     # q5_0 / q8_0 noise on a 32-wide toy: 9-11% relative error measured; a scrambled tensor would give over 100%
     assert (ours - theirs).norm() < 0.25 * ours.norm()

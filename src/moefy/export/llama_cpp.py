@@ -16,7 +16,7 @@ import sys
 import tarfile
 import tempfile
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from moefy.errors import MoefyError
+from moefy.export.llama_cpp_buffers import without_extra_buffers
 from moefy.export.to_gguf import gguf_field
 from moefy.sources import cache_dir
 
@@ -122,43 +123,39 @@ def quantize(src: Path, dst: Path, outtype: str) -> None:
         raise MoefyError(f"llama.cpp's quantizer {how} on {src} ({outtype}): {lines[-1] if lines else 'no output'}")
 
 
-@contextmanager
-def without_extra_buffers(llama_cpp):
-    """Llama() objects made inside load their weights without llama.cpp's extra buffer types (AMX on Xeons, repacked
-    layouts): the kernels every CPU has. llama-cpp-python takes no argument for it, so its default model params
-    are swapped for the block. This release crashes loading q8_0 or K-quant weights into AMX buffers on some
-    Xeons."""
-    bindings = llama_cpp.llama_cpp  # the module Llama() builds its model params from
-    default_params = bindings.llama_model_default_params
-
-    def params():
-        p = default_params()
-        p.use_extra_bufts = False
-        return p
-
-    bindings.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        bindings.llama_model_default_params = default_params
+# llama.cpp runs inside moefy's process, where a native crash would end it with no message (this release dies running
+# q8_0 or K-quant weights in its AMX buffers on some Xeons, when a batch asks for several positions' logits;
+# docs/results.md). So each file first runs a few tokens, every position's logits kept as perplexity keeps them, in
+# a child process: with llama.cpp's extra buffer types, and if that crashes, without them. A child killed by a
+# signal both ways becomes a one-line error.
+_TRIAL = ("import contextlib, sys, llama_cpp\n"
+          "from moefy.export.llama_cpp_buffers import without_extra_buffers\n"
+          "with contextlib.nullcontext() if sys.argv[2] == 'extra' else without_extra_buffers(llama_cpp):\n"
+          "    llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, logits_all=True, verbose=False)\n"
+          "llm.eval(llm.tokenize(b'The trial of a GGUF file, run in a child process before it runs in moefy.'))")
 
 
-# llama.cpp runs inside moefy's process, where a native crash would end it with no message (one build here died with a
-# general protection fault as its AMX backend repacked the first q8_0 tensor; docs/results.md). So each file first
-# loads and evaluates a few tokens in a child process, and a child killed by a signal becomes a one-line error.
-_TRIAL = ("import sys, llama_cpp; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False); "
-          "llm.eval(llm.tokenize(b'The trial'))")
+def _trial_crash(path: Path, extra_buffers: bool) -> str | None:
+    """The signal that killed the trial process, or None if it was not killed."""
+    done = subprocess.run([sys.executable, "-c", _TRIAL, str(path), "extra" if extra_buffers else "plain"],
+                          capture_output=True, text=True)
+    return signal.Signals(-done.returncode).name if done.returncode < 0 else None
 
 
-def trial_run(path: Path) -> None:
-    """Load and run `path` in a child process first; raise MoefyError if llama.cpp crashed there. Other failures are
-    left to the load in this process, which reports them."""
-    done = subprocess.run([sys.executable, "-c", _TRIAL, str(path)], capture_output=True, text=True)
-    if done.returncode < 0:
-        name = signal.Signals(-done.returncode).name
-        raise MoefyError(f"llama.cpp crashed ({name}) running {path} in a trial process, so moefy does not run it in "
-                         "its own; this llama-cpp-python build may not support the file's tensor types on this CPU "
-                         "(q8_0 has crashed builds with an AMX backend): try an f16 GGUF")
+def trial_run(path: Path) -> bool:
+    """Load and run `path` in a child process first: True if llama.cpp runs it with its extra buffer types, False
+    (said on stderr) if only without them; MoefyError if it crashed both ways. Other failures are left to the load
+    in this process, which reports them."""
+    crash = _trial_crash(path, extra_buffers=True)
+    if crash is None:
+        return True
+    if _trial_crash(path, extra_buffers=False) is None:
+        print(f"moefy: llama.cpp crashed ({crash}) running {path} with its extra buffer types (AMX, repacked "
+              "layouts) on this CPU; running it without them", file=sys.stderr)
+        return False
+    raise MoefyError(f"llama.cpp crashed ({crash}) running {path} in a trial process, with and without its extra "
+                     "buffer types, so moefy does not run it in its own; this llama-cpp-python build may not support "
+                     "the file's tensor types on this CPU: try an f16 GGUF")
 
 
 @dataclass
@@ -188,10 +185,11 @@ class LlamaCppLM:
         self.path = Path(path)
         if not self.path.is_file():
             raise MoefyError(f"no such GGUF file: {path}")
-        trial_run(self.path)
+        extra_buffers = trial_run(self.path)
         try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                       n_threads=threads or torch.get_num_threads(), n_batch=min(n_ctx, 512))
+            with nullcontext() if extra_buffers else without_extra_buffers(llama_cpp):
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                                           n_threads=threads or torch.get_num_threads(), n_batch=min(n_ctx, 512))
         except ValueError as exc:  # llama-cpp-python's "Failed to load model from file"
             raise MoefyError(f"llama.cpp could not load {path}: {exc}") from None
         # Freed before interpreter shutdown: llama-cpp-python's own __del__ then finds its C functions gone.
