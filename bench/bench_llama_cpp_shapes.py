@@ -32,13 +32,13 @@ from moefy.construct.recipe import BuildRecipe
 from moefy.export.llama_cpp import require_runtime
 from moefy.export.llama_cpp_buffers import without_extra_buffers
 from moefy.recipes import validate_recipe
-from moefy.sources import resolve_model
+from moefy.sources import SIDE_FILES, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from docs_sections import replace_section  # noqa: E402
 from make_shape import write_checkpoint  # noqa: E402
 
-MODEL = "smollm2-135m"  # its tokenizer: llama.cpp's converter knows its pre-tokenizer
+MODEL = "smollm2-135m"  # its tokenizer and side files: llama.cpp's converter knows its pre-tokenizer
 BASE = dict(num_attention_heads=16, num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048)
 # shape -> (config fields, splits (experts, top-k) at 25% of FFN neurons active)
 SHAPES = {
@@ -57,8 +57,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-llama-cpp-shapes"))
     args = ap.parse_args()
     llama_cpp = require_runtime()
-    tokenizer_files = [f for f in resolve_model(MODEL).directory.iterdir()
-                       if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))]
+    source = resolve_model(MODEL).directory
+    tokenizer_files = [source / name for name in SIDE_FILES if (source / name).is_file()]
     results = {}
     for s, (shape_name, (shape, splits)) in enumerate(SHAPES.items()):
         dense = args.work / f"shape{s}-dense"
