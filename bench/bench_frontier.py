@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moefy import api
-from moefy.evaluate.speed import measure
+from moefy.evaluate.speed import measure, ratios
 from moefy.export.llama_cpp import LlamaCppLM
 from moefy.models import load_causal_lm
 from moefy.sources import resolve_model
@@ -75,8 +75,8 @@ def main() -> None:
     for client, models in zip(CLIENTS, (hf, fast, ll)):
         speed = measure(models, probe, new_tokens=NEW, compile_backend="inductor" if client == COMPILED else None)
         for label in rows:
-            rows[label][client] = {what: getattr(speed[label], f"{rate}_tokens_per_s")
-                                   / getattr(speed["dense"], f"{rate}_tokens_per_s") for what, rate in RATES.items()}
+            x_dense = ratios(speed[label], speed["dense"])
+            rows[label][client] = {what: x_dense[rate] for what, rate in RATES.items()}
     (args.work / "frontier.json").write_text(json.dumps(rows, indent=1))
     write_docs(rows)
 

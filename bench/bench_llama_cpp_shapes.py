@@ -4,8 +4,9 @@ speed, §3). On SmolLM2 (rows 576 wide, experts 48-192 wide) llama.cpp runs our 
 only for K-quant and IQ weights; f16 and q8_0 experts run one dot product per row and token, as long as the row
 (576, or the expert's width for the down projection). This bench separates the shape from the model: random-weight
 LLaMAs with SmolLM2's widths and with 2048-wide rows, random MoE splits of each at 25% of FFN neurons active
-(Mixtral format, `random` method: timing does not look at the values), each run in llama.cpp as f16 and as Q4_K_M
-(`moefy export-gguf --outtype q4_k_m`: llama.cpp's own quantizer), MoE ÷ dense in the same run, interleaved.
+(Mixtral format, `random` method: timing does not look at the values), each run in llama.cpp as f16, Q4_K_M and Q6_K
+(`moefy export-gguf --outtype q4_k_m / q6_k`: llama.cpp's own quantizer), MoE ÷ dense in the same run, interleaved
+(`moefy eval --speed`'s timing, evaluate/speed.py).
 
 llama.cpp's extra buffer types are off (`use_extra_bufts=False`): on a Xeon with AMX they would run the dense
 model's matmuls on AMX (MoE expert matmuls never, `mul_mat_id` has no AMX path), which no laptop has, and this
@@ -18,23 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
-from moefy.export.llama_cpp import require_runtime
-from moefy.export.llama_cpp_buffers import without_extra_buffers
+from moefy.evaluate.speed import measure, ratios
+from moefy.export.llama_cpp import LlamaCppLM, require_runtime
 from moefy.recipes import validate_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
+from common import cpu_name  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 from make_shape import write_checkpoint  # noqa: E402
 
@@ -48,7 +48,8 @@ SHAPES = {
     "2048 / 8192, 8 layers": (dict(BASE, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8),
                               [(32, 8), (8, 2)]),
 }
-OUTTYPES = ("f16", "q4_k_m")
+# the K-quants get llama.cpp's tiled expert kernel where a row's width is a multiple of 256 (2048 here, not 576)
+OUTTYPES = ("f16", "q4_k_m", "q6_k")
 PROMPT, NEW, REPEATS = 512, 32, 3
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("out/bench-llama-cpp-shapes"))
     args = ap.parse_args()
-    llama_cpp = require_runtime()
+    require_runtime()  # before any work: the timing needs llama-cpp-python
     source = resolve_model(MODEL).directory
     tokenizer_files = [source / name for name in SIDE_FILES if (source / name).is_file()]
     results = {}
@@ -74,51 +75,29 @@ def main() -> None:
             models[f"{experts} × {shape['intermediate_size'] // experts}, top-{top_k}"] = out
         files = {label: {t: api.export_gguf(str(directory), args.work / f"{directory.name}-{t}.gguf", t, True).path
                          for t in OUTTYPES} for label, directory in models.items()}
-        results[shape_name] = time_files(llama_cpp, files)
+        results[shape_name] = time_files(files)
         print(shape_name, json.dumps(results[shape_name], indent=1), flush=True)
     results["cpu"] = cpu_name()
     (args.work / "shapes.json").write_text(json.dumps(results, indent=1))
     write_docs(results)
 
 
-def time_files(llama_cpp, files: dict[str, dict[str, Path]]) -> dict:
+def time_files(files: dict[str, dict[str, Path]]) -> dict:
     """{outtype: {label: {prefill, gen} ÷ dense}, and the dense model's own tok/s (kept in the JSON only: an absolute
-    rate on a shared machine is noise)}: medians of interleaved repeats."""
-    with without_extra_buffers(llama_cpp):
-        llms = {(label, t): llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT + NEW + 8, logits_all=False,
-                                            verbose=False, n_threads=2, n_batch=PROMPT)
-                for label, by_type in files.items() for t, path in by_type.items()}
-    ids = np.random.default_rng(0).integers(100, 40000, PROMPT).tolist()
-    pre, gen = {k: [] for k in llms}, {k: [] for k in llms}
-    for _ in range(REPEATS):
-        for key, llm in llms.items():
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(ids)  # logits of the last position only (logits_all=False): a prefill
-            pre[key].append(PROMPT / (time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            for n, _tok in enumerate(llm.generate(ids[:32], temp=0.0, top_k=1, reset=True), 1):
-                if n == NEW:
-                    break
-            gen[key].append(NEW / (time.perf_counter() - t0))
-    for llm in llms.values():
-        llm.close()
+    rate on a shared machine is noise)}: evaluate.speed.measure's medians of interleaved repeats, every file at once."""
+    models = {(label, t): LlamaCppLM(path, n_ctx=PROMPT + NEW + 8, threads=2, extra_buffers=False)
+              for label, by_type in files.items() for t, path in by_type.items()}
+    ids = torch.from_numpy(np.random.default_rng(0).integers(100, 40000, (1, PROMPT)))
+    speed = measure(models, ids, new_tokens=NEW, repeats=REPEATS)
     out = {}
     for t in OUTTYPES:
-        base = statistics.median(pre[("dense", t)]), statistics.median(gen[("dense", t)])
-        out[t] = {"dense tok/s": {"prefill": base[0], "gen": base[1]}}
+        base = speed["dense", t]
+        out[t] = {"dense tok/s": {"prefill": base.prefill_tokens_per_s, "gen": base.generate_tokens_per_s}}
         for label in files:
             if label != "dense":
-                out[t][label] = {"prefill": statistics.median(pre[(label, t)]) / base[0],
-                                 "gen": statistics.median(gen[(label, t)]) / base[1]}
+                x_dense = ratios(speed[label, t], base)
+                out[t][label] = {"prefill": x_dense["prefill"], "gen": x_dense["generate"]}
     return out
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def write_docs(results: dict) -> None:
@@ -127,9 +106,10 @@ def write_docs(results: dict) -> None:
              f"{results['cpu']}, 2 threads. Random-weight LLaMAs and random MoE splits of them at 25% of FFN neurons "
              "active (Mixtral format); each ÷ its dense model in the same run, same outtype (medians of "
              f"{REPEATS} interleaved repeats; prefill: {PROMPT} tokens, last logits only; generation: {NEW} greedy "
-             "tokens). Q4_K_M by `moefy export-gguf --outtype q4_k_m` (llama.cpp's quantizer); llama.cpp's extra "
-             "buffer types (AMX, repacking) off.", "",
-             "| shape | experts | f16 prefill | f16 gen | Q4_K_M prefill | Q4_K_M gen |", "|---|---|---|---|---|---|"]
+             "tokens). The K-quants by `moefy export-gguf --outtype q4_k_m / q6_k` (llama.cpp's quantizer); "
+             "llama.cpp's extra buffer types (AMX, repacking) off.", "",
+             "| shape | experts | " + " | ".join(f"{t.upper()} {w}" for t in OUTTYPES for w in ("prefill", "gen"))
+             + " |", "|---|---|" + "---|" * 2 * len(OUTTYPES)]
     for shape_name in SHAPES:
         r = results[shape_name]
         for label in r["f16"]:

@@ -4,6 +4,7 @@ training run from a list of stages."""
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,14 @@ class Bench:
         """1 − log(after/dense) ÷ log(before/dense): the share of the log-perplexity gap that training closed."""
         dense = math.log(self.dense.ppl(domain))
         return 1 - (math.log(after.ppl(domain)) - dense) / (math.log(before.ppl(domain)) - dense)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for a timing table's header: ratios from two machines compare only loosely."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def unseen_perplexity(model, tokenizer, unseen: Corpus) -> float:

@@ -319,7 +319,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                     *(["compile s"] if result.compiled else [])):
             speed.add_column(col, justify="right")
         for m, s in result.speed.items():
-            ratios = " / ".join(f"{r:.2f}×" for r in result.speed_ratio(m))
+            ratios = " / ".join(f"{r:.2f}×" for r in result.speed_ratio(m).values())
             compile_s = [] if not result.compiled else ["–" if s.compile_s is None else f"{s.compile_s:.0f}"]
             speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.prefill_tokens_per_s:.0f}",
                           f"{s.generate_tokens_per_s:.1f}", ratios, f"{s.active_params / 1e6:.1f}M",

@@ -17,7 +17,7 @@ from moefy.data.corpus import load_corpus
 from moefy.errors import MoefyError, check_at_least
 from moefy.evaluate.harness import run_tasks
 from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS, NOT_COMPILABLE
-from moefy.evaluate.speed import Speed
+from moefy.evaluate.speed import Speed, ratios
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export import llama_cpp
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle, routing_oracle
@@ -42,18 +42,15 @@ class EvalResult:
     experts_implementation: str | None = None  # the transformers MoEs' experts kernel; None: transformers' default
     compiled: bool = False  # the transformers models' speed was timed compiled (torch.compile, static KV cache)
 
-    def speed_ratio(self, spec: str) -> tuple[float, float, float]:
-        """(forward, prefill, generate) tokens/s of `spec` ÷ its baseline's, measured in the same run."""
-        mine, base = self.speed[spec], self.speed[self.baseline.get(spec, spec)]
-        return (mine.forward_tokens_per_s / base.forward_tokens_per_s,
-                mine.prefill_tokens_per_s / base.prefill_tokens_per_s,
-                mine.generate_tokens_per_s / base.generate_tokens_per_s)
+    def speed_ratio(self, spec: str) -> dict[str, float]:
+        """{forward, prefill, generate}: tokens/s of `spec` ÷ its baseline's, measured in the same run."""
+        return ratios(self.speed[spec], self.speed[self.baseline.get(spec, spec)])
 
     def to_dict(self) -> dict:
         return {"perplexity": {m: p.to_dict() for m, p in self.perplexity.items()},
                 "speed": {m: {**s.to_dict(), "baseline": self.baseline.get(m, m),
-                              **dict(zip(("forward_x_baseline", "prefill_x_baseline", "generate_x_baseline"),
-                                         self.speed_ratio(m), strict=True))} for m, s in self.speed.items()},
+                              **{f"{r}_x_baseline": x for r, x in self.speed_ratio(m).items()}}
+                          for m, s in self.speed.items()},
                 "tasks": self.tasks, "corpus": self.corpus, "experts_implementation": self.experts_implementation,
                 "compiled": self.compiled,
                 "oracles": {m: {"active_fraction": o.active_fraction, "expert": o.expert.to_dict(),

@@ -33,6 +33,15 @@ class Speed:
         return asdict(self)
 
 
+# Speed's rates, each `{rate}_tokens_per_s`
+RATES = ("forward", "prefill", "generate")
+
+
+def ratios(mine: Speed, base: Speed) -> dict[str, float]:
+    """Each of mine's rates ÷ base's (two models measured in the same run)."""
+    return {r: getattr(mine, f"{r}_tokens_per_s") / getattr(base, f"{r}_tokens_per_s") for r in RATES}
+
+
 def matmul_params(model) -> tuple[int, int]:
     """(active per token, total) parameters of the decoder layers: what a token's matmuls touch."""
     if hasattr(model, "matmul_params"):  # a GGUF in llama.cpp reads them from its own tensor table

@@ -178,14 +178,17 @@ class LlamaCppTokenizer:
 
 class LlamaCppLM:
     """A GGUF in llama.cpp behind the small part of the transformers interface that perplexity and speed use:
-    `model(input_ids=[batch, seq]).logits` and `generate`. Rows are evaluated one at a time from an empty KV cache."""
+    `model(input_ids=[batch, seq]).logits` and `generate`. Rows are evaluated one at a time from an empty KV cache.
 
-    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None):
+    extra_buffers: False never uses llama.cpp's extra buffer types (AMX, repacked layouts), as a laptop without them
+    runs, and skips the trial process; True uses them where the trial process runs the file with them."""
+
+    def __init__(self, path: Path, n_ctx: int = 2048, threads: int | None = None, extra_buffers: bool = True):
         llama_cpp = require_runtime()
         self.path = Path(path)
         if not self.path.is_file():
             raise MoefyError(f"no such GGUF file: {path}")
-        extra_buffers = trial_run(self.path)
+        extra_buffers = extra_buffers and trial_run(self.path)
         try:
             with nullcontext() if extra_buffers else without_extra_buffers(llama_cpp):
                 self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
