@@ -26,7 +26,7 @@ from moefy.models import load_causal_lm
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODEL, setup  # noqa: E402
+from common import MODEL, cpu_name, setup  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 CLOSED_FORM = {"enabled": True, "steps": 0}
@@ -53,14 +53,17 @@ def main() -> None:
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --work/frontier.json")
     args = ap.parse_args()
     if args.docs_only:
-        write_docs(json.loads((args.work / "frontier.json").read_text()))
+        saved = json.loads((args.work / "frontier.json").read_text())
+        write_docs(saved["rows"], saved["cpu"])
         return
     bench = setup(args.work)
     dense_dir = resolve_model(MODEL).directory
     hf, ll, rows = {"dense": load_causal_lm(dense_dir)}, {}, {}
     fast = {"dense": hf["dense"]}  # measure() gives a compiled model its plain forward back; the MoEs differ in kernel
+    # llama.cpp's extra buffer types off: on a Xeon with AMX they would run the dense model's matmuls on AMX and never
+    # an MoE's expert matmuls (mul_mat_id), which no laptop has
     ll["dense"] = LlamaCppLM(api.export_gguf(str(dense_dir), args.work / "dense.gguf", "f16", True).path,
-                             n_ctx=PROMPT + NEW + 8)
+                             n_ctx=PROMPT + NEW + 8, extra_buffers=False)
     for i, (label, fields) in enumerate(ROWS):
         out = bench.build(f"row{i}", method="carve", reconstruct=CLOSED_FORM, **fields)
         rows[label] = {"ppl_x_dense": bench.evaluate(out).ppl() / bench.dense.ppl(),
@@ -69,7 +72,7 @@ def main() -> None:
         fast[label] = load_causal_lm(out)
         fast[label].set_experts_implementation(FAST_KERNEL)
         ll[label] = LlamaCppLM(api.export_gguf(str(out), args.work / f"row{i}.gguf", "f16", True).path,
-                               n_ctx=PROMPT + NEW + 8)
+                               n_ctx=PROMPT + NEW + 8, extra_buffers=False)
         print(label, rows[label], flush=True)
     probe = torch.randint(0, hf["dense"].config.vocab_size, (4, PROMPT), generator=torch.Generator().manual_seed(0))
     for client, models in zip(CLIENTS, (hf, fast, ll)):
@@ -77,11 +80,11 @@ def main() -> None:
         for label in rows:
             x_dense = ratios(speed[label], speed["dense"])
             rows[label][client] = {what: x_dense[rate] for what, rate in RATES.items()}
-    (args.work / "frontier.json").write_text(json.dumps(rows, indent=1))
-    write_docs(rows)
+    (args.work / "frontier.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=1))
+    write_docs(rows, cpu_name())
 
 
-def write_docs(rows: dict) -> None:
+def write_docs(rows: dict, cpu: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,10 +105,11 @@ def write_docs(rows: dict) -> None:
     fig.tight_layout()
     fig.savefig("docs/frontier.png", dpi=110)
     lines = ["### Expert granularity at 25% active: quality against speed", "",
-             "`python bench/bench_frontier.py` (needs `make setup-llama`), alone on the 2-core machine. carve with "
+             f"`python bench/bench_frontier.py` (needs `make setup-llama`), alone, on {cpu}, 2 threads. carve with "
              "closed-form reconstruction (no Adam steps), demo held-out; speed ÷ dense in the same client and run "
              f"(prompt {PROMPT} × 4, scored with every position's logits or prefilled with the last one's as "
-             f"generation and llama-bench do; generation {NEW} greedy; llama.cpp f16 GGUF, transformers f32; compiled: "
+             f"generation and llama-bench do; generation {NEW} greedy; llama.cpp f16 GGUF with its extra buffer types "
+             "off, transformers f32; compiled: "
              f"torch.compile (inductor), each MoE with the {FAST_KERNEL} experts kernel, a static KV cache, the dense "
              "model compiled too, each compiled before it is timed); near-tied as in "
              "`moefy verify` (k-th and (k+1)-th logits within 1e-3 of the token's logit spread). "

@@ -3,7 +3,8 @@
 - held-out perplexity from each client (llama.cpp tokenising with the GGUF's own tokenizer);
 - top-1 agreement and the largest logit gap on the same token ids (transformers' tokenisation), per GGUF outtype;
 - the near-tied routing decisions that make top-1 flip between kernels (moefy verify's measure);
-- prompt and generation tokens/s, each model ÷ dense in the same client (llama.cpp: per outtype, f16 and q8_0).
+- prompt (prefilled: the last position's logits) and generation tokens/s, each model ÷ dense in the same client
+  (llama.cpp: per outtype, f16, q8_0 and Q4_K_M, its extra buffer types off as on a laptop without AMX).
 
 Usage: python bench/bench_gguf.py [--work DIR] [--quick] [--reuse]   (--quick: no reconstructed build)
 Needs llama-cpp-python (make setup-llama). It times models: run it alone. Writes docs/results.md section 'gguf'."""
@@ -20,14 +21,14 @@ import torch
 from moefy import api
 from moefy.data.tokens import stream
 from moefy.errors import MoefyError
-from moefy.evaluate.speed import measure
+from moefy.evaluate.speed import measure, ratios
 from moefy.export.llama_cpp import LlamaCppLM
 from moefy.models import load_causal_lm
 from moefy.profile.perplexity import heldout_perplexity
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EVAL_TOKENS, MODEL, setup  # noqa: E402
+from common import EVAL_TOKENS, MODEL, cpu_name, setup  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 BUILDS = [  # (name, build recipe fields); None: the dense source itself
@@ -38,8 +39,9 @@ BUILDS = [  # (name, build recipe fields); None: the dense source itself
     ("carve 25% (28 × 48, top-4, make demo's split) + reconstruction", dict(method="carve", experts=28, top_k=4,
                                                                            reconstruct={"enabled": True})),
 ]
-OUTTYPES = ("f32", "f16", "q8_0")
-SPEED_OUTTYPES = ("f16", "q8_0")  # `moefy export-gguf`'s default, and what most laptop users run
+OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
+# `moefy export-gguf`'s default, and what most laptop users run
+SPEED_OUTTYPES = ("f16", "q8_0", "q4_k_m")
 PROMPT, NEW = 512, 64
 
 
@@ -65,7 +67,8 @@ def main() -> None:
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --work/gguf.json")
     args = ap.parse_args()
     if args.docs_only:
-        write_docs(json.loads((args.work / "gguf.json").read_text()))
+        saved = json.loads((args.work / "gguf.json").read_text())
+        write_docs(saved["rows"], saved["cpu"])
         return
     bench = setup(args.work)
     rows = BUILDS[:-1] if args.quick else BUILDS
@@ -91,8 +94,9 @@ def main() -> None:
             s = api.export_gguf(str(dirs[name]), path, outtype, overwrite=True)
             r["outtypes"][outtype] = {"arch": s.architecture, "mib": s.size_bytes / 2**20}
             try:  # a file llama.cpp cannot load or crashes on (as a build with an AMX backend did on q8_0) is
-                # recorded, and the run goes on
-                lm = LlamaCppLM(path, n_ctx=PROMPT + NEW + 8)
+                # recorded, and the run goes on. Extra buffer types off: on a Xeon with AMX they would run the dense
+                # model's matmuls on AMX and never an MoE's expert matmuls (mul_mat_id), which no laptop has.
+                lm = LlamaCppLM(path, n_ctx=PROMPT + NEW + 8, extra_buffers=False)
             except MoefyError as exc:
                 r["outtypes"][outtype]["error"] = str(exc)
                 continue
@@ -114,19 +118,18 @@ def main() -> None:
     dense = rows[0][0]
     for name, _ in rows:
         result[name]["speed"] = {
-            client: {"prompt_x_dense": sp[name].forward_tokens_per_s / sp[dense].forward_tokens_per_s,
-                     "gen_x_dense": sp[name].generate_tokens_per_s / sp[dense].generate_tokens_per_s,
-                     "prompt_tok_s": sp[name].forward_tokens_per_s, "gen_tok_s": sp[name].generate_tokens_per_s,
+            client: {**{f"{what}_x_dense": x for what, x in ratios(sp[name], sp[dense]).items()},
+                     "prefill_tok_s": sp[name].prefill_tokens_per_s, "gen_tok_s": sp[name].generate_tokens_per_s,
                      "active_over_total": sp[name].active_params / sp[name].total_params}
             for client, sp in clients.items() if name in sp and dense in sp}
-    (args.work / "gguf.json").write_text(json.dumps(result, indent=1))
-    write_docs(result)
+    (args.work / "gguf.json").write_text(json.dumps({"cpu": cpu_name(), "rows": result}, indent=1))
+    write_docs(result, cpu_name())
 
 
-def write_docs(result: dict) -> None:
+def write_docs(result: dict, cpu: str) -> None:
     dense = result["dense"]["ppl_transformers"]
     lines = ["### transformers vs llama.cpp, per output format (SmolLM2-135M, demo held-out)", "",
-             "`python bench/bench_gguf.py` (needs `make setup-llama`); alone on the 2-core machine. Perplexity ÷ "
+             f"`python bench/bench_gguf.py` (needs `make setup-llama`); alone, on {cpu}, 2 threads. Perplexity ÷ "
              "the dense model in transformers; top-1 = share of positions where both clients predict the same next "
              "token on the same ids (1,024 positions); gap = max |Δlogit| ÷ max |logit|; near-tied = routing decisions "
              "whose k-th and (k+1)-th logits differ by ≤ 1e-3 of the token's logit spread (`moefy verify`).", "",
@@ -140,16 +143,17 @@ def write_docs(result: dict) -> None:
                          f"| {outtype} | {o['mib']:.0f} | " + " | ".join(cells) + " |")
     errors = {o["error"] for r in result.values() for o in r["outtypes"].values() if "error" in o}
     lines += [f"\nllama.cpp failed: {e}" for e in sorted(errors)]
-    lines += ["", f"### Speed, each model ÷ dense in the same client and run (prompt {PROMPT} tokens × 4, generation "
-              f"{NEW} tokens greedy; llama.cpp on the {' and '.join(SPEED_OUTTYPES)} GGUFs, each ÷ the dense model's "
-              "GGUF of the same outtype, 2 threads; transformers f32)", "",
-              "| model | active/total | transformers prompt | transformers gen | "
-              + " | ".join(f"llama.cpp {o} prompt | llama.cpp {o} gen" for o in SPEED_OUTTYPES) + " |",
+    lines += ["", f"### Speed, each model ÷ dense in the same client and run (prompt {PROMPT} tokens × 4, prefilled: "
+              f"the last position's logits, as generation and llama-bench compute them; generation {NEW} tokens "
+              f"greedy; llama.cpp on the {', '.join(SPEED_OUTTYPES)} GGUFs, each ÷ the dense model's GGUF of the "
+              "same outtype, its extra buffer types off; transformers f32)", "",
+              "| model | active/total | transformers prefill | transformers gen | "
+              + " | ".join(f"llama.cpp {o} prefill | llama.cpp {o} gen" for o in SPEED_OUTTYPES) + " |",
               "|---|---|---|---|" + "---|---|" * len(SPEED_OUTTYPES)]
     for name, r in result.items():
         sp = r["speed"]
         clients = ["transformers"] + [f"llama.cpp {o}" for o in SPEED_OUTTYPES]
-        cells = [f"{sp[c]['prompt_x_dense']:.2f}× | {sp[c]['gen_x_dense']:.2f}×" if c in sp else "— | —"
+        cells = [f"{sp[c]['prefill_x_dense']:.2f}× | {sp[c]['generate_x_dense']:.2f}×" if c in sp else "— | —"
                  for c in clients]
         lines.append(f"| {name} | {sp['transformers']['active_over_total']:.2f} | " + " | ".join(cells) + " |")
     same = [abs(r["outtypes"]["f32"]["ppl_llama_cpp"] / r["ppl_transformers"] - 1) for name, r in result.items()
@@ -161,8 +165,8 @@ def write_docs(result: dict) -> None:
               "attends to it. The random-split Mixtral is a broken model (no calibration, no training), whose "
               "chaotic logits amplify any such flip."]
     d = result["dense"]["speed"]
-    rates = ", ".join(f"{c} {v['prompt_tok_s']:.0f} / {v['gen_tok_s']:.1f} tok/s" for c, v in d.items())
-    lines += ["", f"Dense absolute rates in this run (prompt / generation; noise on a shared machine, only the ratios "
+    rates = ", ".join(f"{c} {v['prefill_tok_s']:.0f} / {v['gen_tok_s']:.1f} tok/s" for c, v in d.items())
+    lines += ["", f"Dense absolute rates in this run (prefill / generation; noise on a shared machine, only the ratios "
               f"are claims): {rates}."]
     replace_section(Path("docs/results.md"), "gguf", "\n".join(lines))
 
