@@ -71,10 +71,11 @@ def test_qwen2_moe_restated_as_granite_is_exact(tiny, tmp_path):
 
 @pytest.mark.parametrize("kind, arch, outtype", [("dense", "llama", "f32"), ("mixtral", "llama", "f16"),
                                                  ("qwen2_moe", "granitemoe", "q8_0")])
-def test_export_gguf_structure(tiny, kind, arch, outtype):
+def test_export_gguf_structure(tiny, kind, arch, outtype, capsys):
     from gguf import GGUFReader
 
     from moefy.cli import main
+    from moefy.export.to_gguf import summarize
 
     out = tiny["root"] / f"{kind}-{outtype}.gguf"
     assert main(["export-gguf", str(tiny[kind]), "--out", str(out), "--outtype", outtype]) == 0
@@ -88,6 +89,13 @@ def test_export_gguf_structure(tiny, kind, arch, outtype):
     assert list(experts.shape)[-1] == 4  # GGUF lists dims innermost first: (hidden, expert size, experts)
     assert names["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"  # routers stay f32 at any outtype
     assert experts.tensor_type.name == outtype.upper()
+    # no expert tensor is a K-quant here, so llama.cpp tiles none: the summary counts them by row width (the hidden
+    # size for gate and up, the expert width for down), and only a K-quant outtype prints the note about them
+    config = json.loads((tiny[kind] / "config.json").read_text())
+    expert_width = config.get("moe_intermediate_size") or config["intermediate_size"]
+    layers = config["num_hidden_layers"]
+    assert summarize(out, outtype).untiled_experts == {config["hidden_size"]: 2 * layers, expert_width: layers}
+    assert "not K-quants" not in capsys.readouterr().out
     if kind == "qwen2_moe":
         assert {"blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight"} <= set(names)
         assert not any("gate_inp_shexp" in n for n in names)  # ungated: no sigmoid for llama.cpp to 0/0
@@ -206,6 +214,9 @@ def test_export_gguf_k_quant_runs_in_llama_cpp(tiny, kind, capsys):
     types = {t.tensor_type.name for t in reader.tensors}
     assert "Q4_K" not in types and types & {"Q5_0", "Q5_1", "Q8_0"}  # 32-wide rows: every K-quant falls back
     assert all(f" {t.lower()}" in printed for t in types)
+    config = json.loads((tiny[kind] / "config.json").read_text())
+    widths = sorted({config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]})
+    assert f"are not K-quants: their rows ({widths[0]} and {widths[1]} wide)" in printed
     # on a Xeon whose AMX buffers crash this release on q8_0, the trial process finds it and the file loads without
     theirs = LlamaCppLM(out, n_ctx=64)(input_ids=IDS).logits[0]
     ours = _logits(tiny[kind])

@@ -343,12 +343,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
     from moefy import api
+    from moefy.export.llama_cpp import QUANTIZED
 
     s = api.export_gguf(args.model, args.out, args.outtype, args.overwrite)
     experts = f", {s.experts} experts, top-{s.experts_used}" if s.experts else ""
     types = ", ".join(f"{n} {t.lower()}" for t, n in s.tensor_types.items())
     print(f"wrote {s.path}: llama.cpp arch {s.architecture}{experts}, {s.tensors} tensors ({types}), {s.outtype}, "
           f"{s.size_bytes / 2**20:.1f} MiB")
+    if s.outtype in QUANTIZED and s.untiled_experts:
+        widths = " and ".join(str(w) for w in s.untiled_experts)
+        print(f"note: {sum(s.untiled_experts.values())} expert tensors are not K-quants: their rows ({widths} wide) "
+              "are not multiples of 256. llama.cpp runs such experts without its tiled MoE kernel, so the MoE's "
+              "prompts may run slower than its dense model's; a hidden size and expert width that are multiples of "
+              "256 keep every expert a K-quant (docs/results.md, llama-cpp-shapes)")
     print(f"run it: llama-cli -m {s.path} -p 'Hello'   (Ollama: a Modelfile with 'FROM {s.path}', then ollama create)")
     return 0
 

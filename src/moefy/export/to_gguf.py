@@ -46,6 +46,11 @@ class GgufSummary:
     # ggml type -> tensors: a quantized outtype keeps some tensors in other types (norms in f32; rows whose width is
     # not a multiple of a K-quant's 256 in q5_0, q8_0 or f16), which users should see
     tensor_types: dict[str, int]
+    # expert tensors llama.cpp's CPU backend runs without its tiled MoE kernel, as {row width: tensors}: it tiles expert
+    # matmuls (mul_mat_id) only for K-quant and IQ types (pinned llama.cpp, ggml-cpu/tiled/tiled.cpp), and other
+    # expert types run one dot product per row and token, which is why MoE prompts ran slower than dense in f16 and
+    # faster in K-quants (docs/results.md, llama-cpp-shapes)
+    untiled_experts: dict[int, int]
 
 
 def _refuse(reason: str) -> MoefyError:
@@ -174,6 +179,13 @@ def summarize(path: Path, outtype: str) -> GgufSummary:
     reader = GGUFReader(path)
     arch = gguf_field(reader, "general.architecture")
     types = Counter(t.tensor_type.name for t in reader.tensors)
+    # a tensor's shape lists its dims innermost first: shape[0] is the row width a quantized block runs along
+    untiled = Counter(int(t.shape[0]) for t in reader.tensors if "_exps." in t.name and not _tiled(t.tensor_type.name))
     return GgufSummary(path, arch, len(reader.tensors), gguf_field(reader, f"{arch}.expert_count"),
                        gguf_field(reader, f"{arch}.expert_used_count"), path.stat().st_size, outtype,
-                       dict(types.most_common()))
+                       dict(types.most_common()), dict(sorted(untiled.items())))
+
+
+def _tiled(ggml_type: str) -> bool:
+    """Whether llama.cpp's tiled MoE kernel takes experts of this ggml type: the K-quants (Q4_K, Q6_K, ...) and IQ."""
+    return ggml_type.endswith("_K") or ggml_type.startswith("IQ")
