@@ -40,7 +40,7 @@ BUILDS = [  # (name, build recipe fields); None: the dense source itself
                                                                            reconstruct={"enabled": True})),
 ]
 OUTTYPES = ("f32", "f16", "q8_0", "q4_k_m")
-# `moefy export-gguf`'s default, and what most laptop users run
+# `moefy export-gguf`'s default, q8_0, and Q4_K_M: the type most GGUFs that people run come in
 SPEED_OUTTYPES = ("f16", "q8_0", "q4_k_m")
 PROMPT, NEW = 512, 64
 
