@@ -69,7 +69,7 @@ def run(out: Path) -> int:
     if not (corpus_dir / "unseen").is_dir():  # a corpus from before the unseen split is written again
         build_demo_corpus(corpus_dir, overwrite=corpus_dir.is_dir())
     # 28 experts of 48, top-4, from the measured granularity frontier (docs/results.md, "frontier"): 1.7× the prompt
-    # speed of 56 × 24 top-8 in transformers (1.9× prefilled; faster than dense), a third as many near-tied routing
+    # speed of 56 × 24 top-8 in transformers (1.8-1.9× prefilled; faster than dense), a third as many near-tied routing
     # decisions, for ×1.75 instead of ×1.65 dense after reconstruction and ×1.42 instead of ×1.36 after the recovery
     # stage.
     recipe = BuildRecipe(model="smollm2-135m", experts=28, top_k=4, method="carve", calib=str(corpus_dir / "calib"),
