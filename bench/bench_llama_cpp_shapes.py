@@ -4,9 +4,10 @@ speed, §3). On SmolLM2 (rows 576 wide, experts 48-192 wide) llama.cpp runs our 
 only for K-quant and IQ weights; f16 and q8_0 experts run one dot product per row and token, as long as the row
 (576, or the expert's width for the down projection). This bench separates the shape from the model: random-weight
 LLaMAs with SmolLM2's widths and with 2048-wide rows, random MoE splits of each at 25% of FFN neurons active
-(Mixtral format, `random` method: timing does not look at the values), each run in llama.cpp as f16, Q4_K_M and Q6_K
-(`moefy export-gguf --outtype q4_k_m / q6_k`: llama.cpp's own quantizer), MoE ÷ dense in the same run, interleaved
-(`moefy eval --speed`'s timing, evaluate/speed.py).
+(Mixtral format, `random` method: timing does not look at the values) and, at 2048 wide, a carve build with
+make demo's structure (shared block, fitted routers; calibrated on the demo corpus), each run in llama.cpp as f16,
+Q4_K_M and Q6_K (`moefy export-gguf --outtype q4_k_m / q6_k`: llama.cpp's own quantizer), MoE ÷ dense in the same
+run, interleaved (`moefy eval --speed`'s timing, evaluate/speed.py).
 
 llama.cpp's extra buffer types are off (`use_extra_bufts=False`): on a Xeon with AMX they would run the dense
 model's matmuls on AMX (MoE expert matmuls never, `mul_mat_id` has no AMX path), which no laptop has, and this
@@ -27,7 +28,9 @@ import numpy as np
 import torch
 
 from moefy import api
+from moefy.construct.plan import load_plan
 from moefy.construct.recipe import BuildRecipe
+from moefy.data.demo_corpus import build_demo_corpus
 from moefy.evaluate.speed import measure, ratios
 from moefy.export.llama_cpp import LlamaCppLM, require_runtime
 from moefy.recipes import validate_recipe
@@ -40,13 +43,16 @@ from make_shape import write_checkpoint  # noqa: E402
 
 MODEL = "smollm2-135m"  # its tokenizer and side files: llama.cpp's converter knows its pre-tokenizer
 BASE = dict(num_attention_heads=16, num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048)
-# shape -> (config fields, splits (experts, top-k) at 25% of FFN neurons active)
+# shape -> (config fields, splits (experts, top-k, method) at 25% of FFN neurons active). The random splits time any
+# routing; carve adds what a real build has: the always-on shared eighth (Qwen2-MoE, GGUF granitemoe) and routers
+# fitted on calibration text (here to a random model's activations). make demo's structure at 2048 wide keeps every
+# width a multiple of 256: 1,024 shared, 28 experts of 256.
 SHAPES = {
     "SmolLM2's widths (576 / 1536, 30 layers)": (
         dict(BASE, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-             num_key_value_heads=3), [(32, 8), (8, 2)]),
+             num_key_value_heads=3), [(32, 8, "random"), (8, 2, "random")]),
     "2048 / 8192, 8 layers": (dict(BASE, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8),
-                              [(32, 8), (8, 2)]),
+                              [(32, 8, "random"), (8, 2, "random"), (28, 4, "carve")]),
 }
 # the K-quants get llama.cpp's tiled expert kernel where a row's width is a multiple of 256 (2048 here, not 576)
 OUTTYPES = ("f16", "q4_k_m", "q6_k")
@@ -68,11 +74,14 @@ def main() -> None:
             for f in tokenizer_files:
                 shutil.copy(f, dense / f.name)
         models = {"dense": dense}
-        for experts, top_k in splits:
-            out = args.work / f"shape{s}-{experts}x{top_k}"
-            recipe = {"model": str(dense), "method": "random", "experts": experts, "top_k": top_k}
+        for experts, top_k, method in splits:
+            out = args.work / f"shape{s}-{experts}x{top_k}-{method}"
+            recipe = {"model": str(dense), "method": method, "experts": experts, "top_k": top_k,
+                      **({"calib": str(calib(args.work))} if method == "carve" else {})}
             api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True)
-            models[f"{experts} × {shape['intermediate_size'] // experts}, top-{top_k}"] = out
+            layer = next(iter(load_plan(out).layers.values()))
+            shared = f" + {len(layer.shared)} shared ({method})" if len(layer.shared) else ""
+            models[f"{experts} × {layer.experts.shape[1]}, top-{top_k}{shared}"] = out
         files = {label: {t: api.export_gguf(str(directory), args.work / f"{directory.name}-{t}.gguf", t, True).path
                          for t in OUTTYPES} for label, directory in models.items()}
         results[shape_name] = time_files(files)
@@ -80,6 +89,13 @@ def main() -> None:
     results["cpu"] = cpu_name()
     (args.work / "shapes.json").write_text(json.dumps(results, indent=1))
     write_docs(results)
+
+
+def calib(work: Path) -> Path:
+    """The demo corpus's calibration split (written once under `work`), for the carve row's profile."""
+    if not (work / "corpus" / "calib").is_dir():
+        build_demo_corpus(work / "corpus", overwrite=(work / "corpus").is_dir())
+    return work / "corpus" / "calib"
 
 
 def time_files(files: dict[str, dict[str, Path]]) -> dict:
@@ -103,11 +119,12 @@ def time_files(files: dict[str, dict[str, Path]]) -> dict:
 def write_docs(results: dict) -> None:
     lines = ["### llama.cpp speed against matrix width", "",
              "`python bench/bench_llama_cpp_shapes.py` (needs `make setup-llama`), alone, on "
-             f"{results['cpu']}, 2 threads. Random-weight LLaMAs and random MoE splits of them at 25% of FFN neurons "
-             "active (Mixtral format); each ÷ its dense model in the same run, same outtype (medians of "
-             f"{REPEATS} interleaved repeats; prefill: {PROMPT} tokens, last logits only; generation: {NEW} greedy "
-             "tokens). The K-quants by `moefy export-gguf --outtype q4_k_m / q6_k` (llama.cpp's quantizer); "
-             "llama.cpp's extra buffer types (AMX, repacking) off.", "",
+             f"{results['cpu']}, 2 threads. Random-weight LLaMAs and MoE splits of them at 25% of FFN "
+             "neurons active: random (Mixtral format), and carve (shared block and routers fitted on the demo "
+             "corpus's calibration split; Qwen2-MoE, GGUF granitemoe); each ÷ its dense model in the same run, same "
+             f"outtype (medians of {REPEATS} interleaved repeats; prefill: {PROMPT} tokens, last logits only; "
+             f"generation: {NEW} greedy tokens). The K-quants by `moefy export-gguf --outtype q4_k_m / q6_k` "
+             "(llama.cpp's quantizer); llama.cpp's extra buffer types (AMX, repacking) off.", "",
              "| shape | experts | " + " | ".join(f"{t.upper()} {w}" for t in OUTTYPES for w in ("prefill", "gen"))
              + " |", "|---|---|" + "---|" * 2 * len(OUTTYPES)]
     for shape_name in SHAPES:
