@@ -30,14 +30,13 @@ import torch
 from moefy import api
 from moefy.construct.plan import load_plan
 from moefy.construct.recipe import BuildRecipe
-from moefy.data.demo_corpus import build_demo_corpus
 from moefy.evaluate.speed import measure, ratios
 from moefy.export.llama_cpp import LlamaCppLM, require_runtime
 from moefy.recipes import validate_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_name  # noqa: E402
+from common import cpu_name, demo_corpus  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 from make_shape import write_checkpoint  # noqa: E402
 
@@ -77,7 +76,7 @@ def main() -> None:
         for experts, top_k, method in splits:
             out = args.work / f"shape{s}-{experts}x{top_k}-{method}"
             recipe = {"model": str(dense), "method": method, "experts": experts, "top_k": top_k,
-                      **({"calib": str(calib(args.work))} if method == "carve" else {})}
+                      **({"calib": str(demo_corpus(args.work) / "calib")} if method == "carve" else {})}
             api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True)
             layer = next(iter(load_plan(out).layers.values()))
             shared = f" + {len(layer.shared)} shared ({method})" if len(layer.shared) else ""
@@ -89,13 +88,6 @@ def main() -> None:
     results["cpu"] = cpu_name()
     (args.work / "shapes.json").write_text(json.dumps(results, indent=1))
     write_docs(results)
-
-
-def calib(work: Path) -> Path:
-    """The demo corpus's calibration split (written once under `work`), for the carve row's profile."""
-    if not (work / "corpus" / "calib").is_dir():
-        build_demo_corpus(work / "corpus", overwrite=(work / "corpus").is_dir())
-    return work / "corpus" / "calib"
 
 
 def time_files(files: dict[str, dict[str, Path]]) -> dict:

@@ -73,11 +73,17 @@ def unseen_perplexity(model, tokenizer, unseen: Corpus) -> float:
     return heldout_perplexity(model, tokenizer, unseen, seq_len=256, tokens_per_domain=4 * EVAL_TOKENS).ppl()
 
 
-def setup(work: Path) -> Bench:
-    """The demo corpus under `work` (written once: it is deterministic, so a rerun reuses it; one from before the
-    `unseen/` split is rewritten), SmolLM2 and its dense held-out perplexity."""
+def demo_corpus(work: Path) -> Path:
+    """The demo corpus under `work`, written once: it is deterministic, so a rerun reuses it (one from before the
+    `unseen/` split is rewritten)."""
     if not (work / "corpus" / "unseen").is_dir():
         build_demo_corpus(work / "corpus", overwrite=(work / "corpus").is_dir())
+    return work / "corpus"
+
+
+def setup(work: Path) -> Bench:
+    """The demo corpus under `work` (demo_corpus), SmolLM2 and its dense held-out perplexity."""
+    demo_corpus(work)
     source = resolve_model(MODEL)
     tok = load_tokenizer(source.directory)
     held = load_corpus(work / "corpus" / "heldout")
