@@ -17,7 +17,7 @@ os.environ["MOEFY_QUIET"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2, seed: int = 0,
+def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2, seed: int = 0, hidden: int = 32,
                     shard_bytes: str | None = None, model_type: str = "llama", tokenizer_from: Path | None = None,
                     **overrides) -> Path:
     """tokenizer_from: copy that model's tokenizer (llama.cpp's converter only takes tokenizers it recognises)."""
@@ -33,7 +33,7 @@ def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2,
         for f in Path(tokenizer_from).glob("tokenizer*"):
             shutil.copy(f, directory / f.name)
         vocab = len(AutoTokenizer.from_pretrained(directory))
-    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=intermediate,
+    config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                   max_position_embeddings=512, tie_word_embeddings=False, **overrides)
     torch.manual_seed(seed)

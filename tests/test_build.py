@@ -236,3 +236,27 @@ def test_vllm_check_reads_what_vllm_loads(tiny_llama, tmp_path):
     problems = vllm_problems(tmp_path / "qwen")
     assert any("head_dim" in p for p in problems)
     assert any("model.layers.1.self_attn.q_proj.bias" in p for p in problems)
+
+
+def test_build_prints_flags_for_experts_a_k_quant_holds(capsys, tmp_path):
+    """At a hidden size that is a multiple of 256, a K-quant GGUF runs the experts through llama.cpp's tiled kernel
+    only if their width is one too. The build says so and prints the nearest split's flags, and a build with those
+    flags has such experts and prints nothing (carve rounds the printed shared fraction back to the same block)."""
+    from conftest import make_tiny_llama
+
+    from moefy import cli
+
+    src = make_tiny_llama(tmp_path / "wide", hidden=256, intermediate=2816, layers=1)
+    calib = write_domain_corpus(tmp_path / "c.jsonl", {"a": "ab c", "b": "xy z"}, {"a": 6, "b": 6},
+                                {"a": 200, "b": 200}, seed=1)
+    argv = ["build", str(src), "--method", "carve", "--calib", str(calib), "--tokens-per-domain", "256"]
+    assert cli.main([*argv, "--out", str(tmp_path / "a"), "--experts", "32", "--top-k", "4"]) == 0
+    note = capsys.readouterr().out.split("note: ")[1]
+    assert note.startswith("experts of 80 neurons are not a multiple of 256")
+    flags = note.split("Rebuild with ")[1].split(" for experts")[0]
+    assert flags == "--experts 10 --top-k 2 --shared-fraction 0.0909091"
+    assert cli.main([*argv, "--out", str(tmp_path / "b"), *flags.split()]) == 0
+    assert "note:" not in capsys.readouterr().out
+    plan = load_plan(tmp_path / "b")
+    assert (plan.meta.expert_size, plan.meta.shared_size) == (256, 256)
+    assert all((lp.experts != PAD).all() and (lp.shared != PAD).all() for lp in plan.layers.values())

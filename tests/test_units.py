@@ -255,3 +255,40 @@ def test_filter_flags_come_from_the_filter_recipe():
     assert (r.fluency.model, r.fluency.cache, r.fluency.max_tokens) == ("m", "c", 64)
     assert r.ads is None and r.drop_quantile == {"fluency": 0.2} and r.threshold == {}
     assert recipe() == FilterRecipe()  # no flag given: the recipe's defaults
+
+
+def _meta(ffn: int, hidden: int, shared: int, experts: int, top_k: int, method: str = "carve") -> PlanMeta:
+    size = expert_size_for(ffn - shared, experts)
+    return PlanMeta(source="x", family="llama", method=method, num_layers=1, num_experts=experts, top_k=top_k,
+                    ffn_width=ffn, hidden_size=hidden, expert_size=size, moe_layers=[0], scales=[1.0],
+                    shared_size=shared)
+
+
+@pytest.mark.parametrize("ffn,hidden,shared,experts,top_k,method,want", [
+    # carve's default on the width bench's 2048 / 8192 shape: make demo's structure, which tiles (docs/results.md)
+    (8192, 2048, 1024, 56, 8, "carve", (28, 4, 1024, 0.25)),
+    # LLaMA-2-7B: 11,008 = 43 × 256 has no split at exactly 25%; the nearest keeps the shared block nearest 1/8
+    (11008, 4096, 1376, 56, 8, "carve", (38, 6, 1280, 11 / 43)),
+    # no shared block to give: every neuron in a routed expert
+    (11008, 4096, 0, 16, 4, "random", (43, 11, 0, 11 / 43)),
+])
+def test_tiled_split_is_the_nearest_split_with_256_wide_experts(ffn, hidden, shared, experts, top_k, method, want):
+    from moefy.export.to_gguf import tiled_split
+
+    meta = _meta(ffn, hidden, shared, experts, top_k, method)
+    split = tiled_split(meta, (shared + top_k * (ffn - shared) / experts) / ffn)
+    assert (split.experts, split.top_k, split.shared, split.active) == pytest.approx(want)
+    assert split.expert_size == 256 and split.shared + split.experts * split.expert_size == ffn
+
+
+@pytest.mark.parametrize("meta", [
+    _meta(8192, 2048, 1024, 28, 4),  # already 256 wide
+    _meta(1536, 576, 192, 56, 8),  # SmolLM2: hidden 576 keeps gate and up untiled whatever the split
+    _meta(8192, 2048, 0, 4, 1, "dive"),  # pruned FFNs, not a partition these flags resize
+    _meta(8192, 2048, 1024, 6, 2, "importance"),  # one expert per calibration domain
+    _meta(8000, 2048, 0, 16, 4, "random"),  # no shared block to take the 8000 % 256 left over
+])
+def test_tiled_split_stays_quiet_where_no_flags_help(meta):
+    from moefy.export.to_gguf import tiled_split
+
+    assert tiled_split(meta, 0.25) is None

@@ -167,6 +167,9 @@ def _print_build(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from moefy.export.oracle import active_fraction
+    from moefy.export.to_gguf import K_QUANT_BLOCK, tiled_split
+
     m = result.plan.meta
     table = Table(title=f"moefy build → {result.out}", show_header=False)
     for k, v in [("architecture", result.architecture), ("method", m.method),
@@ -183,6 +186,15 @@ def _print_build(result) -> None:
                       f"{mean([f.after for f in fits]):.3f}; worst {max(f.after for f in fits):.3f} "
                       f"(layer {max(fits, key=lambda f: f.after).layer}); per layer in reconstruction.json")
     Console().print(table)
+    # wide models only: at a hidden size that is a multiple of 256, the expert width alone decides whether a K-quant
+    # GGUF runs its experts through llama.cpp's tiled kernel (export-gguf's note says the same after the fact)
+    active = active_fraction(result.plan)
+    tiled = tiled_split(m, active)
+    if tiled:
+        print(f"note: experts of {m.expert_size} neurons are not a multiple of {K_QUANT_BLOCK}, so a K-quant GGUF "
+              "(export-gguf --outtype q4_k_m) keeps their down projections in a type llama.cpp runs without its tiled "
+              f"MoE kernel. Rebuild with {tiled.flags(m.ffn_width, m.shared_size > 0)} for experts of "
+              f"{tiled.expert_size} at {tiled.active:.1%} active (this build: {active:.1%}).")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -355,7 +367,8 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
         print(f"note: {sum(s.untiled_experts.values())} expert tensors are not K-quants: their rows ({widths} wide) "
               "are not multiples of 256. llama.cpp runs such experts without its tiled MoE kernel, so the MoE's "
               "prompts may run slower than its dense model's; a hidden size and expert width that are multiples of "
-              "256 keep every expert a K-quant (docs/results.md, llama-cpp-shapes)")
+              "256 keep every expert a K-quant, and moefy build prints the flags that give such experts where the "
+              "hidden size allows (docs/results.md, llama-cpp-shapes)")
     print(f"run it: llama-cli -m {s.path} -p 'Hello'   (Ollama: a Modelfile with 'FROM {s.path}', then ollama create)")
     return 0
 

@@ -53,6 +53,9 @@ METHODS: dict[str, Method] = {
                                                              layer.extra["groups"], r),
                                         overlap=True, domain_groups=layer.extra["groups"]),
 }
+# Methods that split the FFN into any number of equal experts, so --experts, --top-k and --shared-fraction resize
+# them freely: upcycle copies the FFN, dive prunes it per domain group, importance makes one expert per domain.
+RESIZABLE = ("random", "sequential", "cluster", "coactivation", "carve")
 # Methods whose natural output scale is not N/k: copies of the full FFN, and DIVE's pruned FFNs, each stand for
 # the whole dense FFN already.
 DEFAULT_SCALE = {"upcycle": 1.0, "dive": 1.0}

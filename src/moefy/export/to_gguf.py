@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
+from moefy.construct.plan import PlanMeta
+from moefy.construct.registry import RESIZABLE
 from moefy.errors import MoefyError
 from moefy.sources import read_config
 from moefy.tensor_io import LazyCheckpoint
@@ -30,6 +32,8 @@ _GRANITE_IDENTITY = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "l
 _COPIED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
            "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_scaling", "rope_theta",
            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "dtype")
+# llama.cpp's K-quant block (QK_K): a row whose width is not a multiple of it cannot be a K-quant
+K_QUANT_BLOCK = 256
 # A shared gate (or q/k/v bias) below this is zero: the restatement assumes sigmoid(gate·x) = 1/2 for every token.
 _ZERO_TOL = 1e-6
 
@@ -189,3 +193,43 @@ def summarize(path: Path, outtype: str) -> GgufSummary:
 def _tiled(ggml_type: str) -> bool:
     """Whether llama.cpp's tiled MoE kernel takes experts of this ggml type: the K-quants (Q4_K, Q6_K, ...) and IQ."""
     return ggml_type.endswith("_K") or ggml_type.startswith("IQ")
+
+
+@dataclass(frozen=True)
+class TiledSplit:
+    """A split of the same FFN whose experts are multiples of K_QUANT_BLOCK wide, as `moefy build` flags."""
+    experts: int
+    top_k: int
+    shared: int  # always-on neurons
+    expert_size: int
+    active: float  # neurons computed per token ÷ FFN width
+
+    def flags(self, ffn_width: int, shared_block: bool) -> str:
+        flags = f"--experts {self.experts} --top-k {self.top_k}"
+        # six significant digits: carve rounds width × fraction, which gives back exactly `shared` for any FFN
+        # narrower than 500,000 neurons
+        return flags + (f" --shared-fraction {self.shared / ffn_width:.6g}" if shared_block else "")
+
+
+def tiled_split(meta: PlanMeta, active: float) -> TiledSplit | None:
+    """The split nearest to this plan's whose every expert tensor a K-quant GGUF can hold, or None when the plan's
+    experts already are, or when no flags can make them (a hidden size that is not a multiple of 256 keeps the gate
+    and up rows untiled whatever the split; only the RESIZABLE methods take any expert count).
+
+    Nearest means: the active fraction first, then the shared block's share, then the expert width."""
+    if meta.expert_size % K_QUANT_BLOCK == 0 or meta.hidden_size % K_QUANT_BLOCK or meta.method not in RESIZABLE:
+        return None
+    width, shared_block = meta.ffn_width, meta.shared_size > 0
+    best, best_key = None, None
+    for size in range(K_QUANT_BLOCK, width + 1, K_QUANT_BLOCK):
+        for experts in range(2, width // size + 1):
+            shared = width - experts * size
+            if shared and not shared_block:
+                continue
+            for k in range(1, experts):
+                split = TiledSplit(experts, k, shared, size, (shared + k * size) / width)
+                key = (round(abs(split.active - active), 4), abs(shared - meta.shared_size),
+                       abs(size - meta.expert_size))
+                if best_key is None or key < best_key:
+                    best, best_key = split, key
+    return best
