@@ -26,7 +26,7 @@ from moefy.models import load_causal_lm
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODEL, cpu_name, setup  # noqa: E402
+from common import MODEL, cpu_name, saved_rows, setup  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 CLOSED_FORM = {"enabled": True, "steps": 0}
@@ -53,8 +53,7 @@ def main() -> None:
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --work/frontier.json")
     args = ap.parse_args()
     if args.docs_only:
-        saved = json.loads((args.work / "frontier.json").read_text())
-        write_docs(saved["rows"], saved["cpu"])
+        write_docs(*saved_rows(args.work / "frontier.json"))
         return
     bench = setup(args.work)
     dense_dir = resolve_model(MODEL).directory

@@ -28,7 +28,7 @@ from moefy.profile.perplexity import heldout_perplexity
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import EVAL_TOKENS, MODEL, cpu_name, setup  # noqa: E402
+from common import EVAL_TOKENS, MODEL, cpu_name, saved_rows, setup  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 BUILDS = [  # (name, build recipe fields); None: the dense source itself
@@ -67,8 +67,7 @@ def main() -> None:
     ap.add_argument("--docs-only", action="store_true", help="rewrite the docs section from --work/gguf.json")
     args = ap.parse_args()
     if args.docs_only:
-        saved = json.loads((args.work / "gguf.json").read_text())
-        write_docs(saved["rows"], saved["cpu"])
+        write_docs(*saved_rows(args.work / "gguf.json"))
         return
     bench = setup(args.work)
     rows = BUILDS[:-1] if args.quick else BUILDS

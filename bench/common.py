@@ -3,6 +3,7 @@ training run from a list of stages."""
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 from dataclasses import dataclass
@@ -66,6 +67,15 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def saved_rows(path: Path) -> tuple[dict, str]:
+    """The rows and CPU name a timing bench saved as {cpu, rows}, for --docs-only; a file from before the benches
+    wrote the CPU also lacks their prefill column, so it is refused rather than half-rendered."""
+    saved = json.loads(path.read_text())
+    if not {"cpu", "rows"} <= saved.keys():
+        raise SystemExit(f"{path} predates the CPU and prefill fields the docs table needs: rerun the bench")
+    return saved["rows"], saved["cpu"]
 
 
 def unseen_perplexity(model, tokenizer, unseen: Corpus) -> float:
