@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from moefy.evaluate.options import EXPERTS_IMPLEMENTATIONS, NOT_COMPILABLE
-from moefy.evaluate.speed import measure
+from moefy.evaluate.speed import measure, ratios
 from moefy.models import load_causal_lm
 from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import MODEL  # noqa: E402
+from common import MODEL, cpu_name  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 
 GENERATION_ONLY = ("batched_mm",)  # uncompiled, its prompts are too slow to time
@@ -78,29 +78,31 @@ def main() -> None:
                          "inductor and generating on a static KV cache, each compiled before it is timed")
                         if args.compile else ("", "", ""))
     lines = [f"## Experts implementation in transformers (CPU){title}", "",
-             f"`python bench/bench_experts_impl.py{flag} LABEL=MOE_DIR...`, alone on the machine. Each model ÷ "
-             f"the dense source in the same run (prompt {BATCH} × {PROMPT} tokens, generation {NEW} greedy tokens; "
+             f"`python bench/bench_experts_impl.py{flag} LABEL=MOE_DIR...`, alone, on {cpu_name()}. Each model ÷ "
+             f"the dense source in the same run (prompt {BATCH} × {PROMPT} tokens, scored with every position's "
+             f"logits or prefilled with the last one's as generation does; generation {NEW} greedy tokens; "
              f"medians of 3 interleaved repeats, fp32, torch's default threads{how}), loaded with stock "
              "transformers and `set_experts_implementation`. Matmul calls: one 1-token forward (not compiled), nested "
              "calls counted (torch.profiler)." + ("" if args.compile else " batched_mm's generation is timed in a "
-             "second pass beside the dense model again; its prompt rate is not measured (0.06× dense in a trial: it "
+             "second pass beside the dense model again; its prompt rates are not measured (0.06× dense in a trial: it "
              "copies each token's expert weights)."), "",
-             "| model | experts implementation | prompt ÷ dense | generation ÷ dense | matmul calls per token |",
-             "|---|---|---|---|---|",
-             f"| dense | | 1.00× | 1.00× | {matmuls_per_token(models['dense'])} |"]
+             "| model | experts implementation | prompt ÷ dense | prefill ÷ dense | generation ÷ dense "
+             "| matmul calls per token |",
+             "|---|---|---|---|---|---|",
+             f"| dense | | 1.00× | 1.00× | 1.00× | {matmuls_per_token(models['dense'])} |"]
     for name, model in rows.items():
         label, impl = name.rsplit(", ", 1)
         if name in models:
-            s = speed[name]
-            prompt = f"{s.forward_tokens_per_s / base.forward_tokens_per_s:.2f}×"
-            gen = s.generate_tokens_per_s / base.generate_tokens_per_s
+            r = ratios(speed[name], base)
+            prompt, prefill = f"{r['forward']:.2f}×", f"{r['prefill']:.2f}×"
         else:
-            prompt = "not measured"
-            gen = speed_gen[name].generate_tokens_per_s / speed_gen["dense"].generate_tokens_per_s
-        lines.append(f"| {label} | {impl} | {prompt} | {gen:.2f}× | {matmuls_per_token(model)} |")
+            r = ratios(speed_gen[name], speed_gen["dense"])
+            prompt = prefill = "not measured"
+        lines.append(f"| {label} | {impl} | {prompt} | {prefill} | {r['generate']:.2f}× | {matmuls_per_token(model)} |")
         print(lines[-1], flush=True)
-    lines += ["", f"Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): prompt "
-              f"{base.forward_tokens_per_s:.0f} tok/s, generation {base.generate_tokens_per_s:.1f} tok/s."]
+    lines += ["", "Dense absolute rates in this run (noise on a shared machine; only the ratios are claims): prompt "
+              f"{base.forward_tokens_per_s:.0f} tok/s scored, {base.prefill_tokens_per_s:.0f} tok/s prefilled, "
+              f"generation {base.generate_tokens_per_s:.1f} tok/s."]
     section = "experts-impl-compiled" if args.compile else "experts-impl"
     replace_section(Path(__file__).parent.parent / "docs" / "results.md", section, "\n".join(lines))
 
