@@ -67,6 +67,7 @@ def test_output_is_stock_mixtral_in_legacy_layout(tiny_llama, tmp_path):
     card = (tmp_path / "moe" / "README.md").read_text()
     assert "training-free construction" in card and "refitted" not in card
     assert 'experts_implementation="batched_mm"' in card and "torch.compile" in card  # how to generate fast
+    assert "moefy export-gguf" in card  # how to run it in llama.cpp
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert (config["num_local_experts"], config["num_experts_per_tok"], config["intermediate_size"]) == (4, 2, 16)
 
@@ -223,6 +224,9 @@ def test_vllm_check_reads_what_vllm_loads(tiny_llama, tmp_path):
     build(tiny_llama, tmp_path / "mixtral", method="random", experts=4, top_k=1)
     build(tiny_llama, tmp_path / "qwen", method="random", experts=4, top_k=1, layers="every_other")
     assert json.loads((tmp_path / "qwen" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+    # export-gguf refuses a Qwen2-MoE with dense layers, so its card does not offer it; the Mixtral's does
+    assert "export-gguf" not in (tmp_path / "qwen" / "README.md").read_text()
+    assert "export-gguf" in (tmp_path / "mixtral" / "README.md").read_text()
     assert vllm_problems(tmp_path / "mixtral") == [] and vllm_problems(tmp_path / "qwen") == []
     assert api.verify(tmp_path / "qwen", str(tiny_llama)).vllm_problems == []
 
