@@ -45,13 +45,14 @@ BASE = dict(num_attention_heads=16, num_key_value_heads=4, vocab_size=49152, max
 # shape -> (config fields, splits (experts, top-k, method) at 25% of FFN neurons active). The random splits time any
 # routing; carve adds what a real build has: the always-on shared eighth (Qwen2-MoE, GGUF granitemoe) and routers
 # fitted on calibration text (here to a random model's activations). make demo's structure at 2048 wide keeps every
-# width a multiple of 256: 1,024 shared, 28 experts of 256.
+# width a multiple of 256: 1,024 shared, 28 experts of 256, which is what `moefy build` suggests (to_gguf.tiled_split)
+# for carve's default beside it, 56 experts of 128 top-8, whose down projections no K-quant holds.
 SHAPES = {
     "SmolLM2's widths (576 / 1536, 30 layers)": (
         dict(BASE, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3), [(32, 8, "random"), (8, 2, "random")]),
     "2048 / 8192, 8 layers": (dict(BASE, hidden_size=2048, intermediate_size=8192, num_hidden_layers=8),
-                              [(32, 8, "random"), (8, 2, "random"), (28, 4, "carve")]),
+                              [(32, 8, "random"), (8, 2, "random"), (56, 8, "carve"), (28, 4, "carve")]),
 }
 # the K-quants get llama.cpp's tiled expert kernel where a row's width is a multiple of 256 (2048 here, not 576)
 OUTTYPES = ("f16", "q4_k_m", "q6_k")
