@@ -356,6 +356,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export_gguf(args: argparse.Namespace) -> int:
     from moefy import api
     from moefy.export.llama_cpp import QUANTIZED
+    from moefy.export.to_gguf import K_QUANT_BLOCK
 
     s = api.export_gguf(args.model, args.out, args.outtype, args.overwrite)
     experts = f", {s.experts} experts, top-{s.experts_used}" if s.experts else ""
@@ -365,10 +366,10 @@ def _cmd_export_gguf(args: argparse.Namespace) -> int:
     if s.outtype in QUANTIZED and s.untiled_experts:
         widths = " and ".join(str(w) for w in s.untiled_experts)
         print(f"note: {sum(s.untiled_experts.values())} expert tensors are not K-quants: their rows ({widths} wide) "
-              "are not multiples of 256. llama.cpp runs such experts without its tiled MoE kernel, so the MoE's "
-              "prompts may run slower than its dense model's; a hidden size and expert width that are multiples of "
-              "256 keep every expert a K-quant, and moefy build prints the flags that give such experts where the "
-              "hidden size allows (docs/results.md, llama-cpp-shapes)")
+              f"are not multiples of {K_QUANT_BLOCK}. llama.cpp runs such experts without its tiled MoE kernel, so "
+              "the MoE's prompts may run slower than its dense model's; a hidden size and expert width that are "
+              f"multiples of {K_QUANT_BLOCK} keep every expert a K-quant, and moefy build prints the flags that give "
+              "such experts where the hidden size allows (docs/results.md, llama-cpp-shapes)")
     print(f"run it: llama-cli -m {s.path} -p 'Hello'   (Ollama: a Modelfile with 'FROM {s.path}', then ollama create)")
     return 0
 
