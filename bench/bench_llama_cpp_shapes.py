@@ -46,7 +46,7 @@ BASE = dict(num_attention_heads=16, num_key_value_heads=4, vocab_size=49152, max
 # routing; carve adds what a real build has: the always-on shared eighth (Qwen2-MoE, GGUF granitemoe) and routers
 # fitted on calibration text (here to a random model's activations). make demo's structure at 2048 wide keeps every
 # width a multiple of 256: 1,024 shared, 28 experts of 256, which is what `moefy build` suggests (to_gguf.tiled_split)
-# for carve's default beside it, 56 experts of 128 top-8, whose down projections no K-quant holds.
+# for the 25% carve split beside it, 56 experts of 128 top-8, whose down projections no K-quant holds.
 SHAPES = {
     "SmolLM2's widths (576 / 1536, 30 layers)": (
         dict(BASE, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -64,15 +64,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("out/bench-llama-cpp-shapes"))
     args = ap.parse_args()
     require_runtime()  # before any work: the timing needs llama-cpp-python
-    source = resolve_model(MODEL).directory
-    tokenizer_files = [source / name for name in SIDE_FILES if (source / name).is_file()]
     results = {}
     for s, (shape_name, (shape, splits)) in enumerate(SHAPES.items()):
-        dense = args.work / f"shape{s}-dense"
-        if not (dense / "config.json").is_file():
-            write_checkpoint(dense, shape)
-            for f in tokenizer_files:
-                shutil.copy(f, dense / f.name)
+        dense = dense_shape(args.work / f"shape{s}-dense", shape)
         models = {"dense": dense}
         for experts, top_k, method in splits:
             out = args.work / f"shape{s}-{experts}x{top_k}-{method}"
@@ -89,6 +83,18 @@ def main() -> None:
     results["cpu"] = cpu_name()
     (args.work / "shapes.json").write_text(json.dumps(results, indent=1))
     write_docs(results)
+
+
+def dense_shape(directory: Path, shape: dict) -> Path:
+    """A random-weight LLaMA of this shape with SmolLM2's tokenizer files (llama.cpp's converter knows its
+    pre-tokenizer), written once."""
+    if not (directory / "config.json").is_file():
+        write_checkpoint(directory, shape)
+        source = resolve_model(MODEL).directory
+        for name in SIDE_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, directory / name)
+    return directory
 
 
 def time_files(files: dict[str, dict[str, Path]]) -> dict:

@@ -265,7 +265,7 @@ def _meta(ffn: int, hidden: int, shared: int, experts: int, top_k: int, method: 
 
 
 @pytest.mark.parametrize("ffn,hidden,shared,experts,top_k,method,want", [
-    # carve's default on the width bench's 2048 / 8192 shape: make demo's structure, which tiles (docs/results.md)
+    # carve's 56-expert 25% split on the width bench's 2048 / 8192 shape -> make demo's structure, which tiles
     (8192, 2048, 1024, 56, 8, "carve", (28, 4, 1024, 0.25)),
     # LLaMA-2-7B: 11,008 = 43 × 256 has no split at exactly 25%; the nearest keeps the shared block nearest 1/8
     (11008, 4096, 1376, 56, 8, "carve", (38, 6, 1280, 11 / 43)),

@@ -204,11 +204,14 @@ class TiledSplit:
     expert_size: int
     active: float  # neurons computed per token ÷ FFN width
 
+    def shared_fraction(self, ffn_width: int) -> float:
+        # six significant digits, short enough to type: carve rounds width × fraction, which gives back exactly
+        # `shared` for any FFN narrower than 500,000 neurons
+        return float(f"{self.shared / ffn_width:.6g}")
+
     def flags(self, ffn_width: int, shared_block: bool) -> str:
         flags = f"--experts {self.experts} --top-k {self.top_k}"
-        # six significant digits: carve rounds width × fraction, which gives back exactly `shared` for any FFN
-        # narrower than 500,000 neurons
-        return flags + (f" --shared-fraction {self.shared / ffn_width:.6g}" if shared_block else "")
+        return flags + (f" --shared-fraction {self.shared_fraction(ffn_width):g}" if shared_block else "")
 
 
 def tiled_split(meta: PlanMeta, active: float) -> TiledSplit | None:
