@@ -54,6 +54,8 @@ def main() -> None:
     default_label, default = build("default")
     plan = load_plan(default)
     split = tiled_split(plan.meta, active_fraction(plan))
+    if split is None:  # the shape above has 616-wide experts at the defaults; a change to them would land here
+        raise SystemExit(f"moefy build suggests nothing for {default_label}: its experts already tile")
     flags = split.flags(plan.meta.ffn_width, plan.meta.shared_size > 0)
     suggested_label, suggested = build("suggested", experts=split.experts, top_k=split.top_k,
                                        shared_fraction=split.shared_fraction(plan.meta.ffn_width))
