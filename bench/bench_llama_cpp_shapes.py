@@ -36,11 +36,10 @@ from moefy.recipes import validate_recipe
 from moefy.sources import SIDE_FILES, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cpu_name, demo_corpus  # noqa: E402
+from common import MODEL, cpu_name, demo_corpus  # noqa: E402
 from docs_sections import replace_section  # noqa: E402
 from make_shape import write_checkpoint  # noqa: E402
 
-MODEL = "smollm2-135m"  # its tokenizer and side files: llama.cpp's converter knows its pre-tokenizer
 BASE = dict(num_attention_heads=16, num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048)
 # shape -> (config fields, splits (experts, top-k, method) at 25% of FFN neurons active). The random splits time any
 # routing; carve adds what a real build has: the always-on shared eighth (Qwen2-MoE, GGUF granitemoe) and routers
@@ -86,8 +85,8 @@ def main() -> None:
 
 
 def dense_shape(directory: Path, shape: dict) -> Path:
-    """A random-weight LLaMA of this shape with SmolLM2's tokenizer files (llama.cpp's converter knows its
-    pre-tokenizer), written once."""
+    """A random-weight LLaMA of this shape with MODEL's (SmolLM2's) tokenizer files, written once: llama.cpp's
+    converter knows its pre-tokenizer."""
     if not (directory / "config.json").is_file():
         write_checkpoint(directory, shape)
         source = resolve_model(MODEL).directory

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from moefy import api
-from moefy.construct.plan import load_plan
+from moefy.construct.plan import MoEPlan
 from moefy.construct.recipe import BuildRecipe
 from moefy.export.llama_cpp import require_runtime
 from moefy.export.oracle import active_fraction
@@ -42,22 +42,20 @@ def main() -> None:
     dense = dense_shape(args.work / "dense", SHAPE)
     calib = str(demo_corpus(args.work) / "calib")
 
-    def build(name: str, **fields) -> tuple[str, Path]:
+    def build(name: str, **fields) -> tuple[str, Path, MoEPlan]:
         out = args.work / name
         recipe = {"model": str(dense), "method": "carve", "calib": calib, **fields}
-        api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True)
-        plan = load_plan(out)
+        plan = api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True).plan
         m = plan.meta
         return (f"{m.num_experts} × {m.expert_size}, top-{m.top_k} + {m.shared_size} shared "
-                f"({active_fraction(plan):.1%} active)"), out
+                f"({active_fraction(plan):.1%} active)"), out, plan
 
-    default_label, default = build("default")
-    plan = load_plan(default)
+    default_label, default, plan = build("default")
     split = tiled_split(plan.meta, active_fraction(plan))
     if split is None:  # the shape above has 616-wide experts at the defaults; a change to them would land here
         raise SystemExit(f"moefy build suggests nothing for {default_label}: its experts already tile")
     flags = split.flags(plan.meta.ffn_width, plan.meta.shared_size > 0)
-    suggested_label, suggested = build("suggested", experts=split.experts, top_k=split.top_k,
+    suggested_label, suggested, _ = build("suggested", experts=split.experts, top_k=split.top_k,
                                        shared_fraction=split.shared_fraction(plan.meta.ffn_width))
     labels = {"dense": dense, f"carve, the recipe's defaults: {default_label}": default,
               f"carve, build's suggestion `{flags}`: {suggested_label}": suggested}
