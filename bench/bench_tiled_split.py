@@ -3,9 +3,9 @@ hidden size is a multiple of 256 and its experts are not, the build prints the f
 experts are (`export.to_gguf.tiled_split`), because llama.cpp's tiled expert kernel takes only K-quant weights and a
 K-quant needs rows that are multiples of 256. This bench builds carve with the recipe's defaults (8 experts, top-2,
 a shared eighth: what `moefy build --method carve` gives without flags) on a random-weight LLaMA with TinyLlama's
-widths (2048 / 5632, 8 layers), asks `tiled_split` for the suggestion, builds that too, and times both in llama.cpp
-as f16, Q4_K_M and Q6_K, each ÷ the dense model in the same outtype and run (bench_llama_cpp_shapes' timing:
-`evaluate.speed.measure` over `LlamaCppLM`, extra buffer types off).
+widths (2048 / 5632, 8 layers), asks the build for the suggestion (`BuildResult.gguf_split`), builds that too,
+and times both in llama.cpp as f16, Q4_K_M and Q6_K, each ÷ the dense model in the same outtype and run
+(bench_llama_cpp_shapes' timing: `evaluate.speed.measure` over `LlamaCppLM`, extra buffer types off).
 
 Usage: python bench/bench_tiled_split.py [--work out/bench-tiled-split]   (needs make setup-llama; run it alone)
 Writes docs/results.md section 'tiled-split'."""
@@ -18,11 +18,8 @@ import sys
 from pathlib import Path
 
 from moefy import api
-from moefy.construct.plan import MoEPlan
 from moefy.construct.recipe import BuildRecipe
 from moefy.export.llama_cpp import require_runtime
-from moefy.export.oracle import active_fraction
-from moefy.export.to_gguf import tiled_split
 from moefy.recipes import validate_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -42,16 +39,16 @@ def main() -> None:
     dense = dense_shape(args.work / "dense", SHAPE)
     calib = str(demo_corpus(args.work) / "calib")
 
-    def build(name: str, **fields) -> tuple[str, Path, MoEPlan]:
+    def build(name: str, **fields) -> tuple[str, Path, api.BuildResult]:
         out = args.work / name
         recipe = {"model": str(dense), "method": "carve", "calib": calib, **fields}
-        plan = api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True).plan
-        m = plan.meta
+        result = api.build(validate_recipe(BuildRecipe, recipe), out, overwrite=True)
+        m = result.plan.meta
         return (f"{m.num_experts} × {m.expert_size}, top-{m.top_k} + {m.shared_size} shared "
-                f"({active_fraction(plan):.1%} active)"), out, plan
+                f"({result.active_fraction:.1%} active)"), out, result
 
-    default_label, default, plan = build("default")
-    split = tiled_split(plan.meta, active_fraction(plan))
+    default_label, default, result = build("default")
+    plan, split = result.plan, result.gguf_split
     if split is None:  # the shape above has 616-wide experts at the defaults; a change to them would land here
         raise SystemExit(f"moefy build suggests nothing for {default_label}: its experts already tile")
     flags = split.flags(plan.meta.ffn_width, plan.meta.shared_size > 0)

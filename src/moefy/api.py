@@ -28,7 +28,8 @@ from moefy.export import llama_cpp
 from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
-from moefy.export.to_gguf import OUTTYPES, GgufSummary, stage, summarize
+from moefy.export.oracle import active_fraction
+from moefy.export.to_gguf import OUTTYPES, GgufSummary, TiledSplit, stage, summarize, tiled_split
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
 from moefy.models import compute_device, inference_dtype, load_causal_lm, load_tokenizer
@@ -54,6 +55,17 @@ class BuildResult:
     active_params: int
     dense_params: int
     reconstruction: list | None = None  # per MoE layer: LayerFit (error before and after), when reconstructed
+
+    @property
+    def active_fraction(self) -> float:
+        """FFN neurons each token computes (shared block and top-k experts) ÷ the dense FFN width."""
+        return active_fraction(self.plan)
+
+    @property
+    def gguf_split(self) -> TiledSplit | None:
+        """The nearest split whose experts a K-quant GGUF runs through llama.cpp's tiled kernel, when this build's
+        experts miss it and other flags would help; None otherwise (export.to_gguf.tiled_split)."""
+        return tiled_split(self.plan.meta, self.active_fraction)
 
 
 def build(recipe: BuildRecipe, out: Path, overwrite: bool = False) -> BuildResult:

@@ -167,8 +167,7 @@ def _print_build(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moefy.export.oracle import active_fraction
-    from moefy.export.to_gguf import K_QUANT_BLOCK, tiled_split
+    from moefy.export.to_gguf import K_QUANT_BLOCK
 
     m = result.plan.meta
     table = Table(title=f"moefy build → {result.out}", show_header=False)
@@ -188,13 +187,12 @@ def _print_build(result) -> None:
     Console().print(table)
     # wide models only: at a hidden size that is a multiple of 256, the expert width alone decides whether a K-quant
     # GGUF runs its experts through llama.cpp's tiled kernel (export-gguf's note says the same after the fact)
-    active = active_fraction(result.plan)
-    tiled = tiled_split(m, active)
+    tiled = result.gguf_split
     if tiled:
         print(f"note: experts of {m.expert_size} neurons are not a multiple of {K_QUANT_BLOCK}, so a K-quant GGUF "
               "(export-gguf --outtype q4_k_m) keeps their down projections in a type llama.cpp runs without its tiled "
               f"MoE kernel. Rebuild with {tiled.flags(m.ffn_width, m.shared_size > 0)} for experts of "
-              f"{tiled.expert_size} at {tiled.active:.1%} active (this build: {active:.1%}).")
+              f"{tiled.expert_size} at {tiled.active:.1%} active (this build: {result.active_fraction:.1%}).")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
