@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,17 +276,22 @@ def test_every_method_is_exact(tiny_llama, corpus, tmp_path, fields, architectur
     assert report.max_abs_dlogits < 1e-4, report
 
 
-def test_bf16_checkpoint_profiles_and_reconstructs(tiny_llama, corpus, tmp_path):
-    """Released 7B checkpoints are bf16/fp16: the layer-by-layer passes compute in fp32 on them (a bf16 layer
-    skeleton once met fp32 hidden states and stopped the profiler), and the build stays bf16 and exact."""
+def bf16_copy(model: Path, out: Path) -> Path:
+    """`model` saved again in bf16, with its tokenizer: the dtype released 7B checkpoints come in."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
-    bf16 = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16).save_pretrained(bf16)
-    for f in tiny_llama.glob("tokenizer*"):
-        shutil.copy(f, bf16 / f.name)
+    AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16).save_pretrained(out)
+    for f in model.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+def test_bf16_checkpoint_profiles_and_reconstructs(tiny_llama, corpus, tmp_path):
+    """Released 7B checkpoints are bf16/fp16: the layer-by-layer passes compute in fp32 on them (a bf16 layer
+    skeleton once met fp32 hidden states and stopped the profiler), and the build stays bf16 and exact."""
+    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
     result = build(bf16, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1,
                    reconstruct={"enabled": True, "seq_len": 16, "steps": 5})
     assert all(f.after < f.before for f in result.reconstruction)
@@ -425,3 +431,18 @@ def test_drop_upcycling(tiny_llama, corpus, tmp_path):
     assert api.verify(tmp_path / "moe", str(tiny_llama)).max_abs_dlogits < 1e-4
     with pytest.raises(MoefyError, match="upcycle only"):
         build(tiny_llama, tmp_path / "x", corpus, method="random", drop_fraction=0.1)
+
+
+def test_drop_upcycling_from_a_bf16_checkpoint(tiny_llama, corpus, tmp_path):
+    """The fresh neurons are drawn in fp32 and stored in the checkpoint's dtype; on a bf16 source the draw once met a
+    bf16 expert slice and stopped the build with torch's dtype error."""
+    from safetensors.torch import load_file
+
+    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
+    build(bf16, tmp_path / "moe", corpus, method="upcycle", experts=4, top_k=1, drop_fraction=0.25)
+    kept = torch.from_numpy(~load_plan(tmp_path / "moe").layers[0].reinit[0])
+    w1 = load_file(str(tmp_path / "moe" / "model.safetensors"))["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
+    gate = load_file(str(bf16 / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
+    assert w1.dtype == torch.bfloat16
+    assert torch.equal(w1[kept], gate[kept]) and not torch.equal(w1[~kept], gate[~kept])
+    assert api.verify(tmp_path / "moe", str(bf16)).passed

@@ -36,10 +36,11 @@ def gather_neurons(weight: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.T
 
 def _reinitialise(w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, slots: torch.Tensor,
                   seed: tuple[int, int, int]) -> None:
-    """Drop-Upcycling: fresh normal weights for the chosen neurons, with each matrix's own mean and std."""
+    """Drop-Upcycling: fresh normal weights for the chosen neurons, with each matrix's own mean and std (drawn in
+    fp32, stored in the slice's dtype: gate and up come in the checkpoint's, often bf16)."""
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
     for w, dim in ((w_gate, 0), (w_up, 0), (w_down, 1)):
-        fresh = torch.randn(w.shape, generator=gen) * w.float().std() + w.float().mean()
+        fresh = (torch.randn(w.shape, generator=gen) * w.float().std() + w.float().mean()).to(w.dtype)
         if dim == 0:
             w[slots] = fresh[slots]
         else:
