@@ -57,10 +57,8 @@ def write_checkpoint(reader: LazyCheckpoint, family: Family, config: dict, plan:
             writer.write(spec.name, torch.zeros(spec.shape, dtype=spec.dtype))
         ffn = {w: reader.get(family.ffn_key(i, w)) for w in ("gate", "up", "down")}
         target = out_dtype(family.ffn_key(i, "down"))
-        # Scale down_proj in fp32 and cast once at the end, so a bf16 build rounds each weight only once; gate and up
-        # are only sliced, which is exact in any dtype (fitted tensors arrive in fp32 and are cast once too).
-        dense = {**ffn, "down": ffn["down"].to(torch.float32)}
-        for name, tensor in fmt.ffn_tensors(i, plan.meta, plan.layers.get(i), dense["gate"], dense["up"], dense["down"]):
+        # read in the checkpoint's dtype; ffn_tensors scales down_proj slices in fp32 and each is cast once here
+        for name, tensor in fmt.ffn_tensors(i, plan.meta, plan.layers.get(i), ffn["gate"], ffn["up"], ffn["down"]):
             writer.write(name, tensor.to(target))
     writer.close()
     return sum(torch.Size(s.shape).numel() for s in specs)
