@@ -10,15 +10,17 @@ from pathlib import Path
 
 import torch
 
-from moefy.construct.plan import load_plan
+from moefy.construct.plan import PAD, load_plan, pad_to
 from moefy.data.probe import PROBE_TEXTS
 from moefy.errors import MoefyError
 from moefy.export.checkpoint import DTYPES
-from moefy.export.formats import FORMATS
+from moefy.export.formats import FORMATS, gather_neurons
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
+from moefy.families import family_for
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.sources import read_config, resolve_model
+from moefy.tensor_io import LazyCheckpoint
 
 PROBE_MAX_TOKENS = 256
 
@@ -129,6 +131,9 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         check = "uniform"
         fmt.all_experts_uniform(moe, plan.meta)
         moe_logits, uniform_loss = _run(moe, batch)
+        if storage != torch.float32:  # the dense model is not used after this
+            _round_as_stored(dense_model, resolve_model(dense).directory, plan, storage)
+            dense_logits, _ = _run(dense_model, batch)
         delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
         scale = max(a.abs().max().item() for a in dense_logits)
     else:
@@ -181,13 +186,27 @@ def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float,
     return ties / max(total, 1), flips / max(total, 1)
 
 
+def _round_as_stored(dense_model, source: Path, plan, storage: torch.dtype) -> None:
+    """The uniform check's reference at the MoE's storage precision, in place. A build scales each routed neuron's
+    down-projection column by the layer's scale in fp32 and rounds the product to the storage dtype; in bf16, with a
+    scale that is not a power of two (a fitted router's), that product divided by the scale is up to 2⁻⁹ away from
+    the dense weight, enough to fail a correct build. So the reference's routed columns are rounded the same way,
+    from the source's own weights. Fitted layers are skipped: _restore_construction puts their slices back in fp32."""
+    reader = LazyCheckpoint(source)
+    family = family_for(read_config(source))
+    for i, lp in plan.layers.items():
+        if i in plan.meta.fitted:
+            continue
+        routed = torch.from_numpy(lp.experts[lp.experts != PAD])
+        stored = (reader.get(family.ffn_key(i, "down"))[:, routed].float() * lp.scale).to(storage).float()
+        with torch.no_grad():
+            dense_model.model.layers[i].mlp.down_proj.weight[:, routed] = stored / lp.scale
+
+
 def _restore_construction(moe, dense_model, plan) -> None:
     """A reconstructed build's fitted expert weights are, by design, not the dense slices: the exactness check is of
     the construction (partition, slicing, scale, export), so put the slices back for it. The fit itself is reported
     as per-layer errors in reconstruction.json."""
-    from moefy.construct.plan import PAD, pad_to
-    from moefy.export.formats import gather_neurons
-
     for i, lp in plan.layers.items():
         if i not in plan.meta.fitted:
             continue
@@ -223,8 +242,6 @@ def _force_expert(model, meta, expert: int) -> None:
 
 def _per_expert_delta(moe, dense_model, plan, batch) -> tuple[float, float, float]:
     """For overlapping experts: each expert alone must equal the dense model restricted to its neurons (scaled)."""
-    from moefy.construct.plan import PAD
-
     originals = {i: dense_model.model.layers[i].mlp.down_proj.weight.detach().clone() for i in plan.meta.moe_layers}
     worst, loss, scale = 0.0, float("nan"), 0.0
     for e in range(min(plan.meta.num_experts, MAX_EXPERTS_CHECKED)):
