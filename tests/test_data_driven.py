@@ -251,7 +251,7 @@ def test_profile_is_data_parallel_under_torchrun(tiny_llama, corpus, tmp_path):
 
 # --- methods -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fields,architecture,check", [
+EXACT_CASES = [
     ({"method": "carve", "experts": 4, "top_k": 1}, "Qwen2MoeForCausalLM", "uniform"),
     ({"method": "carve", "experts": 4, "top_k": 2, "shared_fraction": 0.0}, "MixtralForCausalLM", "uniform"),
     # the partition as clustered, without the refinement for the routers that carve runs by default
@@ -268,7 +268,10 @@ def test_profile_is_data_parallel_under_torchrun(tiny_llama, corpus, tmp_path):
     ({"method": "random", "experts": 4, "top_k": 2, "layers": [1]}, "Qwen2MoeForCausalLM", "uniform"),
     ({"method": "cluster", "experts": 4, "top_k": 2, "layers": "last:1", "router": {"kind": "fit"}},
      "Qwen2MoeForCausalLM", "uniform"),
-])
+]
+
+
+@pytest.mark.parametrize("fields,architecture,check", EXACT_CASES)
 def test_every_method_is_exact(tiny_llama, corpus, tmp_path, fields, architecture, check):
     result = build(tiny_llama, tmp_path / "moe", corpus, **fields)
     assert result.architecture == architecture
@@ -277,27 +280,37 @@ def test_every_method_is_exact(tiny_llama, corpus, tmp_path, fields, architectur
     assert report.max_abs_dlogits < 1e-4, report
 
 
-def bf16_copy(model: Path, out: Path) -> Path:
-    """`model` saved again in bf16, with its tokenizer: the dtype released 7B checkpoints come in."""
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny_llama, tmp_path_factory) -> Path:
+    """The tiny model saved again in bf16, with its tokenizer: the dtype released 7B checkpoints come in."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(model).to(torch.bfloat16).save_pretrained(out)
-    for f in model.glob("tokenizer*"):
+    out = tmp_path_factory.mktemp("bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_llama).to(torch.bfloat16).save_pretrained(out)
+    for f in tiny_llama.glob("tokenizer*"):
         shutil.copy(f, out / f.name)
     return out
 
 
-def test_bf16_checkpoint_profiles_and_reconstructs(tiny_llama, corpus, tmp_path):
+@pytest.mark.parametrize("fields", [case[0] for case in EXACT_CASES])
+def test_every_method_verifies_from_a_bf16_checkpoint(tiny_bf16, corpus, tmp_path, fields):
+    """Every method builds from a bf16 source and passes verify at bf16 precision. A scratch sweep of these cases in
+    bf16 and fp16 found the two bugs that test_bf16_build_with_a_fitted_scale_verifies_exactly and
+    test_drop_upcycling_from_a_bf16_checkpoint pin down; fp16 passed everywhere."""
+    build(tiny_bf16, tmp_path / "moe", corpus, **fields)
+    assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
+
+
+def test_bf16_checkpoint_profiles_and_reconstructs(tiny_bf16, corpus, tmp_path):
     """Released 7B checkpoints are bf16/fp16: the layer-by-layer passes compute in fp32 on them (a bf16 layer
     skeleton once met fp32 hidden states and stopped the profiler), and the build stays bf16 and exact."""
-    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
-    result = build(bf16, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1,
+    result = build(tiny_bf16, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1,
                    reconstruct={"enabled": True, "seq_len": 16, "steps": 5})
     assert all(f.after < f.before for f in result.reconstruction)
     assert json.loads((tmp_path / "moe" / "config.json").read_text())["dtype"] == "bfloat16"
-    assert api.verify(tmp_path / "moe", str(bf16)).passed
+    assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
 
 
 def test_carve_defaults_are_resolved_and_saved(tiny_llama, corpus, tmp_path):
@@ -436,26 +449,24 @@ def test_drop_upcycling(tiny_llama, corpus, tmp_path):
 
 @pytest.mark.parametrize("fields", [{"method": "carve", "experts": 4, "top_k": 1},
                                     {"method": "cluster", "experts": 4, "top_k": 2, "router": {"kind": "fit"}}])
-def test_bf16_build_with_a_fitted_scale_verifies_exactly(tiny_llama, corpus, tmp_path, fields):
+def test_bf16_build_with_a_fitted_scale_verifies_exactly(tiny_bf16, corpus, tmp_path, fields):
     """A fitted router's scale is not a power of two, so a bf16 build's scaled down projections are rounded products;
     verify rounds its reference the same way. Against the plain bf16 dense weights these builds were off by
     2.7e-3 and 4.7e-3 in the logits and failed the check (tolerance 1e-3)."""
-    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
-    result = build(bf16, tmp_path / "moe", corpus, **fields)
+    result = build(tiny_bf16, tmp_path / "moe", corpus, **fields)
     assert all(math.log2(s) != round(math.log2(s)) for s in result.plan.meta.scales)
-    assert api.verify(tmp_path / "moe", str(bf16)).max_abs_dlogits < 1e-4
+    assert api.verify(tmp_path / "moe", str(tiny_bf16)).max_abs_dlogits < 1e-4
 
 
-def test_drop_upcycling_from_a_bf16_checkpoint(tiny_llama, corpus, tmp_path):
+def test_drop_upcycling_from_a_bf16_checkpoint(tiny_bf16, corpus, tmp_path):
     """The fresh neurons are drawn in fp32 and stored in the checkpoint's dtype; on a bf16 source the draw once met a
     bf16 expert slice and stopped the build with torch's dtype error."""
     from safetensors.torch import load_file
 
-    bf16 = bf16_copy(tiny_llama, tmp_path / "bf16")
-    build(bf16, tmp_path / "moe", corpus, method="upcycle", experts=4, top_k=1, drop_fraction=0.25)
+    build(tiny_bf16, tmp_path / "moe", corpus, method="upcycle", experts=4, top_k=1, drop_fraction=0.25)
     kept = torch.from_numpy(~load_plan(tmp_path / "moe").layers[0].reinit[0])
     w1 = load_file(str(tmp_path / "moe" / "model.safetensors"))["model.layers.0.block_sparse_moe.experts.0.w1.weight"]
-    gate = load_file(str(bf16 / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
+    gate = load_file(str(tiny_bf16 / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
     assert w1.dtype == torch.bfloat16
     assert torch.equal(w1[kept], gate[kept]) and not torch.equal(w1[~kept], gate[~kept])
-    assert api.verify(tmp_path / "moe", str(bf16)).passed
+    assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
