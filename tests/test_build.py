@@ -242,14 +242,23 @@ def test_vllm_check_reads_what_vllm_loads(tiny_llama, tmp_path):
     assert any("model.layers.1.self_attn.q_proj.bias" in p for p in problems)
 
 
-def test_build_result_carries_the_k_quant_split(tmp_path):
-    """Python API users get the suggestion the CLI prints: BuildResult.gguf_split, with the build's active fraction
-    beside it; a build that takes it has experts a K-quant holds, and no suggestion."""
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory) -> tuple:
+    """A one-layer model whose hidden size (256) a K-quant holds and whose FFN (2,816) splits into 80-wide experts by
+    default, with a two-domain calibration corpus."""
     from conftest import make_tiny_llama
 
-    src = make_tiny_llama(tmp_path / "wide", hidden=256, intermediate=2816, layers=1)
-    calib = write_domain_corpus(tmp_path / "c.jsonl", {"a": "ab c", "b": "xy z"}, {"a": 6, "b": 6},
+    work = tmp_path_factory.mktemp("wide")
+    src = make_tiny_llama(work / "model", hidden=256, intermediate=2816, layers=1)
+    calib = write_domain_corpus(work / "c.jsonl", {"a": "ab c", "b": "xy z"}, {"a": 6, "b": 6},
                                 {"a": 200, "b": 200}, seed=1)
+    return src, calib
+
+
+def test_build_result_carries_the_k_quant_split(wide_llama, tmp_path):
+    """Python API users get the suggestion the CLI prints: BuildResult.gguf_split, with the build's active fraction
+    beside it; a build that takes it has experts a K-quant holds, and no suggestion."""
+    src, calib = wide_llama
     base = {"model": str(src), "method": "carve", "calib": str(calib), "profile": {"tokens_per_domain": 256}}
     result = api.build(BuildRecipe(**base, experts=32, top_k=4), tmp_path / "a")
     assert result.active_fraction == pytest.approx((352 + 4 * 77) / 2816)  # 1/8 shared, 77 real neurons an expert
@@ -260,17 +269,13 @@ def test_build_result_carries_the_k_quant_split(tmp_path):
     assert taken.plan.meta.expert_size == 256 and taken.gguf_split is None
 
 
-def test_build_prints_flags_for_experts_a_k_quant_holds(capsys, tmp_path):
+def test_build_prints_flags_for_experts_a_k_quant_holds(capsys, wide_llama, tmp_path):
     """At a hidden size that is a multiple of 256, a K-quant GGUF runs the experts through llama.cpp's tiled kernel
     only if their width is one too. The build says so and prints the nearest split's flags, and a build with those
     flags has such experts and prints nothing (carve rounds the printed shared fraction back to the same block)."""
-    from conftest import make_tiny_llama
-
     from moefy import cli
 
-    src = make_tiny_llama(tmp_path / "wide", hidden=256, intermediate=2816, layers=1)
-    calib = write_domain_corpus(tmp_path / "c.jsonl", {"a": "ab c", "b": "xy z"}, {"a": 6, "b": 6},
-                                {"a": 200, "b": 200}, seed=1)
+    src, calib = wide_llama
     argv = ["build", str(src), "--method", "carve", "--calib", str(calib), "--tokens-per-domain", "256"]
     assert cli.main([*argv, "--out", str(tmp_path / "a"), "--experts", "32", "--top-k", "4"]) == 0
     note = capsys.readouterr().out.split("note: ")[1]
