@@ -292,3 +292,16 @@ def test_tiled_split_stays_quiet_where_no_flags_help(meta):
     from moefy.export.to_gguf import tiled_split
 
     assert tiled_split(meta, 0.25) is None
+
+
+def test_exportable_asks_what_export_gguf_refuses():
+    """The build's card offers export-gguf only where it would not refuse: the same config checks, not a copy."""
+    from moefy.export.to_gguf import exportable, granite_config
+
+    qwen = {"model_type": "qwen2_moe", "norm_topk_prob": True, "num_attention_heads": 4, "hidden_size": 32}
+    assert exportable({"model_type": "mixtral"}) and exportable(qwen)
+    assert not exportable({"model_type": "phi"})
+    for refused in ({"mlp_only_layers": [1]}, {"use_sliding_window": True}, {"head_dim": 16}):
+        assert not exportable({**qwen, **refused})
+        with pytest.raises(MoefyError, match="cannot export this Qwen2-MoE output to GGUF exactly"):
+            granite_config({**qwen, **refused})

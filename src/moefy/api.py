@@ -29,7 +29,7 @@ from moefy.export.card import write_card
 from moefy.export.checkpoint import write_checkpoint
 from moefy.export.formats import choose_format
 from moefy.export.oracle import active_fraction
-from moefy.export.to_gguf import OUTTYPES, GgufSummary, TiledSplit, stage, summarize, tiled_split
+from moefy.export.to_gguf import OUTTYPES, GgufSummary, TiledSplit, exportable, stage, summarize, tiled_split
 from moefy.export.verify import VerifyReport, verify
 from moefy.families import family_for
 from moefy.models import compute_device, inference_dtype, load_causal_lm, load_tokenizer
@@ -143,7 +143,8 @@ def _write_moe(tmp: Path, recipe: BuildRecipe, source, reader: LazyCheckpoint, p
         _save_build_reports(tmp, plan, mining, fits)
     dump_recipe(recipe, tmp / BUILD_RECIPE)
     architecture = model_config["architectures"][0]
-    write_card(tmp, plan.meta, source.description, architecture, total, dense_params, fits is not None)
+    write_card(tmp, plan.meta, source.description, architecture, total, dense_params, fits is not None,
+               gguf=exportable(model_config))
     return architecture, total, dense_params
 
 

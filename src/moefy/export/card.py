@@ -9,11 +9,11 @@ from moefy.construct.reconstruct import FITS_JSON
 
 
 def write_card(directory: Path, meta: PlanMeta, source_description: str, architecture: str,
-               total_params: int, dense_params: int, reconstructed: bool = False) -> None:
+               total_params: int, dense_params: int, reconstructed: bool = False, *, gguf: bool) -> None:
+    """gguf: export-gguf takes this build (to_gguf.exportable), so the card says how to run it in llama.cpp."""
     active = meta.active_params(total_params)
     pad = meta.num_experts * meta.expert_size - meta.ffn_width
-    # export-gguf restates Qwen2-MoE as GraniteMoeShared, which has no dense layers: such builds are refused there
-    gguf_lines = [] if architecture.startswith("Qwen2Moe") and len(meta.moe_layers) < meta.num_layers else [
+    gguf_lines = [] if not gguf else [
         "To run it in llama.cpp or Ollama: `moefy export-gguf DIR --out model.gguf` (`--outtype q4_k_m` for a "
         "K-quant), then `llama-cli -m model.gguf`.", ""]
     lines = [

@@ -61,20 +61,36 @@ def _refuse(reason: str) -> MoefyError:
     return MoefyError(f"cannot export this Qwen2-MoE output to GGUF exactly: {reason}")
 
 
-def granite_config(qwen: dict[str, Any]) -> dict[str, Any]:
-    """The GraniteMoeShared config that computes what a moefy Qwen2-MoE config does, or a refusal."""
+def _granite_refusal(qwen: dict[str, Any]) -> str | None:
+    """Why a Qwen2-MoE config has no exact GraniteMoeShared equivalent, or None."""
     if qwen.get("mlp_only_layers") or qwen.get("decoder_sparse_step", 1) != 1:
-        raise _refuse("some layers are kept dense, and GraniteMoeShared makes every layer MoE "
-                      "(rebuild with all layers converted, or export Mixtral)")
+        return ("some layers are kept dense, and GraniteMoeShared makes every layer MoE "
+                "(rebuild with all layers converted, or export Mixtral)")
     if not qwen.get("norm_topk_prob", False):
-        raise _refuse("norm_topk_prob is false; moefy writes true (Mixtral's gate), so this is not a moefy output")
+        return "norm_topk_prob is false; moefy writes true (Mixtral's gate), so this is not a moefy output"
     if qwen.get("use_sliding_window"):
-        raise _refuse("sliding-window attention")
+        return "sliding-window attention"
     heads = qwen["num_attention_heads"]
     head_dim = qwen.get("head_dim") or qwen["hidden_size"] // heads
     if head_dim * heads != qwen["hidden_size"]:
-        raise _refuse(f"head_dim {head_dim} × {heads} heads != hidden_size {qwen['hidden_size']}, which Granite "
-                      "assumes")
+        return f"head_dim {head_dim} × {heads} heads != hidden_size {qwen['hidden_size']}, which Granite assumes"
+    return None
+
+
+def exportable(config: dict[str, Any]) -> bool:
+    """Whether export-gguf takes a model with this config (its config-level checks; the build's card asks, so it
+    offers the GGUF route only where export-gguf would not refuse)."""
+    model_type = config.get("model_type")
+    return model_type in GGUF_ARCH and (model_type != "qwen2_moe" or _granite_refusal(config) is None)
+
+
+def granite_config(qwen: dict[str, Any]) -> dict[str, Any]:
+    """The GraniteMoeShared config that computes what a moefy Qwen2-MoE config does, or a refusal."""
+    reason = _granite_refusal(qwen)
+    if reason:
+        raise _refuse(reason)
+    heads = qwen["num_attention_heads"]
+    head_dim = qwen.get("head_dim") or qwen["hidden_size"] // heads
     return {"architectures": ["GraniteMoeSharedForCausalLM"], "model_type": "granitemoeshared",
             **{k: qwen[k] for k in _COPIED if k in qwen}, "hidden_act": "silu", "attention_bias": False,
             "intermediate_size": qwen["moe_intermediate_size"], "num_local_experts": qwen["num_experts"],
