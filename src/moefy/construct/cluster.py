@@ -15,9 +15,8 @@ def balanced_kmeans(points: np.ndarray, sizes: list[int], rng: np.random.Generat
     float32 rows are never normalised or copied (others are copied once to float32): a row's scale does not change
     which centroid is nearest, so the Lloyd steps compare raw dot products, and the normalisation enters as a
     per-row weight where it matters (the centroid sums, k-means++, the auction). At a 7B layer (11,008 × 4,096) a
-    float64 normalised copy made three fresh arrays of 360 MB, whose allocation and page faults were half of the
-    layer's 4 s; float32 rows are used as they come (1.2 s). On SmolLM2 the partitions came out the same (all 30
-    layers of cluster, 29 of carve)."""
+    float64 normalised copy made three fresh 360 MB arrays, each allocated and page-faulted anew
+    (docs/benchmarks.md, "Across model sizes")."""
     x = np.asarray(points, dtype=np.float32)
     inv_norm = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)), 1e-12)
     k = len(sizes)
