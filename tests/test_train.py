@@ -254,3 +254,31 @@ def test_distillation_needs_a_teacher(tiny_moe, corpus, tmp_path):
     stage = {"tokens": 4 * 32, "seq_len": 32, "distill": {}}
     with pytest.raises(MoefyError, match="needs the dense source model"):
         api.train(moe, str(corpus), write_recipe(tmp_path / "r.yaml", [stage]), tmp_path / "run")
+
+
+def test_trained_model_keeps_the_moes_dtype(tiny_llama, corpus, tmp_path):
+    """Training runs in fp32; the result is written in the MoE's own dtype (a bf16 7B MoE stays 13.5 GB, not 27),
+    unless --dtype names another. Weights no stage touched come back bit for bit: bf16 → fp32 → bf16 is exact."""
+    from safetensors.torch import load_file
+
+    from moefy.construct.recipe import BuildRecipe
+    from moefy.recipes import validate_recipe
+
+    moe = tmp_path / "moe"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "random",
+                                            "dtype": "bfloat16"}), moe)
+    built = load_file(moe / "model.safetensors")
+    flags = ["--data", str(corpus), "--trainable", "router", "--tokens", str(2 * 4 * 32), "--seq-len", "32",
+             "--lr", "0.01"]
+    assert cli.main(["train", str(moe), *flags, "--out", str(tmp_path / "source")]) == 0
+    assert cli.main(["train", str(moe), *flags, "--out", str(tmp_path / "fp32"), "--dtype", "float32"]) == 0
+    for run, dtype, name in [("source", torch.bfloat16, "bfloat16"), ("fp32", torch.float32, "float32")]:
+        final = tmp_path / run / "final"
+        trained = load_file(final / "model.safetensors")
+        assert {t.dtype for t in trained.values()} == {dtype}
+        assert json.loads((final / "config.json").read_text())["dtype"] == name
+        router = "model.layers.0.block_sparse_moe.gate.weight"
+        assert not torch.equal(trained[router].float(), built[router].float())
+        assert sorted(trained) == sorted(built)
+        untouched = [n for n in built if not n.endswith("moe.gate.weight")]  # every layer's router trained
+        assert all(torch.equal(trained[n].to(torch.bfloat16), built[n]) for n in untouched)

@@ -10,6 +10,8 @@ import torch
 from moefy.errors import MoefyError
 from moefy.sources import check_hf_dir
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def compute_device(name: str = "auto") -> torch.device:
     """Where a layer-by-layer pass (profiling, reconstruction) computes: "auto" takes the GPU when one is present."""
@@ -27,6 +29,12 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     """The dtype a frozen model runs in without grad: bf16 where the hardware computes it natively (a GPU), so a
     7B model loads in half the memory; fp32 on CPU, where bf16 matmuls are slower than fp32."""
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def stored_dtype(config: dict) -> torch.dtype:
+    """The dtype a checkpoint's config.json says its weights are stored in ("dtype" since transformers 5,
+    "torch_dtype" before); float32 when it names none."""
+    return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
 
 
 def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):

@@ -10,11 +10,11 @@ import torch
 from moefy.construct.plan import MoEPlan
 from moefy.export.formats import OutputFormat
 from moefy.families import Family
+from moefy.models import DTYPES
 from moefy.progress import progress
 from moefy.tensor_io import LazyCheckpoint
 from moefy.tensor_writer import ShardedWriter, TensorSpec
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 

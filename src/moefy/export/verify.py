@@ -13,12 +13,11 @@ import torch
 from moefy.construct.plan import PAD, load_plan, pad_to
 from moefy.data.probe import PROBE_TEXTS
 from moefy.errors import MoefyError
-from moefy.export.checkpoint import DTYPES
 from moefy.export.formats import FORMATS, gather_neurons
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
-from moefy.models import load_causal_lm, load_tokenizer
+from moefy.models import load_causal_lm, load_tokenizer, stored_dtype
 from moefy.sources import read_config, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
@@ -113,7 +112,7 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         raise MoefyError(f"{moe_dir} is a {config.get('model_type')!r} model; verify handles: {', '.join(FORMATS)}")
     batch = probe_batch(moe_dir)
     # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16.
-    storage = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
+    storage = stored_dtype(config)
     dense_model = load_causal_lm(resolve_model(dense).directory, storage).float()
     dense_logits, dense_loss = _run(dense_model, batch)
     dense_params = sum(p.numel() for p in dense_model.parameters())

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from moefy.construct.recipe import ReconstructOptions
+from moefy.construct.recipe import DTypeName, ReconstructOptions
 from moefy.data.filtering import FilterRecipe
 from moefy.errors import MoefyError
 from moefy.recipes import Frozen, deep_merge, read_recipe, validate_recipe
@@ -126,6 +126,9 @@ class TrainRecipe(Frozen):
                                                            "that supports it, fp32 elsewhere)")
     gradient_checkpointing: bool = Field(False, description="recompute layer activations in backward: less "
                                          "memory, ~1/3 more compute")
+    # Training runs in fp32 whatever the MoE's dtype; writing that out would double a bf16 7B MoE to 27 GB.
+    dtype: DTypeName = Field("source", description="dtype of the trained model in RUN/final (source: the MoE's "
+                             "own)")
     # A data-filter stage before training (fluency / advertisements); the kept corpus is written to RUN/filtered.
     filter: FilterRecipe | None = None
     # Layer-wise reconstruction of the MoE on the (filtered) training data before the first stage, written to
