@@ -160,6 +160,12 @@ STARTS = {"carve25": ("carve 25% + reconstruction",
                     "reconstruct": {"enabled": True, "tokens_per_domain": 16384}})}
 
 
+def distill_stage(tokens: int, objective: str) -> dict:
+    """The experts-lora stage every distillation row trains, with one of OBJECTIVES."""
+    return {"name": "recovery", "tokens": tokens, "seq_len": 256, "batch_size": 4, "warmup_steps": 3,
+            **DISTILL_LORA, **OBJECTIVES[objective][1]}
+
+
 def distillation(work: Path, tokens: int, objectives: list[str], start: str = "carve25") -> str:
     """From carve + reconstruction, the same experts-lora stage with each objective, at equal tokens."""
     bench = setup(work)
@@ -195,11 +201,9 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
         + f" | {unseen_ratio(moe)} | 0% | |",
     ]
     for key in objectives:
-        name, objective = OBJECTIVES[key]
-        stage = {"name": "recovery", "tokens": tokens, "seq_len": 256, "batch_size": 4, "warmup_steps": 3,
-                 **DISTILL_LORA, **objective}
+        name = OBJECTIVES[key][0]
         tag = key.replace("+", "-")
-        final = bench.train(moe, tag, {"stages": [stage], "checkpoint_every": 10_000})
+        final = bench.train(moe, tag, {"stages": [distill_stage(tokens, key)], "checkpoint_every": 10_000})
         ppl = bench.evaluate(final)
         metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
         rate = statistics.median(m["tokens_per_s"] for m in metrics)
@@ -209,9 +213,45 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
     return "\n".join(lines)
 
 
+def save_dtype(work: Path, tokens: int) -> str:
+    """What writing the trained model in bf16 costs: a bf16 build (the dtype released checkpoints come in) trains the
+    KL + LM stage once per `dtype` of the train recipe, same seed, so the runs differ only in how RUN/final is
+    written. Training itself runs in fp32 either way."""
+    bench = setup(work)
+    start_label, start_fields = STARTS["carve25"]
+    moe = bench.build("carve25-bf16", **start_fields, dtype="bfloat16")
+    before = bench.evaluate(moe)
+    domains = list(bench.dense.per_domain)
+    name = OBJECTIVES["kl+lm"][0]
+    lines = [
+        f"## Writing a trained bf16 MoE in bf16 or fp32, {tokens:,} tokens (`moefy train`)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_train.py --part save-dtype --tokens {tokens}`. Start: {start_label} "
+        "(defaults otherwise), built with `dtype: bfloat16`. Both rows train the same `experts-lora` stage with "
+        f"{name} for {tokens:,} tokens of `calib/` (LoRA r=16 on experts, routers at 1% of their RMS, norms; lr "
+        "1e-3, cosine, 3 warm-up steps; seq 256, batch 4), in fp32 and with the same seed; they differ only in the "
+        "train recipe's `dtype`, the dtype RUN/final is written in. Held-out perplexity / dense on `heldout/`, "
+        "evaluated in fp32.",
+        "",
+        "| model | " + " | ".join(domains) + " | overall | RUN/final size |",
+        "|---|" + "---|" * len(domains) + "---|---|",
+        dense_row(bench.dense, extra=("",)),
+        f"| {start_label}, bf16, training-free | " + " | ".join(ratio_cells(before, bench.dense)) + " | |",
+    ]
+    for dtype, label in (("source", "written in bf16 (`dtype: source`, the default)"),
+                         ("float32", "written in fp32 (`dtype: float32`)")):
+        final = bench.train(moe, f"kl-lm-{dtype}", {"stages": [distill_stage(tokens, "kl+lm")],
+                                                    "checkpoint_every": 10_000, "dtype": dtype})
+        size = sum(f.stat().st_size for f in final.glob("model*.safetensors")) / 2**20
+        lines.append(f"| + {name}, {label} | " + " | ".join(ratio_cells(bench.evaluate(final), bench.dense))
+                     + f" | {size:.0f} MiB |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=["throughput", "recovery", "distill", "all"], default="all")
+    p.add_argument("--part", choices=["throughput", "recovery", "distill", "save-dtype", "all"], default="all")
     p.add_argument("--tokens", type=int, default=30_000)
     p.add_argument("--objective", action="append", choices=list(OBJECTIVES),
                    help="distill: the objectives to compare (repeatable; default all)")
@@ -228,6 +268,8 @@ def main() -> None:
         section += "" if args.start == "carve25" else f"-{args.start}"
         table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start)
         replace_section(Path("docs/results.md"), section, table)
+    if args.part == "save-dtype":  # not in "all": it answers one question, at the cost of two training runs
+        replace_section(Path("docs/results.md"), "train-save-dtype", save_dtype(work, args.tokens))
     print(f"work dir: {work}")
 
 
