@@ -35,6 +35,27 @@ def test_balanced_kmeans_exact_uneven_sizes():
     assert np.bincount(labels, minlength=8).tolist() == sizes
 
 
+def test_lloyd_running_sums_give_the_recomputed_centroids():
+    """Lloyd's phase updates the cluster sums from the rows that change cluster; its centroids must be those that
+    recomputing every sum after each assignment gives, however many iterations run."""
+    from moefy.construct.cluster import _centroids, _kmeans_pp, _lloyd
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((600, 32)) * rng.uniform(0.5, 2.0, (600, 1))).astype(np.float32)  # rows of any scale
+    inv_norm = 1 / np.linalg.norm(x.astype(np.float64), axis=1)
+    start = _kmeans_pp(x, inv_norm, 6, np.random.default_rng(1))
+    for iterations in (1, 2, 5, 30):
+        reference = start
+        for _ in range(iterations):
+            labels = np.argmax(x @ reference.T.astype(np.float32), axis=1)
+            new = _centroids(x, inv_norm, labels, 6, fallback=reference)
+            if np.allclose(new, reference):
+                break
+            reference = new
+        # the sums are float32 matmuls summed in another order: equal to about 1e-8
+        np.testing.assert_allclose(_lloyd(x, inv_norm, start, iterations), reference, rtol=0, atol=1e-6)
+
+
 # Below 256 unassigned points the auction bids one at a time: 40 and 12 points only so, 300 and 1,000 both ways.
 @pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12]),
                                      (1000, [18] * 48 + [17] * 8)])

@@ -20,13 +20,7 @@ def balanced_kmeans(points: np.ndarray, sizes: list[int], rng: np.random.Generat
     x = np.asarray(points, dtype=np.float32)
     inv_norm = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)), 1e-12)
     k = len(sizes)
-    centroids = _kmeans_pp(x, inv_norm, k, rng)
-    for _ in range(iterations):
-        labels = np.argmax(x @ centroids.T.astype(np.float32), axis=1)
-        new = _centroids(x, inv_norm, labels, k, fallback=centroids)
-        if np.allclose(new, centroids):
-            break
-        centroids = new
+    centroids = _lloyd(x, inv_norm, _kmeans_pp(x, inv_norm, k, rng), iterations)
     labels = None
     for _ in range(balanced_rounds):
         new_labels = balanced_assign(_similarity(x, inv_norm, centroids), sizes)
@@ -61,14 +55,51 @@ def _unit_row(x: np.ndarray, inv_norm: np.ndarray, i: int) -> np.ndarray:
     return x[i: i + 1].astype(np.float64) * inv_norm[i]
 
 
+def _lloyd(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, iterations: int) -> np.ndarray:
+    """Lloyd's iterations, each assignment followed by the centroids of its clusters, until the centroids stop
+    moving; returns the last centroids. The cluster sums follow only the rows that change cluster: after the first
+    few iterations few rows do, so an iteration is one pass over the layer (the assignment) where it used to be two
+    (docs/benchmarks.md, "Across model sizes"). The labels are the same as with sums recomputed, up to float order
+    in a near-tie."""
+    k = len(centroids)
+    labels = sums = None
+    for _ in range(iterations):
+        new_labels = np.argmax(x @ centroids.T.astype(np.float32), axis=1)
+        if labels is None:
+            sums = _sums(x, inv_norm, new_labels, k)
+        else:
+            moved = np.flatnonzero(new_labels != labels)
+            sums += _sums(x[moved], inv_norm[moved], new_labels[moved], k, leaving=labels[moved])
+        labels = new_labels
+        new = _unit_sums(sums, np.bincount(labels, minlength=k), fallback=centroids)
+        if np.allclose(new, centroids):
+            break
+        centroids = new
+    return centroids
+
+
+def _sums(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
+          leaving: np.ndarray | None = None) -> np.ndarray:
+    """[k, d] float64: the sum of each cluster's unit rows; with `leaving`, the change in the sums when each row
+    moves from cluster leaving[i] to labels[i]."""
+    weights = np.zeros((k, len(x)), dtype=np.float32)
+    idx = np.arange(len(x))
+    weights[labels, idx] = inv_norm  # each member's unit row; far faster than np.add.at
+    if leaving is not None:
+        weights[leaving, idx] = -inv_norm
+    return (weights @ x).astype(np.float64)
+
+
+def _unit_sums(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Unit centroids from cluster sums; an emptied cluster stays where it was (balancing refills it)."""
+    out = sums.copy()
+    out[counts == 0] = fallback[counts == 0]
+    return _normalise(out)
+
+
 def _centroids(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
                fallback: np.ndarray) -> np.ndarray:
-    weights = np.zeros((k, len(x)), dtype=np.float32)
-    weights[labels, np.arange(len(x))] = inv_norm  # each member's unit row; far faster than np.add.at
-    sums = (weights @ x).astype(np.float64)
-    empty = np.bincount(labels, minlength=k) == 0
-    sums[empty] = fallback[empty]  # keep an emptied cluster where it was; balancing refills it
-    return _normalise(sums)
+    return _unit_sums(_sums(x, inv_norm, labels, k), np.bincount(labels, minlength=k), fallback)
 
 
 def balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float = 1e-7) -> np.ndarray:
