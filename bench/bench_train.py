@@ -213,25 +213,36 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
     return "\n".join(lines)
 
 
-def save_dtype(work: Path, tokens: int) -> str:
+# --stage of --part save-dtype: (what both rows train, the stage at a token budget)
+SAVE_DTYPE_STAGES = {
+    "experts-lora": ("the same `experts-lora` stage with distillation + LM loss (KL, T=1, LM weight 1): LoRA r=16 on "
+                     "experts, routers at 1% of their RMS, norms; lr 1e-3",
+                     lambda tokens: distill_stage(tokens, "kl+lm")),
+    # the smallest updates any stage makes, so the most that rounding to bf16 at the end could undo
+    "router": ("the routers alone on the LM loss, each stepping by 1% of its own RMS (`router_lr_ratio: 0.01`)",
+               lambda tokens: {"name": "router", "trainable": "router", "tokens": tokens, "seq_len": 256,
+                               "batch_size": 4, "warmup_steps": 3, **RECOVERY_SETS["router"]}),
+}
+
+
+def save_dtype(work: Path, tokens: int, kind: str) -> str:
     """What writing the trained model in bf16 costs: a bf16 build (the dtype released checkpoints come in) trains the
-    KL + LM stage once per `dtype` of the train recipe, same seed, so the runs differ only in how RUN/final is
+    same stage once per `dtype` of the train recipe, same seed, so the runs differ only in how RUN/final is
     written. Training itself runs in fp32 either way."""
     bench = setup(work)
     start_label, start_fields = STARTS["carve25"]
     moe = bench.build("carve25-bf16", **start_fields, dtype="bfloat16")
     before = bench.evaluate(moe)
     domains = list(bench.dense.per_domain)
-    name = OBJECTIVES["kl+lm"][0]
+    trains, stage = SAVE_DTYPE_STAGES[kind]
     lines = [
-        f"## Writing a trained bf16 MoE in bf16 or fp32, {tokens:,} tokens (`moefy train`)",
+        f"## Writing a trained bf16 MoE in bf16 or fp32, {kind}, {tokens:,} tokens (`moefy train`)",
         "",
-        f"Command: `.venv/bin/python bench/bench_train.py --part save-dtype --tokens {tokens}`. Start: {start_label} "
-        "(defaults otherwise), built with `dtype: bfloat16`. Both rows train the same `experts-lora` stage with "
-        f"{name} for {tokens:,} tokens of `calib/` (LoRA r=16 on experts, routers at 1% of their RMS, norms; lr "
-        "1e-3, cosine, 3 warm-up steps; seq 256, batch 4), in fp32 and with the same seed; they differ only in the "
-        "train recipe's `dtype`, the dtype RUN/final is written in. Held-out perplexity / dense on `heldout/`, "
-        "evaluated in fp32.",
+        f"Command: `.venv/bin/python bench/bench_train.py --part save-dtype --stage {kind} --tokens {tokens}`. "
+        f"Start: {start_label} (defaults otherwise), built with `dtype: bfloat16`. Both rows train {trains}; cosine, "
+        f"3 warm-up steps, seq 256, batch 4, {tokens:,} tokens of `calib/`, in fp32 and with the same seed. They "
+        "differ only in the train recipe's `dtype`, the dtype RUN/final is written in. Held-out perplexity / dense "
+        "on `heldout/`, evaluated in fp32.",
         "",
         "| model | " + " | ".join(domains) + " | overall | RUN/final size |",
         "|---|" + "---|" * len(domains) + "---|---|",
@@ -240,10 +251,10 @@ def save_dtype(work: Path, tokens: int) -> str:
     ]
     for dtype, label in (("source", "written in bf16 (`dtype: source`, the default)"),
                          ("float32", "written in fp32 (`dtype: float32`)")):
-        final = bench.train(moe, f"kl-lm-{dtype}", {"stages": [distill_stage(tokens, "kl+lm")],
-                                                    "checkpoint_every": 10_000, "dtype": dtype})
+        final = bench.train(moe, f"{kind}-{dtype}", {"stages": [stage(tokens)], "checkpoint_every": 10_000,
+                                                     "dtype": dtype})
         size = sum(f.stat().st_size for f in final.glob("model*.safetensors")) / 2**20
-        lines.append(f"| + {name}, {label} | " + " | ".join(ratio_cells(bench.evaluate(final), bench.dense))
+        lines.append(f"| + `{kind}`, {label} | " + " | ".join(ratio_cells(bench.evaluate(final), bench.dense))
                      + f" | {size:.0f} MiB |")
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
@@ -256,6 +267,8 @@ def main() -> None:
     p.add_argument("--objective", action="append", choices=list(OBJECTIVES),
                    help="distill: the objectives to compare (repeatable; default all)")
     p.add_argument("--start", choices=list(STARTS), default="carve25", help="distill: the build it trains from")
+    p.add_argument("--stage", choices=list(SAVE_DTYPE_STAGES), default="experts-lora",
+                   help="save-dtype: the stage both rows train")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moefy-train-bench-"))
     if args.part in ("throughput", "all"):
@@ -269,7 +282,8 @@ def main() -> None:
         table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start)
         replace_section(Path("docs/results.md"), section, table)
     if args.part == "save-dtype":  # not in "all": it answers one question, at the cost of two training runs
-        replace_section(Path("docs/results.md"), "train-save-dtype", save_dtype(work, args.tokens))
+        section = "train-save-dtype" + ("" if args.stage == "experts-lora" else f"-{args.stage}")
+        replace_section(Path("docs/results.md"), section, save_dtype(work, args.tokens, args.stage))
     print(f"work dir: {work}")
 
 
