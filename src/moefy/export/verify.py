@@ -113,7 +113,8 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
     batch = probe_batch(moe_dir)
     # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16.
     storage = stored_dtype(config)
-    dense_model = load_causal_lm(resolve_model(dense).directory, storage).float()
+    dense_dir = resolve_model(dense).directory
+    dense_model = load_causal_lm(dense_dir, storage).float()
     dense_logits, dense_loss = _run(dense_model, batch)
     dense_params = sum(p.numel() for p in dense_model.parameters())
     fraction = active_fraction(plan)
@@ -131,7 +132,7 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         fmt.all_experts_uniform(moe, plan.meta)
         moe_logits, uniform_loss = _run(moe, batch)
         if storage != torch.float32:  # the dense model is not used after this
-            _round_as_stored(dense_model, resolve_model(dense).directory, plan, storage)
+            _round_as_stored(dense_model, dense_dir, plan, storage)
             dense_logits, _ = _run(dense_model, batch)
         delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
         scale = max(a.abs().max().item() for a in dense_logits)
