@@ -13,9 +13,9 @@ def write_card(directory: Path, meta: PlanMeta, source_description: str, archite
     """gguf: export-gguf takes this build (to_gguf.exportable), so the card says how to run it in llama.cpp."""
     active = meta.active_params(total_params)
     pad = meta.num_experts * meta.expert_size - meta.ffn_width
-    gguf_lines = [] if not gguf else [
+    gguf_lines = [
         "To run it in llama.cpp or Ollama: `moefy export-gguf DIR --out model.gguf` (`--outtype q4_k_m` for a "
-        "K-quant), then `llama-cli -m model.gguf`.", ""]
+        "K-quant), then `llama-cli -m model.gguf`.", ""] if gguf else []
     lines = [
         "---",
         "library_name: transformers",

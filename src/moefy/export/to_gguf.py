@@ -70,11 +70,14 @@ def _granite_refusal(qwen: dict[str, Any]) -> str | None:
         return "norm_topk_prob is false; moefy writes true (Mixtral's gate), so this is not a moefy output"
     if qwen.get("use_sliding_window"):
         return "sliding-window attention"
-    heads = qwen["num_attention_heads"]
-    head_dim = qwen.get("head_dim") or qwen["hidden_size"] // heads
+    heads, head_dim = qwen["num_attention_heads"], _head_dim(qwen)
     if head_dim * heads != qwen["hidden_size"]:
         return f"head_dim {head_dim} × {heads} heads != hidden_size {qwen['hidden_size']}, which Granite assumes"
     return None
+
+
+def _head_dim(qwen: dict[str, Any]) -> int:
+    return qwen.get("head_dim") or qwen["hidden_size"] // qwen["num_attention_heads"]
 
 
 def exportable(config: dict[str, Any]) -> bool:
@@ -89,14 +92,12 @@ def granite_config(qwen: dict[str, Any]) -> dict[str, Any]:
     reason = _granite_refusal(qwen)
     if reason:
         raise _refuse(reason)
-    heads = qwen["num_attention_heads"]
-    head_dim = qwen.get("head_dim") or qwen["hidden_size"] // heads
     return {"architectures": ["GraniteMoeSharedForCausalLM"], "model_type": "granitemoeshared",
             **{k: qwen[k] for k in _COPIED if k in qwen}, "hidden_act": "silu", "attention_bias": False,
             "intermediate_size": qwen["moe_intermediate_size"], "num_local_experts": qwen["num_experts"],
             "num_experts_per_tok": qwen["num_experts_per_tok"],
             "shared_intermediate_size": qwen["shared_expert_intermediate_size"],
-            "attention_multiplier": head_dim ** -0.5, **_GRANITE_IDENTITY, "output_router_logits": False}
+            "attention_multiplier": _head_dim(qwen) ** -0.5, **_GRANITE_IDENTITY, "output_router_logits": False}
 
 
 def _granite_layer(ck: LazyCheckpoint, i: int, experts: int) -> Iterator[tuple[str, torch.Tensor]]:
