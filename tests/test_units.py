@@ -56,6 +56,27 @@ def test_lloyd_running_sums_give_the_recomputed_centroids():
         np.testing.assert_allclose(_lloyd(x, inv_norm, start, iterations), reference, rtol=0, atol=1e-6)
 
 
+def test_bf16_assignment_gives_the_float32_labels():
+    """On a bf16 checkpoint's rows, Lloyd assigns with a bf16 matmul and rescores in float32 the rows whose best
+    two scores are within bf16's error. Centroids 1e-4 apart put most rows inside it: the labels must still be
+    float32's, and a whole balanced_kmeans on the bf16 tensor must give the labels of its float32 copy."""
+    from moefy.construct.cluster import _nearest
+
+    rng = np.random.default_rng(0)
+    xb = torch.from_numpy(rng.standard_normal((3000, 256), dtype=np.float32) * 0.02).bfloat16()
+    x = xb.float().numpy()
+    inv_norm = 1 / np.linalg.norm(x.astype(np.float64), axis=1)
+    base = rng.standard_normal(256)
+    centroids = np.stack([base + 1e-4 * rng.standard_normal(256) for _ in range(4)] + [rng.standard_normal(256)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    reference = np.argmax(x @ centroids.T.astype(np.float32), axis=1)
+    assert len(np.unique(reference)) == 5  # the near-tied centroids do split the rows
+    np.testing.assert_array_equal(_nearest(x, inv_norm, centroids, xb), reference)
+    sizes = [600] * 5
+    np.testing.assert_array_equal(balanced_kmeans(xb, sizes, np.random.default_rng(3)),
+                                  balanced_kmeans(x, sizes, np.random.default_rng(3)))
+
+
 # Below 256 unassigned points the auction bids one at a time: 40 and 12 points only so, 300 and 1,000 both ways.
 @pytest.mark.parametrize("n,sizes", [(40, [14, 13, 13]), (300, [38] * 4 + [37] * 4), (12, [12]),
                                      (1000, [18] * 48 + [17] * 8)])

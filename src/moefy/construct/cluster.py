@@ -6,21 +6,24 @@ from __future__ import annotations
 import heapq
 
 import numpy as np
+import torch
 
 
-def balanced_kmeans(points: np.ndarray, sizes: list[int], rng: np.random.Generator,
+def balanced_kmeans(points: np.ndarray | torch.Tensor, sizes: list[int], rng: np.random.Generator,
                     iterations: int = 20, balanced_rounds: int = 3) -> np.ndarray:
-    """Cluster L2-normalised rows into len(sizes) clusters with exactly those sizes; returns labels.
+    """Cluster L2-normalised rows into len(sizes) clusters with exactly those sizes; returns labels. A bf16
+    tensor (a bf16 checkpoint's rows as stored) also makes Lloyd's assignment a bf16 matmul (_nearest).
 
     float32 rows are never normalised or copied (others are copied once to float32): a row's scale does not change
     which centroid is nearest, so the Lloyd steps compare raw dot products, and the normalisation enters as a
     per-row weight where it matters (the centroid sums, k-means++, the auction). At a 7B layer (11,008 × 4,096) a
     float64 normalised copy made three fresh 360 MB arrays, each allocated and page-faulted anew
     (docs/benchmarks.md, "Across model sizes")."""
-    x = np.asarray(points, dtype=np.float32)
+    bf16 = isinstance(points, torch.Tensor) and points.dtype == torch.bfloat16 and _bf16_units()
+    x = points.float().numpy() if isinstance(points, torch.Tensor) else np.asarray(points, dtype=np.float32)
     inv_norm = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)), 1e-12)
     k = len(sizes)
-    centroids = _lloyd(x, inv_norm, _kmeans_pp(x, inv_norm, k, rng), iterations)
+    centroids = _lloyd(x, inv_norm, _kmeans_pp(x, inv_norm, k, rng), iterations, points if bf16 else None)
     labels = None
     for _ in range(balanced_rounds):
         new_labels = balanced_assign(_similarity(x, inv_norm, centroids), sizes)
@@ -33,7 +36,14 @@ def balanced_kmeans(points: np.ndarray, sizes: list[int], rng: np.random.Generat
 
 def _similarity(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """[n, k] cosine similarity of each row to each (unit) centroid, in float64 for the auction."""
-    return (x @ centroids.T.astype(np.float32)).astype(np.float64) * inv_norm[:, None]
+    return _matmul(x, centroids.T.astype(np.float32)).astype(np.float64) * inv_norm[:, None]
+
+
+def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b through torch. numpy's OpenBLAS threads spin-wait after each call and torch's OpenMP threads after
+    theirs, so on a 2-core machine alternating the two slowed every step, the small ones most; one thread pool
+    serves all of them here."""
+    return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -55,16 +65,17 @@ def _unit_row(x: np.ndarray, inv_norm: np.ndarray, i: int) -> np.ndarray:
     return x[i: i + 1].astype(np.float64) * inv_norm[i]
 
 
-def _lloyd(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, iterations: int) -> np.ndarray:
+def _lloyd(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, iterations: int,
+           xb: torch.Tensor | None = None) -> np.ndarray:
     """Lloyd's iterations, each assignment followed by the centroids of its clusters, until the centroids stop
     moving; returns the last centroids. The cluster sums follow only the rows that change cluster: after the first
     few iterations few rows do, so an iteration is one pass over the layer (the assignment) where it used to be two
     (docs/benchmarks.md, "Across model sizes"). The labels are the same as with sums recomputed, up to float order
-    in a near-tie."""
+    in a near-tie. `xb`, the same rows in bf16, makes the assignment a bf16 matmul (_nearest)."""
     k = len(centroids)
     labels = sums = None
     for _ in range(iterations):
-        new_labels = np.argmax(x @ centroids.T.astype(np.float32), axis=1)
+        new_labels = _nearest(x, inv_norm, centroids, xb)
         if labels is None:
             sums = _sums(x, inv_norm, new_labels, k)
         else:
@@ -78,6 +89,34 @@ def _lloyd(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, iteration
     return centroids
 
 
+def _bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16, AMX); elsewhere bf16 matmuls are slower than float32."""
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def _nearest(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, xb: torch.Tensor | None) -> np.ndarray:
+    """Each row's nearest centroid by dot product (the rows' scale does not change it), as the float32 matmul
+    gives it. With `xb` (the same rows, exactly, in bf16), the scores come from one bf16 matmul with float32
+    accumulation, several times faster on a CPU with bf16 units (bench/bench_build.py, cluster). The centroids are
+    split into a bf16 high part and a bf16 remainder, so a score differs from float32 by at most the bf16 rounding
+    of the two outputs (2^-8 of the score, 2^-16 of the row's norm) and the remainder's own rounding (2^-16 of the
+    row's norm). Rows whose best two scores are closer than twice that, with 4× room for float32's summation
+    error, are scored again in float32: the labels are float32's, up to float order in a near-tie."""
+    c = centroids.astype(np.float32)
+    if xb is None or len(c) < 2:
+        return np.argmax(_matmul(x, c.T), axis=1)
+    ct = torch.from_numpy(c)
+    high = ct.bfloat16()
+    both = (xb @ torch.cat([high, (ct - high.float()).bfloat16()]).T).float()
+    top2 = (both[:, : len(c)] + both[:, len(c):]).topk(2, dim=1)
+    labels = top2.indices[:, 0].numpy().copy()
+    best, second = top2.values.numpy().T
+    bound = 2.0 ** -7 * np.maximum(np.abs(best), np.abs(second)) + 2.0 ** -12 / inv_norm
+    close = np.flatnonzero(best - second <= bound)
+    labels[close] = np.argmax(_matmul(x[close], c.T), axis=1)
+    return labels
+
+
 def _sums(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
           leaving: np.ndarray | None = None) -> np.ndarray:
     """[k, d] float64: the sum of each cluster's unit rows; with `leaving`, the change in the sums when each row
@@ -87,7 +126,7 @@ def _sums(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
     weights[labels, idx] = inv_norm  # each member's unit row; far faster than np.add.at
     if leaving is not None:
         weights[leaving, idx] = -inv_norm
-    return (weights @ x).astype(np.float64)
+    return _matmul(weights, x).astype(np.float64)
 
 
 def _unit_sums(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:

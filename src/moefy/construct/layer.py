@@ -23,10 +23,16 @@ class LayerInput:
     extra: dict = field(default_factory=dict)  # decisions made before the per-layer loop (dive's domain groups)
     _cache: dict = field(default_factory=dict)
 
-    def weight(self, which: str) -> torch.Tensor:  # "gate" | "up" | "down"
+    def weight(self, which: str) -> torch.Tensor:  # "gate" | "up" | "down", in float32
         if which not in self._cache:
-            self._cache[which] = self._read(which).float()
+            self._cache[which] = self.stored(which).float()
         return self._cache[which]
+
+    def stored(self, which: str) -> torch.Tensor:
+        """The weight in the checkpoint's own dtype (cluster multiplies a bf16 checkpoint's rows in bf16)."""
+        if ("stored", which) not in self._cache:
+            self._cache[("stored", which)] = self._read(which)
+        return self._cache[("stored", which)]
 
     def stats(self, method: str) -> dict[str, torch.Tensor]:
         if self._stats is None:

@@ -20,7 +20,8 @@ def _groups(labels: np.ndarray, ids: np.ndarray, k: int) -> list[np.ndarray]:
     return [ids[labels == e] for e in range(k)]
 
 
-def cluster_split(rows: np.ndarray, recipe: BuildRecipe, rng: np.random.Generator) -> list[np.ndarray]:
+def cluster_split(rows: np.ndarray | torch.Tensor, recipe: BuildRecipe,
+                  rng: np.random.Generator) -> list[np.ndarray]:
     """LLaMA-MoE clustering: balanced k-means on L2-normalised rows of up_proj (or gate_proj)."""
     sizes = balanced_sizes(len(rows), recipe.experts)
     labels = balanced_kmeans(rows, sizes, rng, recipe.cluster.iterations, recipe.cluster.balanced_rounds)

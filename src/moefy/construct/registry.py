@@ -43,7 +43,7 @@ def _down_norms(layer: LayerInput, recipe: BuildRecipe):
 METHODS: dict[str, Method] = {
     "random": lambda layer, r, rng: Split(random_split(layer.width, r.experts, rng)),
     "sequential": lambda layer, r, rng: Split(sequential_split(layer.width, r.experts)),
-    "cluster": lambda layer, r, rng: Split(methods.cluster_split(layer.weight(r.cluster.rows).numpy(), r, rng)),
+    "cluster": lambda layer, r, rng: Split(methods.cluster_split(layer.stored(r.cluster.rows), r, rng)),
     "coactivation": lambda layer, r, rng: Split(methods.coactivation_split(layer.stats("coactivation"), r, rng)),
     "carve": lambda layer, r, rng: Split(*methods.carve_split(layer.stats("carve"), r, rng, _down_norms(layer, r))),
     "importance": lambda layer, r, rng: Split(*methods.importance_split(layer.stats("importance"), r)),
