@@ -131,7 +131,7 @@ def carve_layers(fields: dict, every: int = 1):
     reader = LazyCheckpoint(source.directory)
     recipe = resolve_defaults(BuildRecipe(model=MODEL, method="carve", **fields))
     for i in range(0, int(config["num_hidden_layers"]), every):
-        layer = LayerInput(i, int(config["intermediate_size"]), lambda w, i=i: reader.get(family.ffn_key(i, w)),
-                           lambda: stats)
+        layer = LayerInput(i, int(config["intermediate_size"]), int(config["hidden_size"]),
+                           lambda w, i=i: reader.get(family.ffn_key(i, w)), lambda: stats)
         yield i, layer, METHODS["carve"](layer, recipe, layer_rng(recipe.seed, i, "method")), recipe
 

@@ -37,8 +37,9 @@ def test_balanced_kmeans_exact_uneven_sizes():
 
 def test_lloyd_running_sums_give_the_recomputed_centroids():
     """Lloyd's phase updates the cluster sums from the rows that change cluster; its centroids must be those that
-    recomputing every sum after each assignment gives, however many iterations run."""
-    from moefy.construct.cluster import _centroids, _kmeans_pp, _lloyd
+    recomputing every sum after each assignment gives, however many iterations run, and the sums it hands to the
+    balanced rounds (which go on updating them) must be its labels' sums."""
+    from moefy.construct.cluster import _kmeans_pp, _lloyd, _sums, _unit_sums
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((600, 32)) * rng.uniform(0.5, 2.0, (600, 1))).astype(np.float32)  # rows of any scale
@@ -48,12 +49,14 @@ def test_lloyd_running_sums_give_the_recomputed_centroids():
         reference = start
         for _ in range(iterations):
             labels = np.argmax(x @ reference.T.astype(np.float32), axis=1)
-            new = _centroids(x, inv_norm, labels, 6, fallback=reference)
+            new = _unit_sums(_sums(x, inv_norm, labels, 6), np.bincount(labels, minlength=6), fallback=reference)
             if np.allclose(new, reference):
                 break
             reference = new
         # the sums are float32 matmuls summed in another order: equal to about 1e-8
-        np.testing.assert_allclose(_lloyd(x, inv_norm, start, iterations), reference, rtol=0, atol=1e-6)
+        centroids, labels, sums = _lloyd(x, inv_norm, start, iterations)
+        np.testing.assert_allclose(centroids, reference, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(sums, _sums(x, inv_norm, labels, 6), rtol=0, atol=1e-5)
 
 
 def test_bf16_assignment_gives_the_float32_labels():

@@ -4,9 +4,12 @@ via Lloyd iterations followed by rounds of exact balanced assignment (an auction
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+Matmul = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def balanced_kmeans(points: np.ndarray | torch.Tensor, sizes: list[int], rng: np.random.Generator,
@@ -23,26 +26,30 @@ def balanced_kmeans(points: np.ndarray | torch.Tensor, sizes: list[int], rng: np
     x = points.float().numpy() if isinstance(points, torch.Tensor) else np.asarray(points, dtype=np.float32)
     inv_norm = 1.0 / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)), 1e-12)
     k = len(sizes)
-    centroids = _lloyd(x, inv_norm, _kmeans_pp(x, inv_norm, k, rng), iterations, points if bf16 else None)
-    labels = None
+    # The bf16 path multiplies in torch, so the rest of it does too (_torch_matmul); float32 rows keep numpy's
+    # matmuls, and with them the float order, and so the partitions, that docs/results.md measured.
+    mm = _torch_matmul if bf16 else np.matmul
+    centroids, labels, sums = _lloyd(x, inv_norm, _kmeans_pp(x, inv_norm, k, rng, mm), iterations,
+                                     points if bf16 else None, mm)
+    balanced = None
     for _ in range(balanced_rounds):
-        new_labels = balanced_assign(_similarity(x, inv_norm, centroids), sizes)
-        if labels is not None and (new_labels == labels).all():
+        new_labels = balanced_assign(_similarity(x, inv_norm, centroids, mm), sizes)
+        if balanced is not None and (new_labels == balanced).all():
             break
-        labels = new_labels
-        centroids = _centroids(x, inv_norm, labels, k, fallback=centroids)
-    return labels
+        _move(x, inv_norm, sums, labels, new_labels, mm)
+        labels = balanced = new_labels
+        centroids = _unit_sums(sums, np.bincount(labels, minlength=k), fallback=centroids)
+    return balanced
 
 
-def _similarity(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def _similarity(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, mm: Matmul = np.matmul) -> np.ndarray:
     """[n, k] cosine similarity of each row to each (unit) centroid, in float64 for the auction."""
-    return _matmul(x, centroids.T.astype(np.float32)).astype(np.float64) * inv_norm[:, None]
+    return mm(x, centroids.T.astype(np.float32)).astype(np.float64) * inv_norm[:, None]
 
 
-def _matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _torch_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b through torch. numpy's OpenBLAS threads spin-wait after each call and torch's OpenMP threads after
-    theirs, so on a 2-core machine alternating the two slowed every step, the small ones most; one thread pool
-    serves all of them here."""
+    theirs, so on a 2-core machine alternating the two slowed every step of the bf16 path, the small ones most."""
     return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
 
 
@@ -50,14 +57,15 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _kmeans_pp(x: np.ndarray, inv_norm: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def _kmeans_pp(x: np.ndarray, inv_norm: np.ndarray, k: int, rng: np.random.Generator,
+               mm: Matmul = np.matmul) -> np.ndarray:
     chosen = [int(rng.integers(len(x)))]
-    dist = 1.0 - _similarity(x, inv_norm, _unit_row(x, inv_norm, chosen[0]))[:, 0]
+    dist = 1.0 - _similarity(x, inv_norm, _unit_row(x, inv_norm, chosen[0]), mm)[:, 0]
     for _ in range(1, k):
         p = np.clip(dist, 0, None)
         p = p / p.sum() if p.sum() > 0 else np.full(len(x), 1 / len(x))
         chosen.append(int(rng.choice(len(x), p=p)))
-        dist = np.minimum(dist, 1.0 - _similarity(x, inv_norm, _unit_row(x, inv_norm, chosen[-1]))[:, 0])
+        dist = np.minimum(dist, 1.0 - _similarity(x, inv_norm, _unit_row(x, inv_norm, chosen[-1]), mm)[:, 0])
     return np.concatenate([_unit_row(x, inv_norm, i) for i in chosen])
 
 
@@ -66,27 +74,34 @@ def _unit_row(x: np.ndarray, inv_norm: np.ndarray, i: int) -> np.ndarray:
 
 
 def _lloyd(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, iterations: int,
-           xb: torch.Tensor | None = None) -> np.ndarray:
+           xb: torch.Tensor | None = None, mm: Matmul = np.matmul) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lloyd's iterations, each assignment followed by the centroids of its clusters, until the centroids stop
-    moving; returns the last centroids. The cluster sums follow only the rows that change cluster: after the first
-    few iterations few rows do, so an iteration is one pass over the layer (the assignment) where it used to be two
-    (docs/benchmarks.md, "Across model sizes"). The labels are the same as with sums recomputed, up to float order
-    in a near-tie. `xb`, the same rows in bf16, makes the assignment a bf16 matmul (_nearest)."""
+    moving; returns the last centroids, labels and cluster sums. The sums follow only the rows that change cluster
+    (_move): after the first few iterations few rows do, so an iteration is one pass over the layer (the
+    assignment) where it used to be two (docs/benchmarks.md, "Across model sizes"). The labels are the same as with
+    sums recomputed, up to float order in a near-tie. `xb`, the same rows in bf16, makes the assignment a bf16
+    matmul (_nearest)."""
     k = len(centroids)
     labels = sums = None
     for _ in range(iterations):
         new_labels = _nearest(x, inv_norm, centroids, xb)
-        if labels is None:
-            sums = _sums(x, inv_norm, new_labels, k)
+        if sums is None:
+            sums = _sums(x, inv_norm, new_labels, k, mm=mm)
         else:
-            moved = np.flatnonzero(new_labels != labels)
-            sums += _sums(x[moved], inv_norm[moved], new_labels[moved], k, leaving=labels[moved])
+            _move(x, inv_norm, sums, labels, new_labels, mm)
         labels = new_labels
         new = _unit_sums(sums, np.bincount(labels, minlength=k), fallback=centroids)
         if np.allclose(new, centroids):
             break
         centroids = new
-    return centroids
+    return centroids, labels, sums
+
+
+def _move(x: np.ndarray, inv_norm: np.ndarray, sums: np.ndarray, labels: np.ndarray, new_labels: np.ndarray,
+          mm: Matmul = np.matmul) -> None:
+    """Update the cluster sums in place for the rows whose label changes from `labels` to `new_labels`."""
+    moved = np.flatnonzero(new_labels != labels)
+    sums += _sums(x[moved], inv_norm[moved], new_labels[moved], len(sums), leaving=labels[moved], mm=mm)
 
 
 def _bf16_units() -> bool:
@@ -104,7 +119,7 @@ def _nearest(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, xb: tor
     error, are scored again in float32: the labels are float32's, up to float order in a near-tie."""
     c = centroids.astype(np.float32)
     if xb is None or len(c) < 2:
-        return np.argmax(_matmul(x, c.T), axis=1)
+        return np.argmax(x @ c.T, axis=1)
     ct = torch.from_numpy(c)
     high = ct.bfloat16()
     both = (xb @ torch.cat([high, (ct - high.float()).bfloat16()]).T).float()
@@ -113,12 +128,12 @@ def _nearest(x: np.ndarray, inv_norm: np.ndarray, centroids: np.ndarray, xb: tor
     best, second = top2.values.numpy().T
     bound = 2.0 ** -7 * np.maximum(np.abs(best), np.abs(second)) + 2.0 ** -12 / inv_norm
     close = np.flatnonzero(best - second <= bound)
-    labels[close] = np.argmax(_matmul(x[close], c.T), axis=1)
+    labels[close] = np.argmax(_torch_matmul(x[close], c.T), axis=1)
     return labels
 
 
 def _sums(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
-          leaving: np.ndarray | None = None) -> np.ndarray:
+          leaving: np.ndarray | None = None, mm: Matmul = np.matmul) -> np.ndarray:
     """[k, d] float64: the sum of each cluster's unit rows; with `leaving`, the change in the sums when each row
     moves from cluster leaving[i] to labels[i]."""
     weights = np.zeros((k, len(x)), dtype=np.float32)
@@ -126,7 +141,7 @@ def _sums(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
     weights[labels, idx] = inv_norm  # each member's unit row; far faster than np.add.at
     if leaving is not None:
         weights[leaving, idx] = -inv_norm
-    return _matmul(weights, x).astype(np.float64)
+    return mm(weights, x).astype(np.float64)
 
 
 def _unit_sums(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -134,11 +149,6 @@ def _unit_sums(sums: np.ndarray, counts: np.ndarray, fallback: np.ndarray) -> np
     out = sums.copy()
     out[counts == 0] = fallback[counts == 0]
     return _normalise(out)
-
-
-def _centroids(x: np.ndarray, inv_norm: np.ndarray, labels: np.ndarray, k: int,
-               fallback: np.ndarray) -> np.ndarray:
-    return _unit_sums(_sums(x, inv_norm, labels, k), np.bincount(labels, minlength=k), fallback)
 
 
 def balanced_assign(similarity: np.ndarray, sizes: list[int], eps_final: float = 1e-7) -> np.ndarray:

@@ -18,6 +18,7 @@ class LayerInput:
 
     layer: int
     width: int
+    hidden: int  # the model's hidden size: a router's width, known without reading a weight
     _read: Callable[[str], torch.Tensor]
     _stats: Callable[[], NeuronStats] | None  # profiles on first call (cached)
     extra: dict = field(default_factory=dict)  # decisions made before the per-layer loop (dive's domain groups)

@@ -43,12 +43,12 @@ RouterInit = Callable[[RouterContext], tuple[torch.Tensor, float]]
 
 
 def _random(ctx: RouterContext):
-    n, h = len(ctx.groups), ctx.layer.weight("gate").shape[1]
+    n, h = len(ctx.groups), ctx.layer.hidden
     return torch.from_numpy(ctx.rng.standard_normal((n, h)) * ctx.recipe.router.std).float(), ctx.scale
 
 
 def _zero(ctx: RouterContext):
-    return torch.zeros(len(ctx.groups), ctx.layer.weight("gate").shape[1]), ctx.scale
+    return torch.zeros(len(ctx.groups), ctx.layer.hidden), ctx.scale
 
 
 def _centroid(ctx: RouterContext):
