@@ -115,7 +115,8 @@ def make_plan(recipe: BuildRecipe, family: Family, config: dict, reader: LazyChe
     splits, routers, scales = {}, {}, {}
     for i in progress(chosen, f"planning ({recipe.method}, router {recipe.router.kind})"):
         release_freed()  # the previous layer's weights and statistics (see host_memory)
-        layer = LayerInput(i, width, hidden, lambda which, i=i: reader.get(family.ffn_key(i, which)), stats, extra or {})
+        layer = LayerInput(i, width, hidden, lambda which, i=i: reader.get(family.ffn_key(i, which)), stats,
+                           extra or {})
         split = METHODS[recipe.method](layer, recipe, layer_rng(recipe.seed, i, "method"))
         ctx = RouterContext(layer, recipe, split.routed, split.shared, scale, layer_rng(recipe.seed, i, "router"),
                             split.domain_groups)
