@@ -219,6 +219,9 @@ def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
                 lm = logged_lm_loss(out.logits, ids) if log_only else out.loss
                 loss = kd if log_only else stage.distill.lm_weight * lm + kd
             acc.backward((loss + aux) / stage.grad_accum)
+            # Gradient checkpointing's recomputation calls the routers again inside backward. Those records are
+            # not a forward's: kept, the next aux loss would count them and hold their graphs.
+            sr.gating.records.clear()
         totals += torch.stack([v.detach().float().cpu() for v in (lm, aux, kd)]) / stage.grad_accum
     grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
     sr.optimizer.step()
