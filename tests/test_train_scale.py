@@ -13,13 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from conftest import write_domain_corpus
 
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
 from moefy.errors import MoefyError
+from moefy.models import load_causal_lm
 from moefy.recipes import validate_recipe
+from moefy.train.checkpoint import latest_checkpoint
+from moefy.train.frozen import keep_stored, release
+from moefy.train.lora import add_lora, merge
 from moefy.train.recipe import Lora, TrainRecipe
+from moefy.train.trainable import select_trainable
 
 DOMAINS = {"alpha": "ab ", "digits": "0123 "}
 
@@ -60,8 +66,6 @@ def run_recipe(moe, corpus, path, stages, **extra):
 def test_lora_merge_is_exact(moe, request):
     """Adapters with non-zero B change the function; merging keeps exactly that function in the stock classes."""
     from transformers import AutoModelForCausalLM
-
-    from moefy.train.lora import add_lora, merge
 
     model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(moe)).eval()
     ids = torch.randint(0, 200, (2, 24))
@@ -113,6 +117,82 @@ def test_gradient_checkpointing_and_bf16(tiny_moe, corpus, tmp_path):
         assert a["loss"] == pytest.approx(c["loss"], abs=0.05) and a["loss"] != c["loss"]  # autocast was on
 
 
+def test_frozen_weights_kept_bf16_train_as_float32(tiny_llama, corpus, tmp_path, monkeypatch):
+    """A bf16 MoE whose frozen weights stay bf16 (upcast as each layer runs) takes the float32-loaded run's steps bit
+    for bit: across stage boundaries (stage r's trained norms stay float32 while frozen), through LoRA on the fused
+    experts and its merge (whose sums stay bf16 and frozen in stage g), and across a resume in stage g."""
+    moe = tmp_path / "moe"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "random",
+                                            "dtype": "bfloat16"}), moe)
+    stages = [{"name": "r", "trainable": "router+norm", "tokens": 3 * 4 * 32, "seq_len": 32, "lr": 1e-2},
+              {"name": "l", "trainable": "experts-lora", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2},
+              {"name": "g", "trainable": "router", "tokens": 3 * 4 * 32, "seq_len": 32, "lr": 1e-2}]
+    common = {"gradient_checkpointing": True, "mixed_precision": "no", "checkpoint_every": 2, "keep_last": 5}
+    _, kept = run_recipe(moe, corpus, tmp_path / "kept", stages, frozen_dtype="source", **common)
+
+    # Two roundings differ by design: peft draws the LoRA init in float32 and stores it through the base weight's
+    # dtype, and a merged weight kept bf16 is rounded once. The float32 run gets both, so only the arithmetic is
+    # compared.
+    def rounded(model, contains: str) -> None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if contains in name:
+                    param.copy_(param.bfloat16().float())
+
+    def bf16_init(model, options):
+        peft_model = add_lora(model, options)
+        rounded(model, "lora_A")
+        return peft_model
+
+    def bf16_merge(peft_model):
+        model = merge(peft_model)
+        rounded(model, ".mlp.experts.")
+        return model
+
+    monkeypatch.setattr("moefy.train.loop.add_lora", bf16_init)
+    monkeypatch.setattr("moefy.train.loop.merge", bf16_merge)
+    _, full = run_recipe(moe, corpus, tmp_path / "float32", stages, **common)
+    assert [r["loss"] for r in kept] == [r["loss"] for r in full] and len(kept) == 10
+    w_full, w_kept = (load_file(str(tmp_path / p / "final" / "model.safetensors")) for p in ("float32", "kept"))
+    assert w_kept["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16  # written in the MoE's dtype
+    assert all(torch.equal(w_full[k], w_kept[k]) for k in w_full)
+    monkeypatch.undo()
+
+    # Resume at step 8, inside stage g, as if killed: stage r's float32 norms and stage l's bf16 merged experts
+    # come back from the checkpoint.
+    shutil.copytree(tmp_path / "kept", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000010")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000008"
+    api.train(None, None, None, tmp_path / "resumed", resume=True)
+    w_resumed = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert all(torch.equal(w_kept[k], w_resumed[k]) for k in w_kept)
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in kept]
+
+    # In memory the frozen weights stay bf16, and release() hands back plain parameters.
+    model = load_causal_lm(moe, torch.bfloat16)
+    peft_model = add_lora(model, Lora())
+    select_trainable(model, "experts-lora")
+    handles = keep_stored(model)
+    layer = model.model.layers[0]
+    assert layer.self_attn.q_proj.parametrizations.weight.original.dtype == torch.bfloat16
+    assert layer.self_attn.q_proj.weight.dtype == layer.mlp.gate.weight.dtype == torch.float32
+    experts = layer.mlp.experts.get_base_layer()
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.bfloat16
+    model(input_ids=torch.tensor([[1, 2, 3]]))  # the LoRA-wrapped experts run in float32 and are bf16 again after
+    assert experts.gate_up_proj.dtype == experts.down_proj.dtype == torch.bfloat16
+    release(model, handles)
+    assert isinstance(layer.self_attn.q_proj.weight, torch.nn.Parameter)
+    assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert merge(peft_model).model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_frozen_dtype_source_needs_gradient_checkpointing():
+    with pytest.raises(MoefyError, match="needs gradient_checkpointing"):
+        validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}], "frozen_dtype": "source"})
+
+
 def test_dive_preset():
     recipe = validate_recipe(TrainRecipe, {"preset": "dive", "tokens": [1024, 4096, 0], "seq_len": 32})
     assert [s.trainable for s in recipe.stages] == ["router", "experts-lora"]
@@ -149,8 +229,6 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
     for a, b in zip(one, two):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
         assert a.get("distill_loss", 0) == pytest.approx(b.get("distill_loss", 0), abs=1e-4), a["step"]
-    from safetensors.torch import load_file
-
     w1, w2 = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "one", tmp_path / "two"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
@@ -193,9 +271,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_moe, corpus, tmp_path, cp
     """FSDP2 (fully_shard through accelerate) on 2 gloo processes: same losses and weights as 1 process, across a
     stage boundary (the shards are gathered into a plain model between stages), and a resume from a mid-stage
     checkpoint (full weights and name-keyed optimizer state, re-sharded) reproduces the straight run exactly."""
-    from safetensors.torch import load_file
-
-    from moefy.train.checkpoint import latest_checkpoint, load_checkpoint
+    from moefy.train.checkpoint import load_checkpoint
 
     soft = {"soft_temperature": 1.0}
     # No clipping: FSDP's sharded grad norm can come out one ulp apart in a resumed process (its partial norms
@@ -245,7 +321,11 @@ def test_fsdp_refuses_what_it_does_not_support():
 
     recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "experts-lora", "tokens": 1024}]})
     with pytest.raises(MoefyError, match="experts-lora is not supported under FSDP"):
-        check_supported(recipe.stages)
+        check_supported(recipe)
     recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024, "gating": {"noise": 1.0}}]})
     with pytest.raises(MoefyError, match="gate noise is not supported under FSDP"):
-        check_supported(recipe.stages)
+        check_supported(recipe)
+    recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}],
+                                           "frozen_dtype": "source", "gradient_checkpointing": True})
+    with pytest.raises(MoefyError, match="frozen_dtype: source is not supported under FSDP"):
+        check_supported(recipe)

@@ -32,6 +32,7 @@ from moefy.train import sharding
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
 from moefy.train.distill import distill_loss, load_teacher, logged_lm_loss
+from moefy.train.frozen import keep_stored, release
 from moefy.train.gating import GatingWrapper
 from moefy.train.logs import RunLog
 from moefy.train.lora import add_lora, merge, stable_name
@@ -89,6 +90,7 @@ class StageRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     start: int  # the first step of this stage to run (past the checkpoint's on resume)
     reference: dict[str, float] | None  # dense per-domain losses, for a dynamic mixture
+    frozen: list  # hooks of frozen weights kept in the MoE's dtype (frozen.keep_stored), removed at the end
 
 
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
@@ -96,7 +98,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     acc = make_accelerator(recipe)
     fsdp = sharding.is_fsdp(acc)
     if fsdp:
-        sharding.check_supported(recipe.stages)
+        sharding.check_supported(recipe)
     tokenizer = load_tokenizer(moe_dir)
     model = load_model(moe_dir, recipe, acc.device)
     teacher = load_teacher(dense_dir, acc.device) if any(s.distill for s in recipe.stages) else None
@@ -151,13 +153,18 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
 
 
 def load_model(moe_dir: Path, recipe: TrainRecipe, device):
-    model = load_causal_lm(moe_dir).to(device)
+    dtype = stored_dtype(read_config(moe_dir)) if recipe.frozen_dtype == "source" else torch.float32
+    model = load_causal_lm(moe_dir, dtype).to(device)
     if model._can_set_experts_implementation():
         # grouped_mm by name: transformers then raises rather than silently falling back (batched_mm computes every
         # expert for every token, which training would pay in forward and backward).
         model.set_experts_implementation("grouped_mm")
     if recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # A recomputation that stops early would skip frozen.py's hooks that swap LoRA-wrapped experts back to
+        # their stored dtype; run it to the end of each layer there.
+        early_stop = recipe.frozen_dtype == "float32"
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "early_stop": early_stop})
     model.train()
     return model
 
@@ -174,16 +181,19 @@ def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout:
                             recipe.seed + s_idx)
     lora = add_lora(model, stage.lora) if stage.trainable == "experts-lora" else None
     chosen = select_trainable(model, stage.trainable)
+    if ckpt is not None:
+        if ckpt["sharded"] != sharding.is_fsdp(acc):
+            raise MoefyError("this checkpoint was written " + ("under FSDP; resume it under FSDP too" if ckpt["sharded"]
+                             else "without FSDP; resume it without FSDP too"))
+        load_weights(model, ckpt["weights"])
+    # After the resume's weights (an earlier stage's float32 norms come back float32), before the optimizer.
+    frozen = keep_stored(model) if recipe.frozen_dtype == "source" else []
     gating = GatingWrapper(model, stage.gating)
     optimizer = torch.optim.AdamW(param_groups(chosen, gating.parameters(), stage), lr=stage.lr,
                                   weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_floor(stage))
     start = 0
     if ckpt is not None:
-        if ckpt["sharded"] != sharding.is_fsdp(acc):
-            raise MoefyError("this checkpoint was written " + ("under FSDP; resume it under FSDP too" if ckpt["sharded"]
-                             else "without FSDP; resume it without FSDP too"))
-        load_weights(model, ckpt["weights"])
         if not ckpt["sharded"]:  # under FSDP the optimizer state goes into its shards after accelerate.prepare
             optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -196,7 +206,7 @@ def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout:
         if dense_dir is None:
             raise MoefyError("a dynamic mixture needs the dense source model for reference losses")
         reference = reference_losses(dense_dir, tokenizer, heldout, stage, run / f"reference_loss_{stage.seq_len}.json")
-    return StageRun(s_idx, stage, sampler, lora, chosen, gating, optimizer, scheduler, start, reference)
+    return StageRun(s_idx, stage, sampler, lora, chosen, gating, optimizer, scheduler, start, reference, frozen)
 
 
 def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
@@ -263,6 +273,7 @@ def checkpoint(run: Path, recipe: TrainRecipe, model, sr: StageRun, step: int, s
 def finish_stage(model, sr: StageRun, touched: set[str]):
     """Unwrap the gates, merge LoRA into the weights, and record which weights the stage changed."""
     sr.gating.remove()
+    release(model, sr.frozen)
     touched = touched | {stable_name(n) for n, _ in sr.chosen if "lora_" not in n}
     if sr.lora is not None:
         model = merge(sr.lora)
@@ -289,13 +300,18 @@ def param_groups(chosen: list, extra: list, stage: Stage) -> list[dict]:
 
 
 def load_weights(model, tensors: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's weights into the model, each in the checkpoint's dtype: with frozen weights kept in the
+    MoE's dtype, what an earlier stage trained was float32 and comes back float32."""
     params = {stable_name(n): p for n, p in model.named_parameters()}
     missing = sorted(set(tensors) - set(params))
     if missing:
         raise MoefyError(f"checkpoint does not match this model: no parameter {missing[0]}")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            if params[name].dtype == value.dtype:
+                params[name].copy_(value)
+            else:
+                params[name].data = value.to(params[name].device)
 
 
 def export(model, moe_dir: Path, run: Path, recipe: TrainRecipe) -> Path:

@@ -15,6 +15,7 @@ from moefy.train.recipe import Lora
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 SHARED_EXPERT_MODULES = r".*\.mlp\.shared_expert\.(gate_proj|up_proj|down_proj)"
 LORA_PARAMETER = re.compile(r"\.lora_[AB]\.")
+PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")  # torch's spelling (train/frozen.py's upcasts)
 
 
 def add_lora(model, options: Lora):
@@ -32,11 +33,23 @@ def add_lora(model, options: Lora):
 
 
 def merge(peft_model):
-    """Fold the adapters into the expert weights; returns the stock model."""
-    return peft_model.merge_and_unload()
+    """Fold the adapters into the expert weights; returns the stock model. Each sum is taken in float32 and rounded
+    once to the weight's dtype (peft would round the delta to a bf16 weight's dtype first), so a weight kept in
+    bf16 (train/frozen.py) merges to what a float32 run writes out."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            name = module.parameter_name if isinstance(module, ParamWrapper) else "weight"
+            weight = getattr(module.get_base_layer(), name)
+            stored = weight.dtype
+            weight.data = weight.data.float()
+            module.merge()
+            weight.data = weight.data.to(stored)
+    return peft_model.unload()
 
 
 def stable_name(name: str) -> str:
     """A parameter's name as the unwrapped model spells it, so checkpoints of merged weights load whether or not
-    LoRA is attached. Adapter names keep peft's spelling: stripping theirs would collide."""
-    return name if LORA_PARAMETER.search(name) else name.replace(".base_layer", "")
+    LoRA is attached or the weight is upcast. Adapter names keep peft's spelling: stripping theirs would collide."""
+    return name if LORA_PARAMETER.search(name) else PARAMETRIZED.sub(r".\1", name.replace(".base_layer", ""))

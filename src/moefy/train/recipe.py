@@ -129,6 +129,12 @@ class TrainRecipe(Frozen):
     # Training runs in fp32 whatever the MoE's dtype; writing that out would double a bf16 7B MoE to 27 GB.
     dtype: DTypeName = Field("source", description="dtype of the trained model in RUN/final (source: the MoE's "
                              "own)")
+    # float32 weights a stage does not train double a bf16 MoE's memory (27 GB at 7B); kept bf16 and upcast as each
+    # layer runs (train/frozen.py) they give the same numbers.
+    frozen_dtype: Literal["float32", "source"] = Field("float32", description="dtype the weights a stage does not "
+                                                       "train are kept in (source: the MoE's own, upcast as each "
+                                                       "layer runs: the same numbers, and a bf16 MoE's weights in "
+                                                       "half the memory; needs gradient_checkpointing)")
     # A data-filter stage before training (fluency / advertisements); the kept corpus is written to RUN/filtered.
     filter: FilterRecipe | None = None
     # Layer-wise reconstruction of the MoE on the (filtered) training data before the first stage, written to
@@ -142,6 +148,13 @@ class TrainRecipe(Frozen):
         if isinstance(data, dict) and "preset" in data:
             return expand_preset(data)
         return data
+
+    @model_validator(mode="after")
+    def _frozen_in_source_dtype(self) -> "TrainRecipe":
+        if self.frozen_dtype == "source" and not self.gradient_checkpointing:
+            # without recomputation backward keeps every layer's float32 upcast: memory goes up, not down
+            raise ValueError("frozen_dtype: source needs gradient_checkpointing: true")
+        return self
 
 
 def load_train_recipe(recipe: Path | str | None, overrides: dict[str, Any] | None = None) -> TrainRecipe:

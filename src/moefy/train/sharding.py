@@ -3,8 +3,8 @@ of every weight and of the optimizer state, so a checkpoint first gathers full t
 calls it), a resume loads the full optimizer state back into the shards, and a stage ends by gathering the weights
 into a plain model, which is what LoRA merging, the next stage and the export expect.
 
-Not yet under FSDP: LoRA stages (peft's wrappers inside a sharded model) and gate noise (a sharded submodule of each
-router); both are refused before training starts."""
+Not yet under FSDP: LoRA stages (peft's wrappers inside a sharded model), gate noise (a sharded submodule of each
+router) and frozen weights kept in the MoE's dtype; all are refused before training starts."""
 
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ def is_fsdp(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
-def check_supported(stages) -> None:
-    for s in stages:
+def check_supported(recipe) -> None:
+    # Not tried: FSDP shards and regathers the very parameters the upcast reads. Sharding already divides them.
+    if recipe.frozen_dtype != "float32":
+        raise MoefyError("frozen_dtype: source is not supported under FSDP yet; FSDP already splits the weights "
+                         "across processes, so keep frozen_dtype: float32")
+    for s in recipe.stages:
         if s.trainable == "experts-lora":
             raise MoefyError(f"stage {s.name}: experts-lora is not supported under FSDP yet; use DDP (the default "
                              "multi-process mode) or train `experts`")
