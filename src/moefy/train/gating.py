@@ -6,6 +6,8 @@ auxiliary losses (LLaMA-MoE's cv² balance, the Switch/Mixtral aux loss, router 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,10 @@ class GatingWrapper:
         self.gating = gating
         self.routers = routers(model)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, chosen indices) since the last aux_loss
+        # Only a training forward's router calls are recorded (`recorded`): not an evaluation's, and not those of
+        # backward's recomputation under gradient checkpointing, whose records would hold each layer's recomputed
+        # activations and weights until backward ends (+1.3 GiB at its peak on a 1B shape).
+        self.recording = False
         self.loads: dict[int, torch.Tensor] = {}  # router -> tokens routed to each expert since the last end_step
         self.noise: list[torch.nn.Linear] = []
         # on each router's device: they shift its probabilities in every forward
@@ -35,6 +41,14 @@ class GatingWrapper:
                 router.moefy_noise = noise
                 self.noise.append(noise)
             router.forward = self._forward(router, noise, i)
+
+    @contextmanager
+    def recorded(self):
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for n in self.noise for p in n.parameters()]
@@ -51,13 +65,15 @@ class GatingWrapper:
             if g.soft_temperature is not None:  # every expert, weighted by a tempered softmax
                 weights = F.softmax(logits.float() / g.soft_temperature, dim=-1)
                 index = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
-                self.records.append((logits, index))
+                if self.recording:
+                    self.records.append((logits, index))
                 return logits, weights.to(logits.dtype), index
             select = probs + self.bias[i] if g.bias_update_rate > 0 else probs  # the bias steers selection only
             index = select.topk(router.top_k, dim=-1).indices
             weights = probs.gather(1, index)
             weights = weights / weights.sum(-1, keepdim=True)
-            self.records.append((logits, index))
+            if self.recording:
+                self.records.append((logits, index))
             return logits, weights.to(logits.dtype), index
 
         return forward

@@ -220,7 +220,8 @@ def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
         with nullcontext() if last else acc.no_sync(wrapped):  # gradients are all-reduced once per step
             hidden = stage.distill is not None and stage.distill.hidden_weight > 0
             log_only = stage.distill is not None and stage.distill.lm_weight == 0  # the LM loss is only logged
-            out = wrapped(input_ids=ids, labels=None if log_only else ids, output_hidden_states=hidden)
+            with sr.gating.recorded():
+                out = wrapped(input_ids=ids, labels=None if log_only else ids, output_hidden_states=hidden)
             aux, kd = sr.gating.aux_loss(), torch.zeros(())
             if stage.distill is None:
                 lm = loss = out.loss
@@ -229,9 +230,6 @@ def train_step(acc, wrapped, sr: StageRun, teacher) -> dict:
                 lm = logged_lm_loss(out.logits, ids) if log_only else out.loss
                 loss = kd if log_only else stage.distill.lm_weight * lm + kd
             acc.backward((loss + aux) / stage.grad_accum)
-            # Gradient checkpointing's recomputation calls the routers again inside backward. Those records are
-            # not a forward's: kept, the next aux loss would count them and hold their graphs.
-            sr.gating.records.clear()
         totals += torch.stack([v.detach().float().cpu() for v in (lm, aux, kd)]) / stage.grad_accum
     grad_norm = acc.clip_grad_norm_(wrapped.parameters(), stage.clip)
     sr.optimizer.step()
@@ -249,7 +247,6 @@ def update_mixture(model, tokenizer, heldout: Corpus, sr: StageRun) -> dict[str,
     model.eval()  # every process evaluates the same data, so every process moves its weights the same
     current = heldout_perplexity(model, tokenizer, heldout, stage.seq_len,
                                  stage.mixture.eval_tokens_per_domain).per_domain
-    sr.gating.records.clear()
     model.train()
     sr.sampler.weights = sheared_llama_update(sr.sampler.weights, current, sr.reference, stage.mixture.eta,
                                               stage.mixture.smoothing)
