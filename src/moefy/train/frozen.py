@@ -10,7 +10,7 @@ Two ways to upcast, because of peft:
 - a torch parametrization, for every frozen weight a layer reads directly;
 - for the fused expert tensors that peft's LoRA wraps (`target_parameters`), the wrapper's forward swaps them to
   float32 and back. peft applies LoRA there through a parametrization of its own, registered for each forward; a
-  chain behind ours would neither be removed nor be seen by the expert kernel (peft 0.21: its cleanup looks for
+  chain behind ours would neither be removed nor be seen by the expert kernel (peft 0.21.2: its cleanup looks for
   one proxy class only, and its parametrize cache keeps the value from before LoRA). Swapping the tensor's data is
   safe there because the expert kernel reads peft's W + BA, a new tensor, never the swapped one. Backward's
   recomputation must run each layer to its end (the loop turns checkpointing's early stop off), or the swap back

@@ -25,7 +25,7 @@ class GatingWrapper:
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logits, chosen indices) since the last aux_loss
         # Only a training forward's router calls are recorded (`recorded`): not an evaluation's, and not those of
         # backward's recomputation under gradient checkpointing, whose records would hold each layer's recomputed
-        # activations and weights until backward ends (+1.3 GiB at its peak on a 1B shape).
+        # activations and weights until backward ends.
         self.recording = False
         self.loads: dict[int, torch.Tensor] = {}  # router -> tokens routed to each expert since the last end_step
         self.noise: list[torch.nn.Linear] = []
