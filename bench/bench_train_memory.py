@@ -3,7 +3,7 @@
 in float32 (the default) and once kept in the MoE's dtype (`frozen_dtype: source`). Each run is a fresh child
 process, so its peak RSS is its own; reported above the RSS after imports, with the step rate of both and whether
 their losses agree bit for bit. RSS counts the pages of the memory-mapped checkpoint that were read, which the kernel
-drops under pressure; the peak of anonymous memory alone (sampled every 0.1 s) is what must fit.
+drops under pressure; the peak of anonymous memory alone is what must fit (sampled every 0.1 s: a lower bound).
 
 Usage: python bench/bench_train_memory.py [--model .cache/shapes/tinyllama-1b] [--steps 3] [--seq-len 256]
     [--only source]   # skip float32 where it cannot fit (a 7B MoE is 27 GB in float32)"""
