@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,9 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+from memory_use import anon, rss  # noqa: E402
 
 MODES = ("float32", "source")
-
-
-def anonymous_bytes() -> int:
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return int(fields["RssAnon"].split()[0]) * 1024
 
 
 def child(moe: Path, data: Path, recipe: Path, out: Path) -> dict:
@@ -40,12 +35,12 @@ def child(moe: Path, data: Path, recipe: Path, out: Path) -> dict:
 
     from moefy import api
 
-    floor, anon_floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, anonymous_bytes()
+    floor, anon_floor = rss(), anon()
     peak_anon, done = [anon_floor], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.1):
-            peak_anon[0] = max(peak_anon[0], anonymous_bytes())
+            peak_anon[0] = max(peak_anon[0], anon())
 
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
@@ -53,7 +48,7 @@ def child(moe: Path, data: Path, recipe: Path, out: Path) -> dict:
     seconds = time.perf_counter() - t0
     done.set()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    return {"seconds": seconds, "peak_rss": rss(),
             "rss_after_imports": floor, "peak_anon": peak_anon[0], "anon_after_imports": anon_floor,
             "losses": [r["loss"] for r in records],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records)}
@@ -91,7 +86,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="moefy-bench-train-memory-") as tmp:
         work = Path(tmp)
-        data = Path(demo_corpus(work)) / "calib"
+        data = demo_corpus(work) / "calib"
         moe = work / "moe"
         api.build(BuildRecipe(model=args.model, experts=8, top_k=2, method="random", dtype="bfloat16"), moe)
         size = sum(f.stat().st_size for f in moe.glob("*.safetensors"))
