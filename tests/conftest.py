@@ -35,7 +35,7 @@ def make_tiny_llama(directory: Path, *, intermediate: int = 48, layers: int = 2,
         vocab = len(AutoTokenizer.from_pretrained(directory))
     config = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=512, tie_word_embeddings=False, **overrides)
+                                  max_position_embeddings=512, **{"tie_word_embeddings": False, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger than default-init weights, so FFN errors would show in the logits

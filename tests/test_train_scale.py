@@ -62,6 +62,43 @@ def run_recipe(moe, corpus, path, stages, **extra):
     return final, [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("moe", ["tied", "tiny_qwen_moe"])
+def test_streamed_export_writes_what_save_pretrained_writes(moe, request, tmp_path):
+    """Train's export streams the model one decoder layer at a time. It must write save_pretrained's checkpoint: the
+    same names, dtypes and bits, fused experts split back per expert (Qwen2-MoE's shared expert too), tied
+    embeddings once, the same config, here over several shards."""
+    from conftest import make_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from moefy.export.checkpoint import write_model
+
+    if moe == "tied":
+        src = make_tiny_llama(tmp_path / "src", tie_word_embeddings=True)
+        api.build(validate_recipe(BuildRecipe, {"model": str(src), "experts": 4, "top_k": 2, "method": "random"}),
+                  tmp_path / "moe")
+        moe = tmp_path / "moe"
+    else:
+        moe = request.getfixturevalue(moe)
+    model = AutoModelForCausalLM.from_pretrained(moe)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    write_model(model, ours, torch.bfloat16, max_shard_bytes=20_000)
+    model.to(torch.bfloat16).save_pretrained(theirs)
+    index = json.loads((ours / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) > 2
+    written = {n: t for f in sorted(set(index.values())) for n, t in load_file(ours / f).items()}
+    expected = load_file(theirs / "model.safetensors")
+    assert sorted(written) == sorted(expected) == sorted(index)
+    assert model.config.tie_word_embeddings == ("lm_head.weight" not in written)
+    assert all(written[n].dtype == t.dtype and torch.equal(written[n], t) for n, t in expected.items())
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((ours / name).read_text()) == json.loads((theirs / name).read_text())
+    ids = torch.arange(16).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(ours)(ids).logits,
+                           AutoModelForCausalLM.from_pretrained(theirs)(ids).logits)
+
+
 @pytest.mark.parametrize("moe", ["tiny_moe", "tiny_qwen_moe"])
 def test_lora_merge_is_exact(moe, request):
     """Adapters with non-zero B change the function; merging keeps exactly that function in the stock classes."""

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+# Shards of 2 GiB: small enough to fetch and mmap piecewise, few enough that a 7B model is a handful of files.
+SHARD_BYTES = 2 * 1024**3
+
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 

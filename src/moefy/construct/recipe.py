@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from moefy.profile.options import ProfileOptions
 from moefy.recipes import Frozen, MemorySize
+from moefy.tensor_writer import SHARD_BYTES
 
 DTypeName = Literal["source", "float32", "bfloat16", "float16"]
 
@@ -138,7 +139,7 @@ class BuildRecipe(Frozen):
     # Drop-upcycling: re-initialised neurons (seeded, per expert) let the copies diverge in training.
     drop_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="upcycle: fraction of neurons re-initialised in "
                                                                   "each full-FFN copy")
-    max_shard_bytes: int = Field(2 * 1024**3, ge=1024**2, description="largest output safetensors shard")
+    max_shard_bytes: int = Field(SHARD_BYTES, ge=1024**2, description="largest output safetensors shard")
     # None resolves to 1/N, so k active experts are k/N of the FFN
     keep: float | None = Field(None, gt=0, le=1, description="dive: fraction of FFN neurons each expert keeps "
                                                              "(default 1/N)")

@@ -1,7 +1,9 @@
-"""Stream a dense checkpoint plus a MoEPlan into MoE safetensors shards, one layer at a time."""
+"""Stream MoE safetensors shards one layer at a time: from a dense checkpoint plus a MoEPlan (build), or from a
+loaded model (train's export)."""
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -62,3 +64,39 @@ def write_checkpoint(reader: LazyCheckpoint, family: Family, config: dict, plan:
             writer.write(name, tensor.to(target))
     writer.close()
     return sum(torch.Size(s.shape).numel() for s in specs)
+
+
+def write_model(model, directory: Path, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """A loaded transformers model in `dtype`, as save_pretrained writes it (tied weights once, fused experts
+    reverted to the per-expert tensors of the standard layout), streamed one decoder layer at a time.
+    save_pretrained reverts the whole state dict at once, and the revert copies every fused gate_up tensor it
+    splits, so its peak was the model plus two thirds of its experts."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    groups: dict[int, list[str]] = {}
+    for name in state:
+        layer = _layer_of(name)
+        groups.setdefault(-1 if layer is None else layer, []).append(name)
+
+    def on_disk(names: list[str], meta: bool) -> dict[str, torch.Tensor]:
+        # The revert's renames and splits act within one decoder layer, so a layer reverts on its own; on the meta
+        # device it gives the names and shapes the shard headers need without touching a weight.
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            dt = dtype if t.is_floating_point() else t.dtype
+            return torch.empty(t.shape, dtype=dt, device="meta") if meta else t.to(device="cpu", dtype=dt)
+        return revert_weight_conversion(model, {n: cast(state[n]) for n in names})
+
+    order = sorted(groups)
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for g in order for n, t in sorted(on_disk(groups[g], True).items())]
+    writer = ShardedWriter(directory, specs, max_shard_bytes)
+    for g in progress(order, "writing the model"):
+        for name, tensor in sorted(on_disk(groups[g], False).items()):
+            writer.write(name, tensor)
+    writer.close()
+    config = copy.deepcopy(model.config)
+    config.dtype, config.architectures = str(dtype).removeprefix("torch."), [type(model).__name__]
+    config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)

@@ -23,7 +23,7 @@ from moefy.construct.registry import RESIZABLE
 from moefy.errors import MoefyError
 from moefy.sources import read_config
 from moefy.tensor_io import LazyCheckpoint
-from moefy.tensor_writer import ShardedWriter, TensorSpec
+from moefy.tensor_writer import SHARD_BYTES, ShardedWriter, TensorSpec
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "granitemoe"}
@@ -152,7 +152,7 @@ def restate_as_granite(qwen_dir: Path, out: Path) -> None:
                   TensorSpec(f"model.layers.{i}.block_sparse_moe.output_linear.weight", (e, h, s), dt),
                   TensorSpec(f"model.layers.{i}.shared_mlp.input_linear.weight", (2 * ss, h), dt),
                   TensorSpec(f"model.layers.{i}.shared_mlp.output_linear.weight", (h, ss), dt)]
-    writer = ShardedWriter(out, specs, max_bytes=2 * 1024 ** 3)
+    writer = ShardedWriter(out, specs, max_bytes=SHARD_BYTES)
     for name, tensor in tensors():
         writer.write(name, tensor)
     writer.close()

@@ -23,11 +23,13 @@ from moefy.atomic import atomic_output
 from moefy.construct.plan import PLAN_JSON, PLAN_TENSORS
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
+from moefy.export.checkpoint import write_model
 from moefy.models import DTYPES, load_causal_lm, load_tokenizer, stored_dtype
 from moefy.profile.perplexity import heldout_perplexity
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe
 from moefy.sources import SIDE_FILES, read_config
+from moefy.tensor_writer import SHARD_BYTES
 from moefy.train import sharding
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
@@ -318,7 +320,7 @@ def export(model, moe_dir: Path, run: Path, recipe: TrainRecipe) -> Path:
     dtype = stored_dtype(read_config(moe_dir)) if recipe.dtype == "source" else DTYPES[recipe.dtype]
     with atomic_output(final, overwrite=True) as tmp:
         model.eval()
-        model.to(dtype).save_pretrained(tmp)
+        write_model(model, tmp, dtype, SHARD_BYTES)
         for name in (*SIDE_FILES, *MOE_SIDE_FILES):
             if (moe_dir / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(moe_dir / name, tmp / name)
