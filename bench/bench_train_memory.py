@@ -4,9 +4,12 @@ in float32 (the default) and once kept in the MoE's dtype (`frozen_dtype: source
 process, so its peak RSS is its own; reported above the RSS after imports, with the step rate of both and whether
 their losses agree bit for bit. RSS counts the pages of the memory-mapped checkpoint that were read, which the kernel
 drops under pressure; the peak of anonymous memory alone is what must fit (sampled every 0.1 s: a lower bound).
+--distill makes the stage distil from the dense source as its teacher (held beside the MoE, in float32 or in its
+stored dtype with the frozen weights).
 
 Usage: python bench/bench_train_memory.py [--model .cache/shapes/tinyllama-1b] [--steps 3] [--seq-len 256]
-    [--only source]   # skip float32 where it cannot fit (a 7B MoE is 27 GB in float32)"""
+    [--only source]   # skip float32 where it cannot fit (a 7B MoE is 27 GB in float32)
+    [--distill]"""
 
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--only", choices=MODES)
+    p.add_argument("--distill", action="store_true")
     p.add_argument("--child", type=Path)
     p.add_argument("--data", type=Path)
     p.add_argument("--recipe", type=Path)
@@ -91,7 +95,7 @@ def main() -> None:
         api.build(BuildRecipe(model=args.model, experts=8, top_k=2, method="random", dtype="bfloat16"), moe)
         size = sum(f.stat().st_size for f in moe.glob("*.safetensors"))
         stage = {"name": "r", "trainable": "router+norm", "tokens": args.steps * args.seq_len, "seq_len": args.seq_len,
-                 "batch_size": 1, "lr": 1e-3, "warmup_steps": 1}
+                 "batch_size": 1, "lr": 1e-3, "warmup_steps": 1, **({"distill": {}} if args.distill else {})}
         results = {}
         for mode in (args.only,) if args.only else MODES:
             recipe = work / f"{mode}.yaml"
@@ -100,7 +104,8 @@ def main() -> None:
                                               "checkpoint_every": 10**6}))
             results[mode] = run_child(moe, data, recipe, work / f"run-{mode}")
     print(f"model {args.model}; MoE 8 experts top-2, random, bf16: {size / 2**30:.2f} GiB on disk; {cpu_name()}; "
-          f"{args.steps} router+norm steps of {args.seq_len} tokens, gradient checkpointing")
+          f"{args.steps} router+norm steps of {args.seq_len} tokens, gradient checkpointing"
+          + (", distilling from the dense source" if args.distill else ""))
     print("| frozen weights | peak RSS − RSS after imports | ÷ MoE size on disk | peak anonymous − after imports | "
           "÷ MoE size on disk | tokens/s (median step) | run s |")
     print("|---|---|---|---|---|---|---|")

@@ -225,6 +225,40 @@ def test_frozen_weights_kept_bf16_train_as_float32(tiny_llama, corpus, tmp_path,
     assert merge(peft_model).model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
 
 
+def test_teacher_and_reference_kept_in_their_stored_dtype(tiny_llama, corpus, tmp_path, cpu_only):
+    """With frozen_dtype source, a bf16 dense source runs as teacher and as the dynamic mixture's reference from its
+    bf16 weights, read as float32 on the CPU: its logits, the reference losses, and the whole run (KL and
+    hidden-state terms) are the float32 teacher's bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    from moefy.train.frozen import load_frozen
+
+    dense = tmp_path / "dense"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(dense)
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, dense / f.name)
+    cpu = torch.device("cpu")
+    kept, full = load_frozen(dense, cpu, "source"), load_frozen(dense, cpu, "float32")
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    ids = torch.arange(24).reshape(2, 12)
+    with torch.no_grad():
+        assert torch.equal(kept(ids).logits, full(ids).logits)
+
+    moe = tmp_path / "moe"
+    api.build(validate_recipe(BuildRecipe, {"model": str(dense), "experts": 4, "top_k": 1, "method": "random"}), moe)
+    stage = {"trainable": "router+norm", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
+             "distill": {"temperature": 2.0, "hidden_weight": 0.1},
+             "mixture": {"dynamic": True, "eval_every": 2, "eval_tokens_per_domain": 64}}
+    common = {"gradient_checkpointing": True, "mixed_precision": "no"}
+    runs = {mode: run_recipe(moe, corpus, tmp_path / mode, [stage], frozen_dtype=mode, **common)[1]
+            for mode in ("source", "float32")}
+    for key in ("loss", "distill_loss", "eval_loss"):
+        assert [r.get(key) for r in runs["source"]] == [r.get(key) for r in runs["float32"]], key
+    reference = [(tmp_path / mode / "reference_loss_32.json").read_text() for mode in runs]
+    assert reference[0] == reference[1] and runs["source"][-1]["distill_loss"] > 0
+
+
 def test_frozen_dtype_source_needs_gradient_checkpointing():
     with pytest.raises(MoefyError, match="needs gradient_checkpointing"):
         validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}], "frozen_dtype": "source"})

@@ -7,17 +7,15 @@ from pathlib import Path
 import torch
 
 from moefy.errors import MoefyError
-from moefy.models import inference_dtype, load_causal_lm
+from moefy.train.frozen import load_frozen
 from moefy.train.recipe import Distill
 
 
-def load_teacher(dense_dir: Path | None, device: torch.device):
-    """The dense model, frozen, in `inference_dtype`."""
+def load_teacher(dense_dir: Path | None, device: torch.device, frozen_dtype: str):
+    """The dense model, frozen (frozen.load_frozen)."""
     if dense_dir is None:
         raise MoefyError("a distillation stage needs the dense source model, and this MoE's plan names none")
-    teacher = load_causal_lm(dense_dir, inference_dtype(device)).to(device)
-    teacher.requires_grad_(False)
-    return teacher
+    return load_frozen(dense_dir, device, frozen_dtype)
 
 
 # Rows per chunk: 2^24 logits, 64 MB in fp32, whatever the vocabulary.

@@ -18,8 +18,13 @@ Two ways to upcast, because of peft:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch.nn.utils import parametrize
+
+from moefy.models import inference_dtype, load_causal_lm, stored_dtype
+from moefy.sources import read_config
 
 
 class _Upcast(torch.nn.Module):
@@ -81,6 +86,19 @@ def keep_stored(model) -> list:
         swap = _Swap(tensors)
         handles += [wrapper.register_forward_pre_hook(swap.before), wrapper.register_forward_hook(swap.after)]
     return handles
+
+
+def load_frozen(directory: Path, device: torch.device, frozen_dtype: str):
+    """A model that only runs without grad (the distillation teacher, the dynamic mixture's reference), in
+    `inference_dtype`. With `frozen_dtype: source` where that is float32 (the CPU), its weights stay in their stored
+    dtype and are read as float32: the float32 model's logits, from a bf16 checkpoint in half the memory."""
+    dtype = inference_dtype(device)
+    keep = frozen_dtype == "source" and dtype == torch.float32
+    model = load_causal_lm(directory, stored_dtype(read_config(directory)) if keep else dtype).to(device)
+    model.requires_grad_(False)
+    if keep:
+        keep_stored(model)  # nothing trains, so nothing is swapped: no hooks to remove, the model is never released
+    return model
 
 
 def release(model, handles: list) -> None:

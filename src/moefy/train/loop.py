@@ -34,7 +34,7 @@ from moefy.train import sharding
 from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from moefy.train.data import DomainSampler
 from moefy.train.distill import distill_loss, load_teacher, logged_lm_loss
-from moefy.train.frozen import keep_stored, release
+from moefy.train.frozen import keep_stored, load_frozen, release
 from moefy.train.gating import GatingWrapper
 from moefy.train.logs import RunLog
 from moefy.train.lora import add_lora, merge, stable_name
@@ -54,11 +54,12 @@ def cosine_with_floor(stage: Stage):
     return factor
 
 
-def reference_losses(dense_dir: Path, tokenizer, heldout: Corpus, stage: Stage, cache: Path) -> dict[str, float]:
+def reference_losses(dense_dir: Path, tokenizer, heldout: Corpus, stage: Stage, cache: Path, device: torch.device,
+                     frozen_dtype: str) -> dict[str, float]:
     """Per-domain held-out loss of the dense source: Sheared-LLaMA's L_ref, measured once and cached in the run."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    ppl = heldout_perplexity(load_causal_lm(dense_dir), tokenizer, heldout, stage.seq_len,
+    ppl = heldout_perplexity(load_frozen(dense_dir, device, frozen_dtype), tokenizer, heldout, stage.seq_len,
                              stage.mixture.eval_tokens_per_domain)
     cache.write_text(json.dumps(ppl.per_domain))
     return ppl.per_domain
@@ -103,7 +104,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
         sharding.check_supported(recipe)
     tokenizer = load_tokenizer(moe_dir)
     model = load_model(moe_dir, recipe, acc.device)
-    teacher = load_teacher(dense_dir, acc.device) if any(s.distill for s in recipe.stages) else None
+    teacher = load_teacher(dense_dir, acc.device, recipe.frozen_dtype) if any(s.distill for s in recipe.stages) else None
     torch.manual_seed(recipe.seed)
     ckpt = load_checkpoint(latest_checkpoint(run)) if resume and latest_checkpoint(run) else None
     log = RunLog(run, ckpt["step"] if ckpt else None) if acc.is_main_process else None
@@ -207,7 +208,8 @@ def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout:
     if stage.mixture.dynamic:
         if dense_dir is None:
             raise MoefyError("a dynamic mixture needs the dense source model for reference losses")
-        reference = reference_losses(dense_dir, tokenizer, heldout, stage, run / f"reference_loss_{stage.seq_len}.json")
+        reference = reference_losses(dense_dir, tokenizer, heldout, stage, run / f"reference_loss_{stage.seq_len}.json",
+                                     acc.device, recipe.frozen_dtype)
     return StageRun(s_idx, stage, sampler, lora, chosen, gating, optimizer, scheduler, start, reference, frozen)
 
 

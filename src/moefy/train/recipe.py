@@ -134,7 +134,8 @@ class TrainRecipe(Frozen):
     frozen_dtype: Literal["float32", "source"] = Field("float32", description="dtype the weights a stage does not "
                                                        "train are kept in (source: the MoE's own, upcast as each "
                                                        "layer runs: the same numbers, and a bf16 MoE's weights in "
-                                                       "half the memory; needs gradient_checkpointing)")
+                                                       "half the memory; on the CPU the dense teacher and reference "
+                                                       "too; needs gradient_checkpointing)")
     # A data-filter stage before training (fluency / advertisements); the kept corpus is written to RUN/filtered.
     filter: FilterRecipe | None = None
     # Layer-wise reconstruction of the MoE on the (filtered) training data before the first stage, written to
