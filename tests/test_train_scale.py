@@ -99,6 +99,31 @@ def test_streamed_export_writes_what_save_pretrained_writes(moe, request, tmp_pa
                            AutoModelForCausalLM.from_pretrained(theirs)(ids).logits)
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_moe", "tiny_qwen_moe"])
+def test_float32_load_of_a_bf16_checkpoint_is_transformers_own(model, request, tmp_path, monkeypatch):
+    """load_causal_lm upcasts a bf16 checkpoint after loading it as stored (to lower the load's peak); the model must
+    be the one transformers loads in float32: every parameter and buffer, the config's dtype, the logits."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model), dtype=torch.bfloat16).save_pretrained(bf16)
+    theirs = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).eval()
+    asked, load = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: asked.append(k["dtype"]) or load(*a, **k))
+    ours = load_causal_lm(bf16)
+    assert asked == [torch.bfloat16]
+    assert ours.config.dtype == theirs.config.dtype == torch.float32
+    for kind in ("named_parameters", "named_buffers"):
+        a, b = dict(getattr(ours, kind)()), dict(getattr(theirs, kind)())
+        assert sorted(a) == sorted(b)
+        assert all(a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]) for n in b), kind
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    ids = torch.arange(16).reshape(2, 8)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
 @pytest.mark.parametrize("moe", ["tiny_moe", "tiny_qwen_moe"])
 def test_lora_merge_is_exact(moe, request):
     """Adapters with non-zero B change the function; merging keeps exactly that function in the stock classes."""
