@@ -46,9 +46,9 @@ def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     check_hf_dir(Path(directory))  # before transformers, which would torch.load a pickle-only checkpoint
     logging.disable_progress_bar()  # one bar per load is noise next to moefy's own output
     # Asked for float32 from a bf16/fp16 checkpoint, transformers held each stored tensor beside its float32 copy
-    # to the end of the load, and glibc kept the difference (1B-shape MoE: 6.0 GiB of anonymous memory for a
-    # 4.4 GiB model). Loaded as stored, then upcast one tensor at a time (Module.float), the peak is the model.
-    # Exact: every value of the narrower type is a float32.
+    # to the end of the load, and glibc kept the difference. Loaded as stored, then upcast one tensor at a time
+    # (Module.float), the peak is the model (docs/benchmarks.md, "Training memory": the float32 rows). Exact: every
+    # value of the narrower type is a float32.
     stored = stored_dtype(read_config(Path(directory)))
     upcast = dtype == torch.float32 and stored in (torch.bfloat16, torch.float16)
     try:
