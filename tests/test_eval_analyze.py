@@ -107,6 +107,27 @@ def test_eval_cli_side_by_side_with_speed(capsys, tiny_llama, tiny_moe, heldout,
     assert dense_speed["prefill_x_baseline"] == 1.0
 
 
+@pytest.mark.parametrize("speed", [False, True])
+def test_eval_holds_one_model_at_a_time_unless_it_times_them(monkeypatch, tiny_llama, tiny_moe, heldout, speed):
+    """Perplexity alone frees each model before the next loads; --speed times them side by side, so keeps them."""
+    import weakref
+
+    from moefy.evaluate import compare
+
+    alive, load = [], compare._load_for_eval
+
+    def tracked(*args):
+        model, tok = load(*args)
+        alive.append([r() is not None for r in refs])  # the models loaded before this one, as this one loads
+        refs.append(weakref.ref(model))
+        return model, tok
+
+    refs: list = []
+    monkeypatch.setattr(compare, "_load_for_eval", tracked)
+    api.evaluate([str(tiny_llama), str(tiny_moe)], str(heldout), seq_len=32, tokens_per_domain=64, speed=speed)
+    assert alive == [[], [speed]]
+
+
 def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(monkeypatch, tiny_llama, tiny_moe, heldout, tmp_path):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 

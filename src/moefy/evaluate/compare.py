@@ -99,12 +99,20 @@ def evaluate(models: list[str], data: str, seq_len: int = 256, stride: int | Non
     if oracle and not builds:  # before any model loads
         raise MoefyError("--oracle needs a moefy build among the models (a directory with moefy_plan.json): the "
                          "oracles run its plan inside its dense source")
-    loaded = {spec: _load_for_eval(spec, seq_len, experts_implementation) for spec in models}
-    results, task_scores = {}, {}
-    for spec, (model, tok) in loaded.items():
+    for spec in models:  # every spec resolves before the first model loads: a typo in the last fails in seconds
+        if not spec.startswith(LLAMA_CPP):
+            resolve_model(spec)
+    # Perplexity and tasks need one model at a time, so each is freed before the next loads (a 7B pair in float32
+    # is 54 GB); timing and the oracles use them together, and only then are they kept.
+    loaded, results, task_scores = {}, {}, {}
+    for spec in models:
+        model, tok = _load_for_eval(spec, seq_len, experts_implementation)
         results[spec] = heldout_perplexity(model, tok, corpus, seq_len, tokens_per_domain, stride)
         if tasks:
             task_scores[spec] = run_tasks(model, tok, tasks, limit=task_limit)
+        if speed or oracle:
+            loaded[spec] = (model, tok)
+        del model, tok
     speeds: dict[str, Speed] = {}
     baseline: dict[str, str] = {}
     if speed:
