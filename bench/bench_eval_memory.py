@@ -12,11 +12,10 @@ import argparse
 import math
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_use import anon, rss  # noqa: E402
+from memory_use import AnonPeak, rss  # noqa: E402
 
 
 def main() -> None:
@@ -46,24 +45,17 @@ def main() -> None:
             return 4 * sum(math.prod(ck.shape(n)) for n in ck.names())
 
         largest = max(float32_size(dense), float32_size(moe))
-        floor, anon_floor = rss(), anon()
-        peak, done = [anon_floor], threading.Event()
-
-        def sample() -> None:
-            while not done.wait(0.05):
-                peak[0] = max(peak[0], anon())
-
-        threading.Thread(target=sample, daemon=True).start()
-        result = api.evaluate([str(dense), str(moe)], str(heldout), seq_len=128,
-                              tokens_per_domain=args.tokens_per_domain)
-        done.set()
+        floor = rss()
+        with AnonPeak(0.05) as sampled:
+            result = api.evaluate([str(dense), str(moe)], str(heldout), seq_len=128,
+                                  tokens_per_domain=args.tokens_per_domain)
         losses = [round(ppl.overall_loss, 4) for ppl in result.perplexity.values()]
     print(f"model {args.model}; dense + random 8-expert top-2 MoE (bf16 on disk); {cpu_name()}; "
           f"perplexity on the demo held-out domains, {args.tokens_per_domain} tokens each, context 128")
     print("| larger model in float32 | peak anonymous − after imports | ÷ larger model | peak RSS − after imports | "
           "losses (dense, MoE) |")
     print("|---|---|---|---|---|")
-    above = peak[0] - anon_floor
+    above = sampled.peak - sampled.start
     print(f"| {largest / 2**30:.2f} GiB | {above / 2**30:.2f} GiB | {above / largest:.2f}× | "
           f"{(rss() - floor) / 2**30:.2f} GiB | {losses} |")
 

@@ -20,14 +20,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory_use import anon, rss  # noqa: E402
+from memory_use import AnonPeak, rss  # noqa: E402
 
 MODES = ("float32", "source")
 
@@ -38,21 +37,14 @@ def child(moe: Path, data: Path, recipe: Path, out: Path) -> dict:
 
     from moefy import api
 
-    floor, anon_floor = rss(), anon()
-    peak_anon, done = [anon_floor], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.1):
-            peak_anon[0] = max(peak_anon[0], anon())
-
-    threading.Thread(target=sample, daemon=True).start()
-    t0 = time.perf_counter()
-    api.train(moe, str(data), recipe, out)
-    seconds = time.perf_counter() - t0
-    done.set()
+    floor = rss()
+    with AnonPeak(0.1) as sampled:
+        t0 = time.perf_counter()
+        api.train(moe, str(data), recipe, out)
+        seconds = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"seconds": seconds, "peak_rss": rss(),
-            "rss_after_imports": floor, "peak_anon": peak_anon[0], "anon_after_imports": anon_floor,
+            "rss_after_imports": floor, "peak_anon": sampled.peak, "anon_after_imports": sampled.start,
             "losses": [r["loss"] for r in records],
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records)}
 
