@@ -62,7 +62,11 @@ def test_lloyd_running_sums_give_the_recomputed_centroids():
 def test_bf16_assignment_gives_the_float32_labels():
     """On a bf16 checkpoint's rows, Lloyd assigns with a bf16 matmul and rescores in float32 the rows whose best
     two scores are within bf16's error. Centroids 1e-4 apart put most rows inside it: the labels must still be
-    float32's, and a whole balanced_kmeans on the bf16 tensor must give the labels of its float32 copy."""
+    float32's, and a whole balanced_kmeans on the bf16 tensor must give the labels of its float32 copy.
+
+    "float32's" up to float order: the rescoring is torch's float32 matmul and numpy's sums in another order (its
+    OpenBLAS build decides; numpy 2.4.6 with OpenBLAS 0.3.31 split 5 of these 3,000 rows differently from torch),
+    so a row may differ from numpy's float32 labels only where its two best exact scores tie to float32 rounding."""
     from moefy.construct.cluster import _nearest
 
     rng = np.random.default_rng(0)
@@ -74,7 +78,11 @@ def test_bf16_assignment_gives_the_float32_labels():
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     reference = np.argmax(x @ centroids.T.astype(np.float32), axis=1)
     assert len(np.unique(reference)) == 5  # the near-tied centroids do split the rows
-    np.testing.assert_array_equal(_nearest(x, inv_norm, centroids, xb), reference)
+    labels = _nearest(x, inv_norm, centroids, xb)
+    differ = np.flatnonzero(labels != reference)
+    exact = np.sort(x[differ].astype(np.float64) @ centroids.T, axis=1)
+    assert len(differ) <= 10
+    assert np.all(exact[:, -1] - exact[:, -2] < 1e-6 * np.linalg.norm(x[differ], axis=1))
     sizes = [600] * 5
     np.testing.assert_array_equal(balanced_kmeans(xb, sizes, np.random.default_rng(3)),
                                   balanced_kmeans(x, sizes, np.random.default_rng(3)))
