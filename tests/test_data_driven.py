@@ -313,6 +313,39 @@ def test_bf16_checkpoint_profiles_and_reconstructs(tiny_bf16, corpus, tmp_path):
     assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
 
 
+@pytest.mark.parametrize("fields, both", [
+    ({"method": "carve", "experts": 4, "top_k": 1, "reconstruct": {"enabled": True, "seq_len": 16, "steps": 5}},
+     False),
+    ({"method": "upcycle", "experts": 4, "top_k": 1, "drop_fraction": 0.25}, True)])
+def test_verify_holds_one_bf16_model_at_a_time(monkeypatch, tiny_bf16, corpus, tmp_path, fields, both):
+    """verify of a bf16 pair keeps each model's weights in bf16, read as float32, except those its checks write into,
+    and frees the dense model before the MoE loads where its check allows (partitions; overlapping experts are
+    checked against the dense model one expert at a time, so it stays): a 7B pair in the memory of one bf16 model,
+    not of two float32 ones. The carve build is reconstructed, so verify also writes dense slices back into it."""
+    import weakref
+
+    from moefy.export import verify as v
+
+    build(tiny_bf16, tmp_path / "moe", corpus, **fields)
+    loads, refs, load = [], [], v.load_read_as_float32
+
+    def tracked(directory, storage, written):
+        model = load(directory, storage, written)
+        loads.append(([r() is not None for r in refs],  # the models loaded before this one, as this one loads
+                      {n for n, p in model.named_parameters() if p.dtype != torch.bfloat16}))
+        refs.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(v, "load_read_as_float32", tracked)
+    assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
+    layers = range(2)
+    assert [alive for alive, _ in loads] == [[], [both]]
+    assert loads[0][1] == {f"model.layers.{i}.mlp.down_proj.weight" for i in layers}
+    routed = {f"model.layers.{i}.mlp.{n}" for i in layers for n in ("gate.weight", "experts.down_proj")}
+    shared = {f"model.layers.{i}.mlp.shared_expert.down_proj.weight" for i in layers}
+    assert loads[1][1] == (routed | shared if fields["method"] == "carve" else routed)
+
+
 def test_carve_defaults_are_resolved_and_saved(tiny_llama, corpus, tmp_path):
     build(tiny_llama, tmp_path / "moe", corpus, method="carve", experts=4, top_k=1)
     saved = yaml.safe_load((tmp_path / "moe" / "moefy.yaml").read_text())

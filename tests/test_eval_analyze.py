@@ -116,8 +116,8 @@ def test_eval_holds_one_model_at_a_time_unless_it_times_them(monkeypatch, tiny_l
 
     alive, load = [], compare._load_for_eval
 
-    def tracked(*args):
-        model, tok = load(*args)
+    def tracked(*args, **kwargs):
+        model, tok = load(*args, **kwargs)
         alive.append([r() is not None for r in refs])  # the models loaded before this one, as this one loads
         refs.append(weakref.ref(model))
         return model, tok
@@ -126,6 +126,33 @@ def test_eval_holds_one_model_at_a_time_unless_it_times_them(monkeypatch, tiny_l
     monkeypatch.setattr(compare, "_load_for_eval", tracked)
     api.evaluate([str(tiny_llama), str(tiny_moe)], str(heldout), seq_len=32, tokens_per_domain=64, speed=speed)
     assert alive == [[], [speed]]
+
+
+def test_eval_reads_a_bf16_build_as_float32_in_its_stored_dtype(monkeypatch, tiny_llama, heldout, tmp_path):
+    """Perplexity of a bf16 build is that of the same model loaded in float32, exactly, with its weights kept in
+    bf16: half the memory of float32 for a 7B model. Timed (--speed), it is a float32 model, as users run it."""
+    from moefy.construct.recipe import BuildRecipe
+    from moefy.evaluate import compare
+
+    bf16 = tmp_path / "bf16"
+    api.build(BuildRecipe(model=str(tiny_llama), experts=4, top_k=2, method="random", dtype="bfloat16"), bf16)
+    float32 = tmp_path / "float32"
+    shutil.copytree(bf16, float32)
+    config = json.loads((float32 / "config.json").read_text())
+    (float32 / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))  # transformers upcasts the load
+    dtypes, load = [], compare._load_for_eval
+
+    def tracked(*args, **kwargs):
+        model, tok = load(*args, **kwargs)
+        dtypes.append({p.dtype for p in model.parameters()})
+        return model, tok
+
+    monkeypatch.setattr(compare, "_load_for_eval", tracked)
+    losses = api.evaluate([str(bf16), str(float32)], str(heldout), seq_len=32, tokens_per_domain=64).perplexity
+    assert dtypes == [{torch.bfloat16}, {torch.float32}]
+    assert losses[str(bf16)].overall_loss == losses[str(float32)].overall_loss
+    api.evaluate([str(bf16)], str(heldout), seq_len=32, tokens_per_domain=64, speed=True)
+    assert dtypes[-1] == {torch.float32}
 
 
 def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(monkeypatch, tiny_llama, tiny_moe, heldout, tmp_path):

@@ -3,9 +3,11 @@ stage gets the same refusals (pickle weights, remote code) and the same one-line
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 from moefy.errors import MoefyError
 from moefy.sources import check_hf_dir, read_config
@@ -37,8 +39,9 @@ def stored_dtype(config: dict) -> torch.dtype:
     return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)
 
 
-def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
-    """A local HF directory as a causal LM in eval mode. Safetensors weights only, never remote code."""
+def load_causal_lm(directory: Path, dtype: torch.dtype | None = torch.float32):
+    """A local HF directory as a causal LM in eval mode, in `dtype` (None: as stored). Safetensors weights only, never
+    remote code."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -50,6 +53,7 @@ def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     # (Module.float), the peak is the model (docs/benchmarks.md, "Training memory": the float32 rows). Exact: every
     # value of the narrower type is a float32.
     stored = stored_dtype(read_config(Path(directory)))
+    dtype = stored if dtype is None else dtype
     upcast = dtype == torch.float32 and stored in (torch.bfloat16, torch.float16)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=stored if upcast else dtype,
@@ -61,6 +65,39 @@ def load_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
         model.float()
         model.config.dtype = dtype
     return model.eval()
+
+
+class UpcastOnRead(torch.nn.Module):
+    """A parametrization: the weight stays stored in its dtype and is read as float32 (exact from bf16 or fp16)."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+
+def read_as_float32(model, writable: Callable[[str, torch.nn.Parameter], bool] = lambda name, param: False,
+                    leave: Callable[[torch.nn.Module, str], bool] = lambda owner, name: False) -> None:
+    """Every weight stored narrower than float32 keeps its dtype and is read as float32 where a layer uses it, so
+    the model computes the float32 model's outputs in the memory of the stored one. The upcast copies live only
+    while their layer runs. Weights that `writable` picks become float32 parameters instead, because a write into
+    a parametrized weight lands in a temporary copy and is lost; those that `leave` picks are not touched."""
+    # remove_duplicate=False: a tied lm_head is its own module's attribute and needs its own upcast.
+    for qualified, param in list(model.named_parameters(remove_duplicate=False)):
+        module_name, _, name = qualified.rpartition(".")
+        owner = model.get_submodule(module_name)
+        if writable(qualified, param):
+            param.data = param.data.float()
+        elif param.is_floating_point() and param.dtype != torch.float32 and not leave(owner, name):
+            parametrize.register_parametrization(owner, name, UpcastOnRead(), unsafe=True)
+
+
+def load_read_as_float32(directory: Path, dtype: torch.dtype | None = None,
+                         writable: Callable[[str, torch.nn.Parameter], bool] = lambda name, param: False):
+    """A model that runs without grad, kept in `dtype` (None: as stored) and read as float32 (read_as_float32): the
+    float32 model's outputs, from a bf16 checkpoint in half the memory. A float32 checkpoint loads as it is."""
+    model = load_causal_lm(directory, dtype)
+    model.requires_grad_(False)
+    read_as_float32(model, writable)
+    return model
 
 
 def load_tokenizer(directory: Path):

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 
 from moefy.construct.plan import PAD, load_plan, pad_to
 from moefy.data.probe import PROBE_TEXTS
@@ -17,7 +20,7 @@ from moefy.export.formats import FORMATS, gather_neurons
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
-from moefy.models import load_causal_lm, load_tokenizer, stored_dtype
+from moefy.models import load_read_as_float32, load_tokenizer, stored_dtype
 from moefy.sources import read_config, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
@@ -111,10 +114,13 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
     if fmt is None:
         raise MoefyError(f"{moe_dir} is a {config.get('model_type')!r} model; verify handles: {', '.join(FORMATS)}")
     batch = probe_batch(moe_dir)
-    # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16.
+    # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16. Both
+    # models stay at that precision and are read as float32: the logits of `.float()` in half the memory. The
+    # weights the checks below write into are float32 parameters, as `.float()` made them.
     storage = stored_dtype(config)
     dense_dir = resolve_model(dense).directory
-    dense_model = load_causal_lm(dense_dir, storage).float()
+    partition = plan.meta.coverage == "partition"
+    dense_model = load_read_as_float32(dense_dir, storage, _written_in_dense(plan))
     dense_logits, dense_loss = _run(dense_model, batch)
     dense_params = sum(p.numel() for p in dense_model.parameters())
     fraction = active_fraction(plan)
@@ -122,26 +128,53 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         _, expert_loss = _run(dense_model, batch)
     with neuron_oracle(dense_model, fraction):
         _, neuron_loss = _run(dense_model, batch)
-    moe = load_causal_lm(moe_dir, storage).float()
+    if partition:
+        # The uniform check's reference is all the dense model gives the MoE's checks: take it, then free the
+        # dense model before the MoE loads, so a 7B pair needs the memory of one model.
+        if storage != torch.float32:
+            _round_as_stored(dense_model, dense_dir, plan, storage)
+            dense_logits, _ = _run(dense_model, batch)
+        del dense_model
+        gc.collect()
+    moe = load_read_as_float32(moe_dir, storage, _written_in_moe(plan))
     _, built_loss = _run(moe, batch)
     ties, flips = _routing_margins(moe, batch, plan.meta.top_k)
     total = sum(p.numel() for p in moe.parameters())
-    _restore_construction(moe, dense_model, plan)
-    if plan.meta.coverage == "partition":
+    _restore_construction(moe, dense_dir, plan, storage)
+    if partition:
         check = "uniform"
         fmt.all_experts_uniform(moe, plan.meta)
         moe_logits, uniform_loss = _run(moe, batch)
-        if storage != torch.float32:  # the dense model is not used after this
-            _round_as_stored(dense_model, dense_dir, plan, storage)
-            dense_logits, _ = _run(dense_model, batch)
         delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
         scale = max(a.abs().max().item() for a in dense_logits)
     else:
-        check = "per-expert"  # reuses the loaded dense model, restricting its FFN to one expert at a time
+        check = "per-expert"  # the dense model stays, restricted to one expert at a time
         delta, uniform_loss, scale = _per_expert_delta(moe, dense_model, plan, batch)
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
                         plan.meta.active_params(total), dense_params, tolerance, scale, fraction, expert_loss,
                         neuron_loss, ties, flips, vllm_problems(moe_dir))
+
+
+def _written_in_dense(plan) -> Callable[[str, torch.nn.Parameter], bool]:
+    # _round_as_stored and _per_expert_delta set the MoE layers' down-projection columns.
+    names = {f"model.layers.{i}.mlp.down_proj.weight" for i in plan.meta.moe_layers}
+    return lambda name, param: name in names
+
+
+def _written_in_moe(plan) -> Callable[[str, torch.nn.Parameter], bool]:
+    # all_experts_uniform zeroes the routers and rescales the experts' down projections in place; _per_expert_delta
+    # zeroes re-initialised columns; _restore_construction writes fitted layers' down projections, scaled in float32.
+    # Their other tensors get dense slices the storage dtype holds exactly, written into the stored tensors.
+    names = {f"model.layers.{i}.mlp.{n}" for i in plan.meta.moe_layers
+             for n in ("gate.weight", "experts.down_proj", "shared_expert.down_proj.weight")}
+    return lambda name, param: name in names
+
+
+def _stored(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor a weight is stored in: behind models.read_as_float32's parametrization, its original."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 @torch.no_grad()
@@ -203,25 +236,29 @@ def _round_as_stored(dense_model, source: Path, plan, storage: torch.dtype) -> N
             dense_model.model.layers[i].mlp.down_proj.weight[:, routed] = stored / lp.scale
 
 
-def _restore_construction(moe, dense_model, plan) -> None:
+def _restore_construction(moe, source: Path, plan, storage: torch.dtype) -> None:
     """A reconstructed build's fitted expert weights are, by design, not the dense slices: the exactness check is of
-    the construction (partition, slicing, scale, export), so put the slices back for it. The fit itself is reported
-    as per-layer errors in reconstruction.json."""
+    the construction (partition, slicing, scale, export), so put the slices back for it, from the source's weights
+    at the MoE's storage precision. The fit itself is reported as per-layer errors in reconstruction.json."""
+    reader = LazyCheckpoint(source)
+    family = family_for(read_config(source))
     for i, lp in plan.layers.items():
         if i not in plan.meta.fitted:
             continue
-        mlp, dense = moe.model.layers[i].mlp, dense_model.model.layers[i].mlp
+        mlp = moe.model.layers[i].mlp
+        dense = {w: reader.get(family.ffn_key(i, w)).to(storage).float() for w in ("gate", "up", "down")}
         with torch.no_grad():
+            gate_up = _stored(mlp.experts, "gate_up_proj")
             for e, row in enumerate(torch.from_numpy(lp.experts)):
-                mlp.experts.down_proj[e].copy_(gather_neurons(dense.down_proj.weight, row, 1) * lp.scale)
-                mlp.experts.gate_up_proj[e].copy_(torch.cat([gather_neurons(dense.gate_proj.weight, row, 0),
-                                                             gather_neurons(dense.up_proj.weight, row, 0)]))
+                mlp.experts.down_proj[e].copy_(gather_neurons(dense["down"], row, 1) * lp.scale)
+                gate_up[e].copy_(torch.cat([gather_neurons(dense["gate"], row, 0),
+                                            gather_neurons(dense["up"], row, 0)]))
             if hasattr(mlp, "shared_expert"):
                 shared = mlp.shared_expert
                 row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], shared.down_proj.weight.shape[1]))
-                shared.down_proj.weight.copy_(gather_neurons(dense.down_proj.weight, row, 1) * 2.0)
-                shared.gate_proj.weight.copy_(gather_neurons(dense.gate_proj.weight, row, 0))
-                shared.up_proj.weight.copy_(gather_neurons(dense.up_proj.weight, row, 0))
+                shared.down_proj.weight.copy_(gather_neurons(dense["down"], row, 1) * 2.0)
+                _stored(shared.gate_proj, "weight").copy_(gather_neurons(dense["gate"], row, 0))
+                _stored(shared.up_proj, "weight").copy_(gather_neurons(dense["up"], row, 0))
 
 
 def _force_expert(model, meta, expert: int) -> None:

@@ -23,13 +23,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from moefy.models import inference_dtype, load_causal_lm, stored_dtype
-from moefy.sources import read_config
-
-
-class _Upcast(torch.nn.Module):
-    def forward(self, stored: torch.Tensor) -> torch.Tensor:
-        return stored.float()
+from moefy.models import UpcastOnRead, inference_dtype, load_causal_lm, load_read_as_float32, read_as_float32
 
 
 class _Swap:
@@ -73,14 +67,8 @@ def keep_stored(model) -> list:
     is read as float32. Returns the hook handles that release() removes."""
     wrapped = _lora_wrapped(model)
     swapped = {(id(owner), name) for tensors in wrapped.values() for owner, name in tensors}
-    # remove_duplicate=False: a tied lm_head is its own module's attribute and needs its own upcast.
-    for qualified, param in list(model.named_parameters(remove_duplicate=False)):
-        module_name, _, name = qualified.rpartition(".")
-        owner = model.get_submodule(module_name)
-        if param.requires_grad:
-            param.data = param.data.float()
-        elif param.is_floating_point() and param.dtype != torch.float32 and (id(owner), name) not in swapped:
-            parametrize.register_parametrization(owner, name, _Upcast(), unsafe=True)
+    read_as_float32(model, writable=lambda name, param: param.requires_grad,
+                    leave=lambda owner, name: (id(owner), name) in swapped)
     handles = []
     for wrapper, tensors in wrapped.items():
         swap = _Swap(tensors)
@@ -94,11 +82,9 @@ def load_frozen(directory: Path, device: torch.device, frozen_dtype: str):
     dtype and are read as float32: the float32 model's logits, from a bf16 checkpoint in half the memory."""
     dtype = inference_dtype(device)
     keep = frozen_dtype == "source" and dtype == torch.float32
-    model = load_causal_lm(directory, stored_dtype(read_config(directory)) if keep else dtype).to(device)
-    model.requires_grad_(False)
     if keep:
-        keep_stored(model)  # nothing trains, so nothing is swapped: no hooks to remove, the model is never released
-    return model
+        return load_read_as_float32(directory).to(device)
+    return load_causal_lm(directory, dtype).to(device).requires_grad_(False)
 
 
 def release(model, handles: list) -> None:
@@ -109,5 +95,5 @@ def release(model, handles: list) -> None:
     for module in list(model.modules()):
         if parametrize.is_parametrized(module):
             for name, chain in list(module.parametrizations.items()):
-                if all(isinstance(p, _Upcast) for p in chain):
+                if all(isinstance(p, UpcastOnRead) for p in chain):
                     parametrize.remove_parametrizations(module, name, leave_parametrized=False)

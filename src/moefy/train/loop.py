@@ -156,8 +156,7 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
 
 
 def load_model(moe_dir: Path, recipe: TrainRecipe, device):
-    dtype = stored_dtype(read_config(moe_dir)) if recipe.frozen_dtype == "source" else torch.float32
-    model = load_causal_lm(moe_dir, dtype).to(device)
+    model = load_causal_lm(moe_dir, None if recipe.frozen_dtype == "source" else torch.float32).to(device)
     if model._can_set_experts_implementation():
         # grouped_mm by name: transformers then raises rather than silently falling back (batched_mm computes every
         # expert for every token, which training would pay in forward and backward).
