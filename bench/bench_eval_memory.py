@@ -1,10 +1,17 @@
-"""Eval memory benchmark (issue: scale): `moefy eval` of a MoE beside its dense source, perplexity only, on the demo
-corpus's held-out domains. A random 8-expert top-2 MoE is built in bf16 from MODEL (a model or a bench/make_shape.py
-shape); eval loads both in float32. Reported above the process's memory after imports: the anonymous peak (sampled
-every 0.05 s, a lower bound) and peak RSS (exact, but it also counts mapped checkpoint pages), each ÷ the larger
-model's float32 size, with the two losses.
+"""Eval and verify memory benchmark (issue: scale). A random 8-expert top-2 MoE is built in bf16 from MODEL (a model
+or a bench/make_shape.py shape), then either
+- `moefy eval` of it beside its dense source, perplexity only, on the demo corpus's held-out domains, or, with --verify,
+- `moefy verify` of it against its dense source: the exactness check, the oracles and the routing margins on the
+  probe.
+Both compute in float32: each model is upcast once, or, where its float32 copy would take more than half of the
+memory free (--free-memory pretends a smaller machine), kept in bf16 and read as float32.
+Reported above the process's memory after imports: the anonymous peak (sampled every 0.05 s, a lower bound) and peak
+RSS (exact, but it also counts mapped checkpoint pages), each ÷ the larger model's float32 size, with the two losses
+(eval: dense and MoE; verify: dense and the MoE as built), for verify its max |Δlogits|, and the wall seconds
+of the command (one run: an indication on a shared machine, not a benchmark of speed).
 
-Usage: python bench/bench_eval_memory.py [--model .cache/shapes/tinyllama-1b] [--tokens-per-domain 256]"""
+Usage: python bench/bench_eval_memory.py [--model .cache/shapes/tinyllama-1b] [--tokens-per-domain 256] [--verify]
+                                       [--free-memory GIB]"""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import argparse
 import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,20 +30,25 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=".cache/shapes/tinyllama-1b")
     p.add_argument("--tokens-per-domain", type=int, default=256)
+    p.add_argument("--verify", action="store_true", help="measure moefy verify instead of moefy eval")
+    p.add_argument("--free-memory", type=float, help="GiB: run as on a machine with this much memory free, which "
+                   "decides whether a model is upcast to float32 once or kept as stored (models.load_in_float32)")
     args = p.parse_args()
 
     import accelerate  # noqa: F401  (part of the import floor, not of eval)
     import transformers  # noqa: F401
     from common import cpu_name, demo_corpus
 
-    from moefy import api
+    from moefy import api, models
     from moefy.construct.recipe import BuildRecipe
     from moefy.sources import resolve_model
     from moefy.tensor_io import LazyCheckpoint
 
+    if args.free_memory is not None:
+        models.free_memory = lambda device: int(args.free_memory * 2**30)
     with tempfile.TemporaryDirectory(prefix="moefy-bench-eval-memory-") as tmp:
         work = Path(tmp)
-        heldout = demo_corpus(work) / "heldout"
+        heldout = None if args.verify else demo_corpus(work) / "heldout"
         moe = work / "moe"
         api.build(BuildRecipe(model=args.model, experts=8, top_k=2, method="random", dtype="bfloat16"), moe)
         dense = resolve_model(args.model).directory
@@ -46,18 +59,29 @@ def main() -> None:
 
         largest = max(float32_size(dense), float32_size(moe))
         floor = rss()
+        start = time.perf_counter()
         with AnonPeak(0.05) as sampled:
-            result = api.evaluate([str(dense), str(moe)], str(heldout), seq_len=128,
-                                  tokens_per_domain=args.tokens_per_domain)
-        losses = [round(ppl.overall_loss, 4) for ppl in result.perplexity.values()]
-    print(f"model {args.model}; dense + random 8-expert top-2 MoE (bf16 on disk); {cpu_name()}; "
-          f"perplexity on the demo held-out domains, {args.tokens_per_domain} tokens each, context 128")
+            if args.verify:
+                report = api.verify(moe, str(dense))
+                losses = [round(report.dense_loss, 4), round(report.built_moe_loss, 4)]
+            else:
+                result = api.evaluate([str(dense), str(moe)], str(heldout), seq_len=128,
+                                      tokens_per_domain=args.tokens_per_domain)
+                losses = [round(ppl.overall_loss, 4) for ppl in result.perplexity.values()]
+        seconds = time.perf_counter() - start
+    if args.verify:
+        what, extra = "moefy verify on its probe", f" {report.max_abs_dlogits:.2e} |"
+    else:
+        what = f"perplexity on the demo held-out domains, {args.tokens_per_domain} tokens each, context 128"
+        extra = ""
+    free = "" if args.free_memory is None else f"; as with {args.free_memory:g} GiB free"
+    print(f"model {args.model}; dense + random 8-expert top-2 MoE (bf16 on disk); {cpu_name()}; {what}{free}")
     print("| larger model in float32 | peak anonymous − after imports | ÷ larger model | peak RSS − after imports | "
-          "losses (dense, MoE) |")
-    print("|---|---|---|---|---|")
+          "losses (dense, MoE) |" + (" max \\|Δlogits\\| |" if args.verify else "") + " seconds |")
+    print("|---|---|---|---|---|" + ("---|" if args.verify else "") + "---|")
     above = sampled.peak - sampled.start
     print(f"| {largest / 2**30:.2f} GiB | {above / 2**30:.2f} GiB | {above / largest:.2f}× | "
-          f"{(rss() - floor) / 2**30:.2f} GiB | {losses} |")
+          f"{(rss() - floor) / 2**30:.2f} GiB | {losses} |{extra} {seconds:.0f} |")
 
 if __name__ == "__main__":
     main()

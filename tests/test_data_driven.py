@@ -318,16 +318,19 @@ def test_bf16_checkpoint_profiles_and_reconstructs(tiny_bf16, corpus, tmp_path):
      False),
     ({"method": "upcycle", "experts": 4, "top_k": 1, "drop_fraction": 0.25}, True)])
 def test_verify_holds_one_bf16_model_at_a_time(monkeypatch, tiny_bf16, corpus, tmp_path, fields, both):
-    """verify of a bf16 pair keeps each model's weights in bf16, read as float32, except those its checks write into,
-    and frees the dense model before the MoE loads where its check allows (partitions; overlapping experts are
-    checked against the dense model one expert at a time, so it stays): a 7B pair in the memory of one bf16 model,
-    not of two float32 ones. The carve build is reconstructed, so verify also writes dense slices back into it."""
+    """verify frees the dense model before the MoE loads where its check allows (partitions; overlapping experts
+    are checked against the dense model one expert at a time, so it stays). Where memory is short, each model keeps
+    its bf16 weights, read as float32, except those the checks write into: a 7B pair in the memory of one bf16
+    model, not of two float32 ones, with the report of the float32 models. The carve build is reconstructed, so
+    verify also writes dense slices back into it."""
     import weakref
 
+    from moefy import models
     from moefy.export import verify as v
 
     build(tiny_bf16, tmp_path / "moe", corpus, **fields)
-    loads, refs, load = [], [], v.load_read_as_float32
+    plenty = api.verify(tmp_path / "moe", str(tiny_bf16))  # this machine holds the tiny models in float32
+    loads, refs, load = [], [], v.load_in_float32
 
     def tracked(directory, storage, written):
         model = load(directory, storage, written)
@@ -336,8 +339,10 @@ def test_verify_holds_one_bf16_model_at_a_time(monkeypatch, tiny_bf16, corpus, t
         refs.append(weakref.ref(model))
         return model
 
-    monkeypatch.setattr(v, "load_read_as_float32", tracked)
-    assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
+    monkeypatch.setattr(v, "load_in_float32", tracked)
+    monkeypatch.setattr(models, "free_memory", lambda device: 0)
+    short = api.verify(tmp_path / "moe", str(tiny_bf16))
+    assert short.passed and short == plenty
     layers = range(2)
     assert [alive for alive, _ in loads] == [[], [both]]
     assert loads[0][1] == {f"model.layers.{i}.mlp.down_proj.weight" for i in layers}

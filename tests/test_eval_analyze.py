@@ -129,8 +129,10 @@ def test_eval_holds_one_model_at_a_time_unless_it_times_them(monkeypatch, tiny_l
 
 
 def test_eval_reads_a_bf16_build_as_float32_in_its_stored_dtype(monkeypatch, tiny_llama, heldout, tmp_path):
-    """Perplexity of a bf16 build is that of the same model loaded in float32, exactly, with its weights kept in
-    bf16: half the memory of float32 for a 7B model. Timed (--speed), it is a float32 model, as users run it."""
+    """Where memory is short, perplexity of a bf16 build is that of the same model loaded in float32, exactly, with
+    its weights kept in bf16: half the memory of float32 for a 7B model. Timed (--speed), it is a float32 model, as
+    users run it, and so is a model whose float32 copy fits."""
+    from moefy import models
     from moefy.construct.recipe import BuildRecipe
     from moefy.evaluate import compare
 
@@ -148,8 +150,11 @@ def test_eval_reads_a_bf16_build_as_float32_in_its_stored_dtype(monkeypatch, tin
         return model, tok
 
     monkeypatch.setattr(compare, "_load_for_eval", tracked)
+    api.evaluate([str(bf16)], str(heldout), seq_len=32, tokens_per_domain=64)
+    assert dtypes == [{torch.float32}]  # this machine holds the tiny model in float32
+    monkeypatch.setattr(models, "free_memory", lambda device: 0)
     losses = api.evaluate([str(bf16), str(float32)], str(heldout), seq_len=32, tokens_per_domain=64).perplexity
-    assert dtypes == [{torch.bfloat16}, {torch.float32}]
+    assert dtypes[1:] == [{torch.bfloat16}, {torch.float32}]
     assert losses[str(bf16)].overall_loss == losses[str(float32)].overall_loss
     api.evaluate([str(bf16)], str(heldout), seq_len=32, tokens_per_domain=64, speed=True)
     assert dtypes[-1] == {torch.float32}

@@ -3,6 +3,7 @@ stage gets the same refusals (pickle weights, remote code) and the same one-line
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,20 @@ def compute_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise MoefyError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free now: on a GPU, its free memory; on the CPU, what Linux calls available (free plus reclaimable
+    cache), else the free physical pages."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def inference_dtype(device: torch.device) -> torch.dtype:
@@ -90,12 +105,16 @@ def read_as_float32(model, writable: Callable[[str, torch.nn.Parameter], bool] =
             parametrize.register_parametrization(owner, name, UpcastOnRead(), unsafe=True)
 
 
-def load_read_as_float32(directory: Path, dtype: torch.dtype | None = None,
-                         writable: Callable[[str, torch.nn.Parameter], bool] = lambda name, param: False):
-    """A model that runs without grad, kept in `dtype` (None: as stored) and read as float32 (read_as_float32): the
-    float32 model's outputs, from a bf16 checkpoint in half the memory. A float32 checkpoint loads as it is."""
-    model = load_causal_lm(directory, dtype)
-    model.requires_grad_(False)
+def load_in_float32(directory: Path, dtype: torch.dtype | None = None,
+                    writable: Callable[[str, torch.nn.Parameter], bool] = lambda name, param: False):
+    """A no-grad model that computes in float32 from its weights at `dtype` (None: as stored), for the CPU passes
+    that only read a model (verify, eval). Upcast once when the float32 model takes at most half of the memory
+    free once loaded: the fastest. Else kept in `dtype` and read as float32 (read_as_float32, with `writable`),
+    which fits a 7B model on a 24 GB machine but upcasts again in every forward (at 1.1B, 128-token forwards took
+    ~1.3× as long). The logits are the same either way."""
+    model = load_causal_lm(directory, dtype).requires_grad_(False)
+    if 4 * sum(p.numel() for p in model.parameters()) <= free_memory(torch.device("cpu")) // 2:
+        return model.float()
     read_as_float32(model, writable)
     return model
 

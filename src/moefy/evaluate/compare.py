@@ -21,7 +21,7 @@ from moefy.evaluate.speed import Speed, ratios
 from moefy.evaluate.speed import measure as measure_speed
 from moefy.export import llama_cpp
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle, routing_oracle
-from moefy.models import load_causal_lm, load_read_as_float32, load_tokenizer
+from moefy.models import load_causal_lm, load_in_float32, load_tokenizer
 from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.sources import resolve_model
 
@@ -146,7 +146,7 @@ def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int,
     source = resolve_model(plan.meta.source).directory
     key = source.resolve()
     if key not in loaded:
-        loaded[key] = load_read_as_float32(source)
+        loaded[key] = load_in_float32(source)
     dense, tok = loaded[key], load_tokenizer(source)
     fraction = active_fraction(plan)
     with expert_oracle(dense, plan):
@@ -160,13 +160,13 @@ def _oracles(build: Path, moe, loaded: dict[Path, object], corpus, seq_len: int,
 
 def _load_for_eval(spec: str, seq_len: int, experts_implementation: str | None, timed: bool):
     """(model, tokenizer): transformers for a model spec, llama.cpp (with its own tokenizer) for llama.cpp:FILE.
-    A transformers model computes in float32. Unless it is timed, a bf16 checkpoint's weights stay bf16 and are read
-    as float32 (the same losses, exactly, in half the memory); a timed one is a float32 model, as a user runs it."""
+    A transformers model computes in float32 (models.load_in_float32: kept as stored and read as float32 where
+    memory is short, the same losses); a timed one is a float32 model, as a user runs it."""
     if spec.startswith(LLAMA_CPP):
         lm = llama_cpp.LlamaCppLM(Path(spec.removeprefix(LLAMA_CPP)), n_ctx=seq_len + 64)
         return lm, lm.tokenizer
     directory = resolve_model(spec).directory
-    model = load_causal_lm(directory) if timed else load_read_as_float32(directory)
+    model = load_causal_lm(directory) if timed else load_in_float32(directory)
     if experts_implementation:  # a dense model takes it as a no-op
         model.set_experts_implementation(experts_implementation)
     return model, load_tokenizer(directory)

@@ -20,7 +20,7 @@ from moefy.export.formats import FORMATS, gather_neurons
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
-from moefy.models import load_read_as_float32, load_tokenizer, stored_dtype
+from moefy.models import load_in_float32, load_tokenizer, stored_dtype
 from moefy.sources import read_config, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
@@ -114,13 +114,13 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
     if fmt is None:
         raise MoefyError(f"{moe_dir} is a {config.get('model_type')!r} model; verify handles: {', '.join(FORMATS)}")
     batch = probe_batch(moe_dir)
-    # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16. Both
-    # models stay at that precision and are read as float32: the logits of `.float()` in half the memory. The
-    # weights the checks below write into are float32 parameters, as `.float()` made them.
+    # Compare at the MoE's storage precision: a bf16 MoE is checked against the dense weights rounded to bf16,
+    # computed in float32. Where memory is short, the models stay at that precision and are read as float32; the
+    # weights the checks below write into are float32 parameters then too.
     storage = stored_dtype(config)
     dense_dir = resolve_model(dense).directory
     partition = plan.meta.coverage == "partition"
-    dense_model = load_read_as_float32(dense_dir, storage, _written_in_dense(plan))
+    dense_model = load_in_float32(dense_dir, storage, _written_in_dense(plan))
     dense_logits, dense_loss = _run(dense_model, batch)
     dense_params = sum(p.numel() for p in dense_model.parameters())
     fraction = active_fraction(plan)
@@ -136,7 +136,7 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
             dense_logits, _ = _run(dense_model, batch)
         del dense_model
         gc.collect()
-    moe = load_read_as_float32(moe_dir, storage, _written_in_moe(plan))
+    moe = load_in_float32(moe_dir, storage, _written_in_moe(plan))
     _, built_loss = _run(moe, batch)
     ties, flips = _routing_margins(moe, batch, plan.meta.top_k)
     total = sum(p.numel() for p in moe.parameters())

@@ -17,22 +17,9 @@ from pathlib import Path
 import torch
 
 from moefy.errors import MoefyError
+from moefy.models import free_memory
 from moefy.recipes import parse_bytes
 from moefy.sources import cache_dir
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free now: on a GPU, its free memory; on the CPU, what Linux calls available (free plus reclaimable
-    cache), else the free physical pages."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def activation_budget(max_memory: str | None, device: torch.device) -> int:

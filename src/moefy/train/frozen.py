@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
-from moefy.models import UpcastOnRead, inference_dtype, load_causal_lm, load_read_as_float32, read_as_float32
+from moefy.models import UpcastOnRead, inference_dtype, load_causal_lm, read_as_float32
 
 
 class _Swap:
@@ -82,9 +82,10 @@ def load_frozen(directory: Path, device: torch.device, frozen_dtype: str):
     dtype and are read as float32: the float32 model's logits, from a bf16 checkpoint in half the memory."""
     dtype = inference_dtype(device)
     keep = frozen_dtype == "source" and dtype == torch.float32
+    model = load_causal_lm(directory, None if keep else dtype).to(device).requires_grad_(False)
     if keep:
-        return load_read_as_float32(directory).to(device)
-    return load_causal_lm(directory, dtype).to(device).requires_grad_(False)
+        read_as_float32(model)
+    return model
 
 
 def release(model, handles: list) -> None:
