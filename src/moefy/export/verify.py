@@ -21,6 +21,7 @@ from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
 from moefy.models import load_in_float32, load_tokenizer, stored_dtype
+from moefy.progress import progress
 from moefy.sources import read_config, resolve_model
 from moefy.tensor_io import LazyCheckpoint
 
@@ -96,9 +97,9 @@ def probe_batch(directory: Path, texts=PROBE_TEXTS) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def _run(model, batch: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+def _run(model, batch: list[torch.Tensor], what: str) -> tuple[list[torch.Tensor], float]:
     logits, nll, count = [], 0.0, 0
-    for ids in batch:
+    for ids in progress(batch, f"verify: {what}"):  # a 7B pass over the probe takes minutes on a CPU
         out = model(input_ids=ids).logits.float()
         logits.append(out)
         nll += torch.nn.functional.cross_entropy(out[0, :-1], ids[0, 1:], reduction="sum").item()
@@ -121,30 +122,30 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
     dense_dir = resolve_model(dense).directory
     partition = plan.meta.coverage == "partition"
     dense_model = load_in_float32(dense_dir, storage, _written_in_dense(plan))
-    dense_logits, dense_loss = _run(dense_model, batch)
+    dense_logits, dense_loss = _run(dense_model, batch, "dense")
     dense_params = sum(p.numel() for p in dense_model.parameters())
     fraction = active_fraction(plan)
     with expert_oracle(dense_model, plan):
-        _, expert_loss = _run(dense_model, batch)
+        _, expert_loss = _run(dense_model, batch, "expert oracle")
     with neuron_oracle(dense_model, fraction):
-        _, neuron_loss = _run(dense_model, batch)
+        _, neuron_loss = _run(dense_model, batch, "neuron oracle")
     if partition:
         # The uniform check's reference is all the dense model gives the MoE's checks: take it, then free the
         # dense model before the MoE loads, so a 7B pair needs the memory of one model.
         if storage != torch.float32:
             _round_as_stored(dense_model, dense_dir, plan, storage)
-            dense_logits, _ = _run(dense_model, batch)
+            dense_logits, _ = _run(dense_model, batch, "dense, rounded as stored")
         del dense_model
         gc.collect()
     moe = load_in_float32(moe_dir, storage, _written_in_moe(plan))
-    _, built_loss = _run(moe, batch)
+    _, built_loss = _run(moe, batch, "MoE as built")
     ties, flips = _routing_margins(moe, batch, plan.meta.top_k)
     total = sum(p.numel() for p in moe.parameters())
     _restore_construction(moe, dense_dir, plan, storage)
     if partition:
         check = "uniform"
         fmt.all_experts_uniform(moe, plan.meta)
-        moe_logits, uniform_loss = _run(moe, batch)
+        moe_logits, uniform_loss = _run(moe, batch, "all experts, uniform router")
         delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
         scale = max(a.abs().max().item() for a in dense_logits)
     else:
@@ -208,7 +209,7 @@ def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float,
     """Shares of token × layer routing decisions that are near-tied (NEAR_TIE) and that change when the same router
     inputs meet the router in bf16, as a GPU client runs it: how much of the routing rounding decides."""
     ties = flips = total = 0
-    for ids in batch:
+    for ids in progress(batch, "verify: routing margins"):
         for weight, x in router_inputs(moe, ids)[1]:
             if weight.shape[0] <= top_k:
                 continue  # every expert is chosen: there is no decision to flip
@@ -294,8 +295,8 @@ def _per_expert_delta(moe, dense_model, plan, batch) -> tuple[float, float, floa
                 mask[torch.from_numpy(neurons)] = lp.scale
                 mask[torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
                 dense_model.model.layers[i].mlp.down_proj.weight.copy_(originals[i] * mask)
-        ref_logits, _ = _run(dense_model, batch)
-        moe_logits, loss = _run(moe, batch)
+        ref_logits, _ = _run(dense_model, batch, f"dense restricted to expert {e}")
+        moe_logits, loss = _run(moe, batch, f"expert {e} alone")
         worst = max(worst, max((a - b).abs().max().item() for a, b in zip(moe_logits, ref_logits)))
         scale = max(scale, max(a.abs().max().item() for a in ref_logits))
     return worst, loss, scale
