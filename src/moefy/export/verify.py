@@ -6,8 +6,8 @@ from __future__ import annotations
 import gc
 import json
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
