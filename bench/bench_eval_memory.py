@@ -83,5 +83,6 @@ def main() -> None:
     print(f"| {largest / 2**30:.2f} GiB | {above / 2**30:.2f} GiB | {above / largest:.2f}× | "
           f"{(rss() - floor) / 2**30:.2f} GiB | {losses} |{extra} {seconds:.0f} |")
 
+
 if __name__ == "__main__":
     main()
