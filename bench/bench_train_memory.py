@@ -1,9 +1,10 @@
 """Training memory benchmark (issue: scale). A random 8-expert top-2 MoE built in bf16 from a model or a shape
 (bench/make_shape.py), then the same `router+norm` stage with gradient checkpointing, once with the frozen weights
 in float32 (the default) and once kept in the MoE's dtype (`frozen_dtype: source`). Each run is a fresh child
-process, so its peak RSS is its own; reported above the RSS after imports, with the step rate of both and whether
-their losses agree bit for bit. RSS counts the pages of the memory-mapped checkpoint that were read, which the kernel
-drops under pressure; the peak of anonymous memory alone is what must fit (sampled every 0.1 s: a lower bound).
+process, so its peak RSS is its own; reported above the RSS after imports, with the step rate of both, whether
+their losses agree bit for bit, and the minor page faults of the whole run (load to export) per step. RSS counts
+the pages of the memory-mapped checkpoint that were read, which the kernel drops under pressure; the peak of
+anonymous memory alone is what must fit (sampled every 0.1 s: a lower bound).
 --distill makes the stage distil from the dense source as its teacher (held beside the MoE, in float32 or in its
 stored dtype with the frozen weights).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,14 +40,16 @@ def child(moe: Path, data: Path, recipe: Path, out: Path) -> dict:
     from moefy import api
 
     floor = rss()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with AnonPeak(0.1) as sampled:
         t0 = time.perf_counter()
         api.train(moe, str(data), recipe, out)
         seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"seconds": seconds, "peak_rss": rss(),
             "rss_after_imports": floor, "peak_anon": sampled.peak, "anon_after_imports": sampled.start,
-            "losses": [r["loss"] for r in records],
+            "losses": [r["loss"] for r in records], "page_faults_per_step": faults / len(records),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records)}
 
 
@@ -99,16 +103,17 @@ def main() -> None:
           f"{args.steps} router+norm steps of {args.seq_len} tokens, gradient checkpointing"
           + (", distilling from the dense source" if args.distill else ""))
     print("| frozen weights | peak RSS − RSS after imports | ÷ MoE size on disk | peak anonymous − after imports | "
-          "÷ MoE size on disk | tokens/s (median step) | run s |")
-    print("|---|---|---|---|---|---|---|")
+          "÷ MoE size on disk | tokens/s (median step) | minor page faults ÷ steps | run s |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, r in results.items():
         if "error" in r:
-            print(f"| {mode} | failed: {r['error']} | | | | | |")
+            print(f"| {mode} | failed: {r['error']} | | | | | | |")
             continue
         above = r["peak_rss"] - r["rss_after_imports"]
         anon = r["peak_anon"] - r["anon_after_imports"]
         print(f"| {mode} | {above / 2**30:.2f} GiB | {above / size:.2f}× | {anon / 2**30:.2f} GiB | "
-              f"{anon / size:.2f}× | {r['tokens_per_s']:.1f} | {r['seconds']:.0f} |")
+              f"{anon / size:.2f}× | {r['tokens_per_s']:.1f} | {r['page_faults_per_step'] / 1e3:.0f}k | "
+              f"{r['seconds']:.0f} |")
     if len(results) == 2 and all("losses" in r for r in results.values()):
         same = results["float32"]["losses"] == results["source"]["losses"]
         print(f"losses {'identical' if same else 'differ'}: {results['source']['losses']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from moefy.construct.cluster import balanced_assign, balanced_kmeans
 from moefy.construct.plan import PAD, LayerPlan, MoEPlan, PlanMeta, balanced_sizes, expert_size_for, pad_groups
 from moefy.construct.split import random_split, sequential_split
 from moefy.errors import MoefyError
+from moefy.host_memory import _glibc, reuse_freed_blocks
 from moefy.tensor_writer import ShardedWriter, TensorSpec
 
 
@@ -358,3 +360,34 @@ def test_exportable_asks_what_export_gguf_refuses():
         assert not exportable({**qwen, **refused})
         with pytest.raises(MoefyError, match="cannot export this Qwen2-MoE output to GGUF exactly"):
             granite_config({**qwen, **refused})
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@pytest.mark.skipif(_glibc() is None or not hasattr(_glibc(), "mallinfo2"), reason="glibc 2.33+ allocator only")
+def test_reuse_freed_blocks_serves_large_blocks_from_the_heap_and_keeps_them():
+    # What the block changes in glibc, observed through mallinfo2. How many page faults that saves depends on the
+    # heap's fragmentation, so the benchmark measures it (bench_train_memory.py's page-fault column).
+    libc = _glibc()
+    libc.mallinfo2.restype = _MallInfo2
+
+    def mapped_and_kept(mib: int) -> tuple[int, bool]:
+        """(blocks glibc mmapped for a new tensor of `mib` MiB, whether the heap kept its size once it is freed)"""
+        before = libc.mallinfo2().hblks
+        tensor = torch.empty(mib * 2**18)
+        mapped, heap = libc.mallinfo2().hblks - before, libc.mallinfo2().arena
+        del tensor
+        return mapped, libc.mallinfo2().arena >= heap
+
+    # Outside, 2 GiB (virtual: torch.empty touches no page): more than the whole test run frees into the heap
+    # (glibc takes a large enough free block from the heap whatever the setting; the largest the tests allocate
+    # inside the block are SmolLM2's logits, 0.4 GB), and above glibc's largest mmap threshold (32 MiB).
+    assert mapped_and_kept(2048)[0] == 1  # glibc's default: mapped fresh, unmapped when freed
+    with reuse_freed_blocks():
+        with reuse_freed_blocks():
+            assert mapped_and_kept(64) == (0, True)  # from the heap, and kept there when freed
+        assert mapped_and_kept(64) == (0, True)  # the inner block's exit left the outer one's setting
+    assert mapped_and_kept(2048)[0] == 1  # the defaults are back

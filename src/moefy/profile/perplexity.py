@@ -16,6 +16,7 @@ import torch
 from moefy.data.corpus import Corpus
 from moefy.data.tokens import stream
 from moefy.errors import MoefyError
+from moefy.host_memory import reuse_freed_blocks
 from moefy.progress import progress
 
 
@@ -67,6 +68,7 @@ def same_width_batches(spans: list[tuple[int, int, int]], batch_size: int) -> li
 
 
 @torch.no_grad()
+@reuse_freed_blocks()  # a model read as float32 (models.load_in_float32) upcasts its weights in every batch
 def heldout_perplexity(model, tokenizer, corpus: Corpus, seq_len: int = 256, tokens_per_domain: int | None = 4096,
                        stride: int | None = None, batch_size: int = 8) -> Perplexity:
     stride = stride or seq_len - 1

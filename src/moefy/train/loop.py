@@ -24,6 +24,7 @@ from moefy.construct.plan import PLAN_JSON, PLAN_TENSORS
 from moefy.data.corpus import Corpus
 from moefy.errors import MoefyError
 from moefy.export.checkpoint import write_model
+from moefy.host_memory import reuse_freed_blocks
 from moefy.models import DTYPES, load_causal_lm, load_tokenizer, stored_dtype
 from moefy.profile.perplexity import heldout_perplexity
 from moefy.progress import progress
@@ -110,44 +111,46 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     log = RunLog(run, ckpt["step"] if ckpt else None) if acc.is_main_process else None
     step = ckpt["step"] if ckpt else 0
     touched: set[str] = set(ckpt["touched"]) if ckpt else set()  # weights changed by finished stages
-    for s_idx, stage in enumerate(recipe.stages):
-        if ckpt and s_idx < ckpt["stage"]:
-            continue
-        resuming = ckpt if ckpt and s_idx == ckpt["stage"] else None
-        sr = setup_stage(model, recipe, s_idx, corpus, heldout, tokenizer, run, dense_dir, acc, resuming)
-        ckpt = None
-        # Only the model and optimizer go through accelerate: a prepared scheduler would step once per process.
-        wrapped, sr.optimizer = acc.prepare(model, sr.optimizer)
-        if fsdp and resuming:  # the optimizer's shards exist only now
-            sharding.load_optimizer(wrapped, sr.optimizer, resuming["optimizer"])
-        status: dict[str, str] = {}
-        steps = range(sr.start, stage.steps)
-        if acc.is_main_process:
-            steps = progress(steps, f"{stage.name} ({stage.trainable})", status=status)
-        for stage_step in steps:
-            t0 = time.perf_counter()
-            record = train_step(acc, wrapped, sr, teacher)
-            step += 1
-            record = {"step": step, "stage": stage.name, **record,
-                      "tokens_per_s": stage.tokens_per_step / (time.perf_counter() - t0),
-                      "weights": dict(sr.sampler.weights), "domain_epochs": dict(sr.sampler.epochs)}
-            if sr.reference is not None and (stage_step + 1) % stage.mixture.eval_every == 0:
-                record["eval_loss"] = update_mixture(model, tokenizer, heldout, sr)
-            status.update(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
-                          tok_s=f"{record['tokens_per_s']:.0f}")
-            if log:
-                log.write(record)
-            if step % recipe.checkpoint_every == 0:
-                gathered = sharding.gather_for_checkpoint(wrapped, sr.optimizer) if fsdp else None  # every process
-                if acc.is_main_process:
-                    checkpoint(run, recipe, model, sr, step, stage_step + 1, touched, gathered)
-                acc.wait_for_everyone()
-        if fsdp:
-            model = sharding.unsharded(wrapped, load_model(moe_dir, recipe, acc.device))
-        else:
-            model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
-        acc.free_memory()
-        model, touched = finish_stage(model, sr, touched)
+    # Frozen weights kept as stored are upcast in every forward: reuse the freed float32 copies (host_memory).
+    with reuse_freed_blocks() if recipe.frozen_dtype == "source" else nullcontext():
+        for s_idx, stage in enumerate(recipe.stages):
+            if ckpt and s_idx < ckpt["stage"]:
+                continue
+            resuming = ckpt if ckpt and s_idx == ckpt["stage"] else None
+            sr = setup_stage(model, recipe, s_idx, corpus, heldout, tokenizer, run, dense_dir, acc, resuming)
+            ckpt = None
+            # Only the model and optimizer go through accelerate: a prepared scheduler would step once per process.
+            wrapped, sr.optimizer = acc.prepare(model, sr.optimizer)
+            if fsdp and resuming:  # the optimizer's shards exist only now
+                sharding.load_optimizer(wrapped, sr.optimizer, resuming["optimizer"])
+            status: dict[str, str] = {}
+            steps = range(sr.start, stage.steps)
+            if acc.is_main_process:
+                steps = progress(steps, f"{stage.name} ({stage.trainable})", status=status)
+            for stage_step in steps:
+                t0 = time.perf_counter()
+                record = train_step(acc, wrapped, sr, teacher)
+                step += 1
+                record = {"step": step, "stage": stage.name, **record,
+                          "tokens_per_s": stage.tokens_per_step / (time.perf_counter() - t0),
+                          "weights": dict(sr.sampler.weights), "domain_epochs": dict(sr.sampler.epochs)}
+                if sr.reference is not None and (stage_step + 1) % stage.mixture.eval_every == 0:
+                    record["eval_loss"] = update_mixture(model, tokenizer, heldout, sr)
+                status.update(loss=f"{record['loss']:.3f}", aux=f"{record['aux_loss']:.4f}",
+                              tok_s=f"{record['tokens_per_s']:.0f}")
+                if log:
+                    log.write(record)
+                if step % recipe.checkpoint_every == 0:
+                    gathered = sharding.gather_for_checkpoint(wrapped, sr.optimizer) if fsdp else None  # every process
+                    if acc.is_main_process:
+                        checkpoint(run, recipe, model, sr, step, stage_step + 1, touched, gathered)
+                    acc.wait_for_everyone()
+            if fsdp:
+                model = sharding.unsharded(wrapped, load_model(moe_dir, recipe, acc.device))
+            else:
+                model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+            acc.free_memory()
+            model, touched = finish_stage(model, sr, touched)
     if log:
         log.close()
     final = export(model, moe_dir, run, recipe) if acc.is_main_process else run / "final"
