@@ -111,7 +111,8 @@ def load_in_float32(directory: Path, dtype: torch.dtype | None = None,
     that only read a model (verify, eval). Upcast once when the float32 model takes at most half of the memory
     free once loaded: the fastest. Else kept in `dtype` and read as float32 (read_as_float32, with `writable`),
     which fits a 7B model on a 24 GB machine but upcasts again in every forward (eval of a 1.1B pair at context 128
-    took ~1.4× as long: docs/benchmarks.md, "Eval and verify memory"). The logits are the same either way."""
+    took ~1.1× as long, with the freed copies reused: docs/benchmarks.md, "Eval and verify memory"). The logits are
+    the same either way."""
     model = load_causal_lm(directory, dtype).requires_grad_(False)
     if 4 * sum(p.numel() for p in model.parameters()) <= free_memory(torch.device("cpu")) // 2:
         return model.float()
