@@ -160,6 +160,41 @@ def test_eval_reads_a_bf16_build_as_float32_in_its_stored_dtype(monkeypatch, tin
     assert dtypes[-1] == {torch.float32}
 
 
+def test_eval_oracles_where_memory_is_short_are_those_of_the_float32_models(monkeypatch, tiny_llama, heldout,
+                                                                             tmp_path):
+    """--oracle where memory is short: the dense source and the build both stay bf16 and are read as float32
+    (the oracles' hooks run on them so), and every number is the one their float32 copies give."""
+    from transformers import AutoModelForCausalLM
+
+    from moefy import models
+    from moefy.construct.recipe import BuildRecipe
+
+    dense = tmp_path / "dense"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(dense)
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, dense / f.name)
+    moe = tmp_path / "moe"
+    api.build(BuildRecipe(model=str(dense), experts=4, top_k=1, method="cluster"), moe)
+    held = []
+    loaded = models.load_causal_lm
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: held.append(loaded(*a, **k)) or held[-1])
+
+    def evaluated() -> tuple[list, dict]:
+        held.clear()
+        result = api.evaluate([str(moe)], str(heldout), seq_len=32, tokens_per_domain=64, oracle=True)
+        oracles = result.oracles[str(moe)]
+        return ([result.perplexity[str(moe)].overall_loss]
+                + [getattr(oracles, o).overall_loss for o in ("expert", "neuron", "routing")],
+                [{p.dtype for p in model.parameters()} for model in held])
+
+    upcast, upcast_dtypes = evaluated()
+    monkeypatch.setattr(models, "free_memory", lambda device: 0)
+    kept, kept_dtypes = evaluated()
+    # the MoE, then its dense source for the oracles
+    assert (upcast_dtypes, kept_dtypes) == ([{torch.float32}] * 2, [{torch.bfloat16}] * 2)
+    assert kept == upcast
+
+
 def test_eval_runs_the_moes_with_the_experts_kernel_asked_for(monkeypatch, tiny_llama, tiny_moe, heldout, tmp_path):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
