@@ -179,7 +179,7 @@ def test_eval_oracles_where_memory_is_short_are_those_of_the_float32_models(monk
     loaded = models.load_causal_lm
     monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: held.append(loaded(*a, **k)) or held[-1])
 
-    def evaluated() -> tuple[list, dict]:
+    def evaluated() -> tuple[list[float], list[set]]:
         held.clear()
         result = api.evaluate([str(moe)], str(heldout), seq_len=32, tokens_per_domain=64, oracle=True)
         oracles = result.oracles[str(moe)]

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 # mallopt's parameters and glibc's defaults for them (malloc.h, mallopt(3)).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
-_KEEP_ALL = 2**31 - 1  # mallopt takes an int: never trim below 2 GiB of free top
+_KEEP_ALL = 2**31 - 1  # mallopt takes an int: trim the heap's top only once more than 2 GiB of it is free
 _reusing = 0  # depth of nested reuse_freed_blocks blocks
 
 
@@ -38,14 +38,14 @@ def release_freed() -> None:
 @contextmanager
 def reuse_freed_blocks() -> Iterator[None]:
     """Inside the block, glibc serves every allocation from its heap and keeps what is freed there for reuse.
-    Why: a model whose weights stay bf16 and are read as float32 (models.read_as_float32: `frozen_dtype: source`
-    in training, eval and verify where memory is short) allocates a float32 copy of each weight in every forward,
-    and in backward's recomputation again. glibc maps every block above 32 MiB fresh from the OS and unmaps it when
-    freed, so each copy faulted all its pages in anew, and the faults took a fifth or more of a training step
-    (docs/benchmarks.md, "Training memory": page faults and step rates with and without). Reused blocks are already
-    mapped. The cost is the heap's fragmentation, a few percent more peak memory. On exit glibc's defaults come back
-    (its mmap threshold stays where it was, no longer adjusted) and the free memory is trimmed. Nested blocks share
-    the outermost one."""
+    Why: a model whose weights stay bf16 and are read as float32 (models.read_as_float32: training with
+    `frozen_dtype: source`, and eval and verify where memory is short) allocates a float32 copy of each weight in
+    every forward, and in backward's recomputation again. glibc maps every block above 32 MiB fresh from the OS and
+    unmaps it when freed, so each copy faulted all its pages in anew, and the faults took a fifth or more of a
+    training step's time (docs/benchmarks.md, "Training memory": page faults and step rates with and without).
+    Reused blocks are already mapped. The cost is the heap's fragmentation: 4-13% more anonymous peak at 1B and 7B
+    (docs/benchmarks.md). On exit glibc's defaults come back (its mmap threshold stays where it was, no longer
+    adjusted) and the free memory is trimmed. Nested blocks share the outermost one."""
     global _reusing
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallopt"):

@@ -207,7 +207,7 @@ def routing_decisions(weight: torch.Tensor, x: torch.Tensor, top_k: int) -> tupl
     return top.indices[:, :-1].sort(-1).values, tied, low.sort(-1).values
 
 
-@reuse_freed_blocks()
+@reuse_freed_blocks()  # as _run
 def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float, float]:
     """Shares of token × layer routing decisions that are near-tied (NEAR_TIE) and that change when the same router
     inputs meet the router in bf16, as a GPU client runs it: how much of the routing rounding decides."""
