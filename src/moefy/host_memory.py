@@ -39,13 +39,14 @@ def release_freed() -> None:
 def reuse_freed_blocks() -> Iterator[None]:
     """Inside the block, glibc serves every allocation from its heap and keeps what is freed there for reuse.
     Why: a model whose weights stay bf16 and are read as float32 (models.read_as_float32: training with
-    `frozen_dtype: source`, and eval and verify where memory is short) allocates a float32 copy of each weight in
-    every forward, and in backward's recomputation again. glibc maps every block above 32 MiB fresh from the OS and
+    `frozen_dtype: source`, and eval where memory is short) allocates a float32 copy of each weight in every
+    forward, and in backward's recomputation again. glibc maps every block above 32 MiB fresh from the OS and
     unmaps it when freed, so each copy faulted all its pages in anew, and the faults took a fifth or more of a
     training step's time (docs/benchmarks.md, "Training memory": page faults and step rates with and without).
-    Reused blocks are already mapped. The cost is the heap's fragmentation: 4-13% more anonymous peak at 1B and 7B
-    (docs/benchmarks.md). On exit glibc's defaults come back (its mmap threshold stays where it was, no longer
-    adjusted) and the free memory is trimmed. Nested blocks share the outermost one."""
+    Reused blocks are already mapped. The cost is the heap's fragmentation: 4-13% more anonymous peak for 1B and 7B
+    training and eval (docs/benchmarks.md). verify does without: a 7B verify ran 15% faster for 20% more
+    (docs/benchmarks.md, "Eval and verify memory"), too near a 24 GB machine's edge. On exit glibc's defaults come back (its mmap threshold stays where it
+    was, no longer adjusted) and the free memory is trimmed. Nested blocks share the outermost one."""
     global _reusing
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallopt"):

@@ -20,7 +20,6 @@ from moefy.export.formats import FORMATS, gather_neurons
 from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
-from moefy.host_memory import reuse_freed_blocks
 from moefy.models import load_in_float32, load_tokenizer, stored_dtype
 from moefy.progress import progress
 from moefy.sources import read_config, resolve_model
@@ -98,7 +97,6 @@ def probe_batch(directory: Path, texts=PROBE_TEXTS) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-@reuse_freed_blocks()  # a model read as float32 (models.load_in_float32) upcasts its weights in every forward
 def _run(model, batch: list[torch.Tensor], what: str) -> tuple[list[torch.Tensor], float]:
     logits, nll, count = [], 0.0, 0
     for ids in progress(batch, f"verify: {what}"):  # a 7B pass over the probe takes minutes on a CPU
@@ -207,7 +205,6 @@ def routing_decisions(weight: torch.Tensor, x: torch.Tensor, top_k: int) -> tupl
     return top.indices[:, :-1].sort(-1).values, tied, low.sort(-1).values
 
 
-@reuse_freed_blocks()  # as _run
 def _routing_margins(moe, batch: list[torch.Tensor], top_k: int) -> tuple[float, float]:
     """Shares of token × layer routing decisions that are near-tied (NEAR_TIE) and that change when the same router
     inputs meet the router in bf16, as a GPU client runs it: how much of the routing rounding decides."""
