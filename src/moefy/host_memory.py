@@ -44,9 +44,10 @@ def reuse_freed_blocks() -> Iterator[None]:
     unmaps it when freed, so each copy faulted all its pages in anew, and the faults took a fifth or more of a
     training step's time (docs/benchmarks.md, "Training memory": page faults and step rates with and without).
     Reused blocks are already mapped. The cost is the heap's fragmentation: 4-13% more anonymous peak for 1B and 7B
-    training and eval (docs/benchmarks.md). verify does without: a 7B verify ran 15% faster for 20% more
-    (docs/benchmarks.md, "Eval and verify memory"), too near a 24 GB machine's edge. On exit glibc's defaults come back (its mmap threshold stays where it
-    was, no longer adjusted) and the free memory is trimmed. Nested blocks share the outermost one."""
+    training and eval (docs/benchmarks.md). verify does without: a 7B verify ran 15% faster for 20% more anonymous
+    peak (docs/benchmarks.md, "Eval and verify memory"), too near a 24 GB machine's edge. On exit glibc's defaults
+    come back (its mmap threshold stays where it was, no longer adjusted) and the free memory is trimmed. Nested
+    blocks share the outermost one."""
     global _reusing
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallopt"):
