@@ -313,20 +313,20 @@ def test_bf16_checkpoint_profiles_and_reconstructs(tiny_bf16, corpus, tmp_path):
     assert api.verify(tmp_path / "moe", str(tiny_bf16)).passed
 
 
-@pytest.mark.parametrize("fields, both", [
-    ({"method": "carve", "experts": 4, "top_k": 1, "reconstruct": {"enabled": True, "seq_len": 16, "steps": 5}},
-     False),
-    ({"method": "upcycle", "experts": 4, "top_k": 1, "drop_fraction": 0.25}, True)])
-def test_verify_holds_one_bf16_model_at_a_time(monkeypatch, tiny_bf16, corpus, tmp_path, fields, both):
-    """verify frees the dense model before the MoE loads where its check allows (partitions; overlapping experts
-    are checked against the dense model one expert at a time, so it stays). Where memory is short, each model keeps
-    its bf16 weights, read as float32, except those the checks write into: a 7B pair in the memory of one bf16
-    model, not of two float32 ones, with the report of the float32 models. The carve build is reconstructed, so
-    verify also writes dense slices back into it."""
+@pytest.mark.parametrize("fields", [
+    {"method": "carve", "experts": 4, "top_k": 1, "reconstruct": {"enabled": True, "seq_len": 16, "steps": 5}},
+    {"method": "upcycle", "experts": 4, "top_k": 1, "drop_fraction": 0.25}])
+def test_verify_holds_one_bf16_model_at_a_time(monkeypatch, tiny_bf16, corpus, tmp_path, fields):
+    """verify frees the dense model before the MoE loads: a partition's check needs the dense logits, and
+    overlapping experts are checked against the dense model restricted to each expert, whose logits wait on disk
+    where memory is short. There, each model keeps its bf16 weights, read as float32, except those the checks write
+    into: a 7B pair in the memory of one bf16 model, not of two float32 ones, with the report of the float32
+    models. The carve build is reconstructed, so verify also writes dense slices back into it."""
     import weakref
 
     from moefy import models
     from moefy.export import verify as v
+    from moefy.profile import activations
 
     build(tiny_bf16, tmp_path / "moe", corpus, **fields)
     plenty = api.verify(tmp_path / "moe", str(tiny_bf16))  # this machine holds the tiny models in float32
@@ -339,13 +339,23 @@ def test_verify_holds_one_bf16_model_at_a_time(monkeypatch, tiny_bf16, corpus, t
         refs.append(weakref.ref(model))
         return model
 
+    class Recorded(v.Activations):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            spilled.append(self.spilled)
+
+    spilled = []
     monkeypatch.setattr(v, "load_in_float32", tracked)
+    monkeypatch.setattr(v, "Activations", Recorded)
     monkeypatch.setattr(models, "free_memory", lambda device: 0)
+    monkeypatch.setattr(activations, "free_memory", lambda device: 0)
     short = api.verify(tmp_path / "moe", str(tiny_bf16))
     assert short.passed and short == plenty
+    assert spilled == ([] if fields["method"] == "carve" else [True])
     layers = range(2)
-    assert [alive for alive, _ in loads] == [[], [both]]
-    assert loads[0][1] == {f"model.layers.{i}.mlp.down_proj.weight" for i in layers}
+    assert [alive for alive, _ in loads] == [[], [False]]
+    written = {f"model.layers.{i}.mlp.down_proj.weight" for i in layers}
+    assert loads[0][1] == (written if fields["method"] == "carve" else set())  # a restriction writes no weight
     routed = {f"model.layers.{i}.mlp.{n}" for i in layers for n in ("gate.weight", "experts.down_proj")}
     shared = {f"model.layers.{i}.mlp.shared_expert.down_proj.weight" for i in layers}
     assert loads[1][1] == (routed | shared if fields["method"] == "carve" else routed)

@@ -21,6 +21,7 @@ from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
 from moefy.models import load_in_float32, load_tokenizer, stored_dtype
+from moefy.profile.activations import Activations, activation_budget
 from moefy.progress import progress
 from moefy.sources import read_config, resolve_model
 from moefy.tensor_io import LazyCheckpoint
@@ -129,14 +130,14 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         _, expert_loss = _run(dense_model, batch, "expert oracle")
     with neuron_oracle(dense_model, fraction):
         _, neuron_loss = _run(dense_model, batch, "neuron oracle")
-    if partition:
-        # The uniform check's reference is all the dense model gives the MoE's checks: take it, then free the
-        # dense model before the MoE loads, so a 7B pair needs the memory of one model.
-        if storage != torch.float32:
-            _round_as_stored(dense_model, dense_dir, plan, storage)
-            dense_logits, _ = _run(dense_model, batch, "dense, rounded as stored")
-        del dense_model
-        gc.collect()
+    # The checks' references are all the dense model gives the MoE's checks: take them, then free the dense model
+    # before the MoE loads, so a 7B pair needs the memory of one model.
+    if partition and storage != torch.float32:
+        _round_as_stored(dense_model, dense_dir, plan, storage)
+        dense_logits, _ = _run(dense_model, batch, "dense, rounded as stored")
+    references = None if partition else _restricted_logits(dense_model, plan, batch)
+    del dense_model
+    gc.collect()
     moe = load_in_float32(moe_dir, storage, _written_in_moe(plan))
     _, built_loss = _run(moe, batch, "MoE as built")
     ties, flips = _routing_margins(moe, batch, plan.meta.top_k)
@@ -149,16 +150,18 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
         scale = max(a.abs().max().item() for a in dense_logits)
     else:
-        check = "per-expert"  # the dense model stays, restricted to one expert at a time
-        delta, uniform_loss, scale = _per_expert_delta(moe, dense_model, plan, batch)
+        check = "per-expert"
+        delta, uniform_loss, scale = _per_expert_delta(moe, plan, batch, references)
+        references.close()
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
                         plan.meta.active_params(total), dense_params, tolerance, scale, fraction, expert_loss,
                         neuron_loss, ties, flips, vllm_problems(moe_dir))
 
 
 def _written_in_dense(plan) -> Callable[[str, torch.nn.Parameter], bool]:
-    # _round_as_stored and _per_expert_delta set the MoE layers' down-projection columns.
-    names = {f"model.layers.{i}.mlp.down_proj.weight" for i in plan.meta.moe_layers}
+    # _round_as_stored sets the MoE layers' down-projection columns (for a partition; _restricted_logits writes none).
+    partition = plan.meta.coverage == "partition"
+    names = {f"model.layers.{i}.mlp.down_proj.weight" for i in plan.meta.moe_layers} if partition else set()
     return lambda name, param: name in names
 
 
@@ -278,25 +281,54 @@ def _force_expert(model, meta, expert: int) -> None:
         mlp.forward = forward
 
 
-def _per_expert_delta(moe, dense_model, plan, batch) -> tuple[float, float, float]:
-    """For overlapping experts: each expert alone must equal the dense model restricted to its neurons (scaled)."""
-    originals = {i: dense_model.model.layers[i].mlp.down_proj.weight.detach().clone() for i in plan.meta.moe_layers}
+def _checked_experts(plan) -> range:
+    return range(min(plan.meta.num_experts, MAX_EXPERTS_CHECKED))
+
+
+@torch.no_grad()
+def _restricted_logits(dense_model, plan, batch) -> Activations:
+    """For overlapping experts, the references of the per-expert check: the dense model's probe logits with each
+    MoE layer's FFN restricted to one expert's copied neurons (scaled) and the shared ones, for each checked expert.
+    The restriction multiplies down_proj's input, so no weight is written. Kept in memory up to half of what is free,
+    else on disk (profile.activations), so the MoE can load after the dense model is freed: a vocabulary of 128k
+    makes them 4 GiB for 8 experts over the probe."""
+    experts = _checked_experts(plan)
+    shapes = [tuple(ids.shape) + (dense_model.get_output_embeddings().out_features,) for ids in batch]
+    store = Activations(shapes * len(experts), torch.device("cpu"), activation_budget(None, torch.device("cpu")))
+    for e in experts:
+        hooks = []
+        for i, lp in plan.layers.items():
+            copied = lp.experts[e] != PAD
+            if lp.reinit is not None:  # re-initialised neurons are new by design: check all the others
+                copied &= ~lp.reinit[e]
+            mask = torch.zeros(plan.meta.ffn_width)
+            mask[torch.from_numpy(lp.experts[e][copied])] = lp.scale
+            mask[torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
+            down = dense_model.model.layers[i].mlp.down_proj
+            hooks.append(down.register_forward_pre_hook(lambda m, args, mask=mask: (args[0] * mask,)))
+        try:
+            logits, _ = _run(dense_model, batch, f"dense restricted to expert {e}")
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for b, out in enumerate(logits):
+            store[e * len(batch) + b] = out
+    return store
+
+
+def _per_expert_delta(moe, plan, batch, references: Activations) -> tuple[float, float, float]:
+    """For overlapping experts: each expert alone must equal the dense model restricted to its neurons (scaled),
+    whose logits _restricted_logits took."""
     worst, loss, scale = 0.0, float("nan"), 0.0
-    for e in range(min(plan.meta.num_experts, MAX_EXPERTS_CHECKED)):
+    for e in _checked_experts(plan):
         _force_expert(moe, plan.meta, e)
         with torch.no_grad():
             for i, lp in plan.layers.items():
-                copied = lp.experts[e] != PAD
-                if lp.reinit is not None:  # re-initialised neurons are new by design: check all the others
-                    copied &= ~lp.reinit[e]
+                if lp.reinit is not None:
                     moe.model.layers[i].mlp.experts.down_proj[e][:, torch.from_numpy(lp.reinit[e])] = 0
-                mask = torch.zeros(plan.meta.ffn_width)
-                neurons = lp.experts[e][copied]
-                mask[torch.from_numpy(neurons)] = lp.scale
-                mask[torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
-                dense_model.model.layers[i].mlp.down_proj.weight.copy_(originals[i] * mask)
-        ref_logits, _ = _run(dense_model, batch, f"dense restricted to expert {e}")
         moe_logits, loss = _run(moe, batch, f"expert {e} alone")
-        worst = max(worst, max((a - b).abs().max().item() for a, b in zip(moe_logits, ref_logits)))
-        scale = max(scale, max(a.abs().max().item() for a in ref_logits))
+        for b, out in enumerate(moe_logits):
+            ref = references[e * len(batch) + b]
+            worst = max(worst, (out - ref).abs().max().item())
+            scale = max(scale, ref.abs().max().item())
     return worst, loss, scale
