@@ -36,15 +36,16 @@ def test_all_experts_uniform_router_reproduce_dense(tiny_sharded, tmp_path, meth
     assert abs(report.built_moe_loss - report.dense_loss) > 1e-5
 
 
-@pytest.mark.parametrize("method", ["random", "upcycle"])  # the uniform check and the per-expert one
-def test_verify_detects_a_broken_expert(tiny_llama, tmp_path, method):
+# The uniform check, and the per-expert one, which checks every expert (it once stopped at the first 8).
+@pytest.mark.parametrize("method, experts, broken", [("random", 4, 0), ("upcycle", 12, 11)])
+def test_verify_detects_a_broken_expert(tiny_llama, tmp_path, method, experts, broken):
     out = tmp_path / "moe"
-    build(tiny_llama, out, experts=4, top_k=2, method=method)
+    build(tiny_llama, out, experts=experts, top_k=2, method=method)
     from safetensors.torch import load_file, save_file
 
     # Corrupt the weights (not the plan): swap two experts' w1 rows in the checkpoint.
     weights = load_file(str(out / "model.safetensors"))
-    key = "model.layers.0.block_sparse_moe.experts.0.w1.weight"
+    key = f"model.layers.0.block_sparse_moe.experts.{broken}.w1.weight"
     weights[key] = weights[key].flip(0).contiguous()
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     assert api.verify(out, str(tiny_llama)).max_abs_dlogits > 1e-3, method

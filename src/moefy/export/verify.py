@@ -21,7 +21,6 @@ from moefy.export.oracle import active_fraction, expert_oracle, neuron_oracle
 from moefy.export.vllm_check import vllm_problems
 from moefy.families import family_for
 from moefy.models import load_in_float32, load_tokenizer, stored_dtype
-from moefy.profile.activations import Activations, activation_budget
 from moefy.progress import progress
 from moefy.sources import read_config, resolve_model
 from moefy.tensor_io import LazyCheckpoint
@@ -35,13 +34,11 @@ PROBE_MAX_TOKENS = 256
 # margins, while rounding noise shrinks with the logits.
 NEAR_TIE = 1e-3
 
-# Experts checked one at a time for plans whose experts overlap (each check is two probe forwards).
-MAX_EXPERTS_CHECKED = 8
-
 
 @dataclass(frozen=True)
 class VerifyReport:
-    check: str  # "uniform": all experts + uniform router vs dense; "per-expert": each expert alone vs restricted dense
+    check: str  # "uniform": all experts + uniform router vs dense; "per-expert": each token through one expert alone
+    # (token t: expert t mod N) vs the dense model restricted to that expert at that token
     max_abs_dlogits: float
     dense_loss: float
     uniform_moe_loss: float  # the checked configuration's loss (for "uniform": should equal dense_loss)
@@ -130,12 +127,12 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         _, expert_loss = _run(dense_model, batch, "expert oracle")
     with neuron_oracle(dense_model, fraction):
         _, neuron_loss = _run(dense_model, batch, "neuron oracle")
-    # The checks' references are all the dense model gives the MoE's checks: take them, then free the dense model
+    # The check's reference is all the dense model gives the MoE's checks: take it, then free the dense model
     # before the MoE loads, so a 7B pair needs the memory of one model.
     if partition and storage != torch.float32:
         _round_as_stored(dense_model, dense_dir, plan, storage)
         dense_logits, _ = _run(dense_model, batch, "dense, rounded as stored")
-    references = None if partition else _restricted_logits(dense_model, plan, batch)
+    references = dense_logits if partition else _restricted_logits(dense_model, plan, batch)
     del dense_model
     gc.collect()
     moe = load_in_float32(moe_dir, storage, _written_in_moe(plan))
@@ -147,19 +144,18 @@ def verify(moe_dir: Path, dense: str, tolerance: float = 1e-3) -> VerifyReport:
         check = "uniform"
         fmt.all_experts_uniform(moe, plan.meta)
         moe_logits, uniform_loss = _run(moe, batch, "all experts, uniform router")
-        delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, dense_logits))
-        scale = max(a.abs().max().item() for a in dense_logits)
     else:
         check = "per-expert"
-        delta, uniform_loss, scale = _per_expert_delta(moe, plan, batch, references)
-        references.close()
+        moe_logits, uniform_loss = _assigned_logits(moe, plan, batch)
+    delta = max((a - b).abs().max().item() for a, b in zip(moe_logits, references))
+    scale = max(a.abs().max().item() for a in references)
     return VerifyReport(check, delta, dense_loss, uniform_loss, built_loss, sum(b.shape[1] for b in batch), total,
                         plan.meta.active_params(total), dense_params, tolerance, scale, fraction, expert_loss,
                         neuron_loss, ties, flips, vllm_problems(moe_dir))
 
 
 def _written_in_dense(plan) -> Callable[[str, torch.nn.Parameter], bool]:
-    # _round_as_stored sets the MoE layers' down-projection columns (for a partition; _restricted_logits writes none).
+    # _round_as_stored sets a partition's MoE layers' down-projection columns (_restricted_logits writes none).
     partition = plan.meta.coverage == "partition"
     names = {f"model.layers.{i}.mlp.down_proj.weight" for i in plan.meta.moe_layers} if partition else set()
     return lambda name, param: name in names
@@ -265,14 +261,21 @@ def _restore_construction(moe, source: Path, plan, storage: torch.dtype) -> None
                 _stored(shared.up_proj, "weight").copy_(gather_neurons(dense["up"], row, 0))
 
 
-def _force_expert(model, meta, expert: int) -> None:
-    """Route every token to `expert` with weight 1, through the stock experts (and shared) modules."""
+def _assigned(tokens: int, num_experts: int) -> torch.Tensor:
+    """The per-expert check's routing: token t of a probe text goes to expert t mod N in every layer. One pass then
+    checks every expert, each on a share of the tokens, which is enough: a wrongly built expert changes the logits of
+    every token it computes."""
+    return torch.arange(tokens) % num_experts
+
+
+def _force_assigned(model, meta) -> None:
+    """Route each token to its _assigned expert with weight 1, through the stock experts (and shared) modules."""
     for i in meta.moe_layers:
         mlp = model.model.layers[i].mlp
 
         def forward(hidden, mlp=mlp):
             flat = hidden.reshape(-1, hidden.shape[-1])
-            index = torch.full((flat.shape[0], 1), expert, dtype=torch.long)
+            index = _assigned(flat.shape[0], meta.num_experts)[:, None]
             out = mlp.experts(flat, index, torch.ones(flat.shape[0], 1))
             if hasattr(mlp, "shared_expert"):
                 out = out + torch.sigmoid(mlp.shared_expert_gate(flat)) * mlp.shared_expert(flat)
@@ -281,54 +284,40 @@ def _force_expert(model, meta, expert: int) -> None:
         mlp.forward = forward
 
 
-def _checked_experts(plan) -> range:
-    return range(min(plan.meta.num_experts, MAX_EXPERTS_CHECKED))
+@torch.no_grad()
+def _restricted_logits(dense_model, plan, batch) -> list[torch.Tensor]:
+    """The per-expert check's reference: the dense model's probe logits with each MoE layer's FFN, at each token,
+    restricted to the copied neurons (scaled) of its _assigned expert and to the shared ones. The restriction
+    multiplies down_proj's input, so no weight is written."""
+    hooks = []
+    for i, lp in plan.layers.items():
+        masks = torch.zeros(plan.meta.num_experts, plan.meta.ffn_width)
+        for e, row in enumerate(lp.experts):
+            copied = row != PAD
+            if lp.reinit is not None:  # re-initialised neurons are new by design: check all the others
+                copied &= ~lp.reinit[e]
+            masks[e, torch.from_numpy(row[copied])] = lp.scale
+        masks[:, torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
+
+        def restrict(module, args, masks=masks):
+            flat = args[0].reshape(-1, masks.shape[1])
+            return ((flat * masks[_assigned(flat.shape[0], len(masks))]).reshape(args[0].shape),)
+
+        hooks.append(dense_model.model.layers[i].mlp.down_proj.register_forward_pre_hook(restrict))
+    try:
+        return _run(dense_model, batch, "dense restricted to each token's expert")[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @torch.no_grad()
-def _restricted_logits(dense_model, plan, batch) -> Activations:
-    """For overlapping experts, the references of the per-expert check: the dense model's probe logits with each
-    MoE layer's FFN restricted to one expert's copied neurons (scaled) and the shared ones, for each checked expert.
-    The restriction multiplies down_proj's input, so no weight is written. Kept in memory up to half of what is free,
-    else on disk (profile.activations), so the MoE can load after the dense model is freed: a vocabulary of 128k
-    makes them 4 GiB for 8 experts over the probe."""
-    experts = _checked_experts(plan)
-    shapes = [tuple(ids.shape) + (dense_model.get_output_embeddings().out_features,) for ids in batch]
-    store = Activations(shapes * len(experts), torch.device("cpu"), activation_budget(None, torch.device("cpu")))
-    for e in experts:
-        hooks = []
-        for i, lp in plan.layers.items():
-            copied = lp.experts[e] != PAD
-            if lp.reinit is not None:  # re-initialised neurons are new by design: check all the others
-                copied &= ~lp.reinit[e]
-            mask = torch.zeros(plan.meta.ffn_width)
-            mask[torch.from_numpy(lp.experts[e][copied])] = lp.scale
-            mask[torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
-            down = dense_model.model.layers[i].mlp.down_proj
-            hooks.append(down.register_forward_pre_hook(lambda m, args, mask=mask: (args[0] * mask,)))
-        try:
-            logits, _ = _run(dense_model, batch, f"dense restricted to expert {e}")
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for b, out in enumerate(logits):
-            store[e * len(batch) + b] = out
-    return store
-
-
-def _per_expert_delta(moe, plan, batch, references: Activations) -> tuple[float, float, float]:
-    """For overlapping experts: each expert alone must equal the dense model restricted to its neurons (scaled),
-    whose logits _restricted_logits took."""
-    worst, loss, scale = 0.0, float("nan"), 0.0
-    for e in _checked_experts(plan):
-        _force_expert(moe, plan.meta, e)
-        with torch.no_grad():
-            for i, lp in plan.layers.items():
-                if lp.reinit is not None:
-                    moe.model.layers[i].mlp.experts.down_proj[e][:, torch.from_numpy(lp.reinit[e])] = 0
-        moe_logits, loss = _run(moe, batch, f"expert {e} alone")
-        for b, out in enumerate(moe_logits):
-            ref = references[e * len(batch) + b]
-            worst = max(worst, (out - ref).abs().max().item())
-            scale = max(scale, ref.abs().max().item())
-    return worst, loss, scale
+def _assigned_logits(moe, plan, batch) -> tuple[list[torch.Tensor], float]:
+    """The MoE with each token through its _assigned expert alone (and the shared block), re-initialised neurons
+    zeroed: the function _restricted_logits computes in the dense model."""
+    for i, lp in plan.layers.items():
+        if lp.reinit is not None:
+            for e, fresh in enumerate(lp.reinit):
+                moe.model.layers[i].mlp.experts.down_proj[e][:, torch.from_numpy(fresh)] = 0
+    _force_assigned(moe, plan.meta)
+    return _run(moe, batch, "each token's expert alone")

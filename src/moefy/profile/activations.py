@@ -1,7 +1,6 @@
 """The calibration activations that the layer-by-layer passes (profile/runner.py, construct/reconstruct.py) carry
-from one decoder layer to the next: one hidden-state tensor per calibration batch (and verify's per-expert reference
-logits, export/verify.py). They stay on the compute device while they fit a memory budget; above it they live in a
-file on disk and one batch at a time visits the device.
+from one decoder layer to the next: one hidden-state tensor per calibration batch. They stay on the compute device
+while they fit a memory budget; above it they live in a file on disk and one batch at a time visits the device.
 Spilling changes where the floats wait between layers, never what is computed: the passes give the same bits.
 
 The file is read and written with pread/pwrite, not memory-mapped: pages of a mapped file count in the process's
