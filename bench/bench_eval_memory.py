@@ -1,5 +1,6 @@
 """Eval and verify memory benchmark (issue: scale). A random 8-expert top-2 MoE is built in bf16 from MODEL (a model
-or a bench/make_shape.py shape), then either
+or a bench/make_shape.py shape; with --method dive, a DIVE build whose 4 experts overlap: each the FFN pruned on one
+of the demo corpus's 4 calibration domains, a quarter of it, top-1), then either
 - `moefy eval` of it beside its dense source, perplexity only, on the demo corpus's held-out domains, or, with --verify,
 - `moefy verify` of it against its dense source: the exactness check, the oracles and the routing margins on the
   probe.
@@ -11,7 +12,7 @@ RSS (exact, but it also counts mapped checkpoint pages), each ÷ the larger mode
 of the command (one run: an indication on a shared machine, not a benchmark of speed).
 
 Usage: python bench/bench_eval_memory.py [--model .cache/shapes/tinyllama-1b] [--tokens-per-domain 256] [--verify]
-                                       [--free-memory GIB]"""
+                                       [--free-memory GIB] [--method random|dive]"""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def main() -> None:
     p.add_argument("--verify", action="store_true", help="measure moefy verify instead of moefy eval")
     p.add_argument("--free-memory", type=float, help="GiB: run as on a machine with this much memory free, which "
                    "decides whether a model is upcast to float32 once or kept as stored (models.load_in_float32)")
+    p.add_argument("--method", choices=["random", "dive"], default="random",
+                   help="dive: experts that overlap, which verify checks one at a time against the restricted dense model")
     args = p.parse_args()
 
     import accelerate  # noqa: F401  (part of the import floor, not of eval)
@@ -48,9 +51,16 @@ def main() -> None:
         models.free_memory = lambda device: int(args.free_memory * 2**30)
     with tempfile.TemporaryDirectory(prefix="moefy-bench-eval-memory-") as tmp:
         work = Path(tmp)
-        heldout = None if args.verify else demo_corpus(work) / "heldout"
+        corpus = demo_corpus(work)
+        heldout = None if args.verify else corpus / "heldout"
         moe = work / "moe"
-        api.build(BuildRecipe(model=args.model, experts=8, top_k=2, method="random", dtype="bfloat16"), moe)
+        if args.method == "dive":  # a small calibration and the IoU affinity: the build is not what is measured
+            recipe = BuildRecipe(model=args.model, experts=4, top_k=1, method="dive", dtype="bfloat16",
+                                 calib=str(corpus / "calib"), profile={"tokens_per_domain": 256, "sample_tokens": 256},
+                                 dive={"affinity": "iou", "affinity_tokens_per_domain": 64})
+        else:
+            recipe = BuildRecipe(model=args.model, experts=8, top_k=2, method="random", dtype="bfloat16")
+        api.build(recipe, moe)
         dense = resolve_model(args.model).directory
 
         def float32_size(directory: Path) -> int:
@@ -75,7 +85,9 @@ def main() -> None:
         what = f"perplexity on the demo held-out domains, {args.tokens_per_domain} tokens each, context 128"
         extra = ""
     free = "" if args.free_memory is None else f"; as with {args.free_memory:g} GiB free"
-    print(f"model {args.model}; dense + random 8-expert top-2 MoE (bf16 on disk); {cpu_name()}; {what}{free}")
+    built = "DIVE 4-expert top-1 MoE, each expert a quarter of the FFN" if args.method == "dive" else \
+        "random 8-expert top-2 MoE"
+    print(f"model {args.model}; dense + {built} (bf16 on disk); {cpu_name()}; {what}{free}")
     print("| larger model in float32 | peak anonymous − after imports | ÷ larger model | peak RSS − after imports | "
           "losses (dense, MoE) |" + (" max \\|Δlogits\\| |" if args.verify else "") + " seconds |")
     print("|---|---|---|---|---|" + ("---|" if args.verify else "") + "---|")
