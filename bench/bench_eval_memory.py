@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--free-memory", type=float, help="GiB: run as on a machine with this much memory free, which "
                    "decides whether a model is upcast to float32 once or kept as stored (models.load_in_float32)")
     p.add_argument("--method", choices=["random", "dive"], default="random",
-                   help="dive: experts that overlap, which verify checks one at a time against the restricted dense model")
+                   help="dive: experts that overlap, which verify checks per expert (export/verify.py)")
     args = p.parse_args()
 
     import accelerate  # noqa: F401  (part of the import floor, not of eval)
