@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from moefy.train.recipe import Gating
 
+NOISE_MODULE = "moefy_noise"  # the noise layer's name under its router: training-only, never exported
+
 
 def routers(model) -> list[torch.nn.Module]:
     return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
@@ -29,6 +31,10 @@ class GatingWrapper:
         self.recording = False
         self.loads: dict[int, torch.Tensor] = {}  # router -> tokens routed to each expert since the last end_step
         self.noise: list[torch.nn.Linear] = []
+        qualified = {id(m): name for name, m in model.named_modules()}
+        # The noise weights' names in the model: under FSDP a checkpoint takes them from the gathered full weights.
+        self.noise_names = [f"{qualified[id(r)]}.{NOISE_MODULE}.weight" for r in self.routers] if gating.noise > 0 \
+            else []
         # on each router's device: they shift its probabilities in every forward
         self.bias = [torch.zeros(r.weight.shape[0], device=r.weight.device) for r in self.routers]
         for i, router in enumerate(self.routers):
@@ -38,7 +44,7 @@ class GatingWrapper:
                                         device=router.weight.device)
                 torch.nn.init.zeros_(noise.weight)  # starts as plain top-k; learns where noise helps exploration
                 # A submodule of the router, so DDP/FSDP see and synchronise it; `remove` takes it off again.
-                router.moefy_noise = noise
+                router.add_module(NOISE_MODULE, noise)
                 self.noise.append(noise)
             router.forward = self._forward(router, noise, i)
 
@@ -108,9 +114,12 @@ class GatingWrapper:
         self.loads.clear()
         return {"load_cv": sum(imbalance) / len(imbalance)} if imbalance else {}
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Biases and noise weights; `full`: the model's full weights by name, gathered from FSDP's shards, where
+        each process holds only a shard of the noise layers."""
         out = {f"bias.{i}": b for i, b in enumerate(self.bias)}
-        out.update({f"noise.{i}": n.weight.detach() for i, n in enumerate(self.noise)})
+        noise = [full[name] for name in self.noise_names] if full is not None else [n.weight for n in self.noise]
+        out.update({f"noise.{i}": w.detach() for i, w in enumerate(noise)})
         return out
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -123,8 +132,8 @@ class GatingWrapper:
     def remove(self) -> None:
         for router in self.routers:
             del router.forward  # back to the class's stock forward
-            if hasattr(router, "moefy_noise"):
-                del router.moefy_noise
+            if hasattr(router, NOISE_MODULE):
+                delattr(router, NOISE_MODULE)
 
 
 def _cv2(x: torch.Tensor) -> torch.Tensor:

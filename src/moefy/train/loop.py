@@ -36,7 +36,7 @@ from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_r
 from moefy.train.data import DomainSampler
 from moefy.train.distill import distill_loss, load_teacher, logged_lm_loss
 from moefy.train.frozen import keep_stored, load_frozen, release
-from moefy.train.gating import GatingWrapper
+from moefy.train.gating import NOISE_MODULE, GatingWrapper
 from moefy.train.logs import RunLog
 from moefy.train.lora import add_lora, merge, stable_name
 from moefy.train.mixture import initial_weights, sheared_llama_update
@@ -266,9 +266,10 @@ def checkpoint(run: Path, recipe: TrainRecipe, model, sr: StageRun, step: int, s
     params, optimizer_state = gathered or (dict(model.named_parameters()), sr.optimizer.state_dict())
     trainable = {n for n, _ in sr.chosen}
     weights = {stable_name(n): p for n, p in params.items()
-               if (n in trainable or stable_name(n) in touched) and "moefy_noise" not in n}
+               if (n in trainable or stable_name(n) in touched) and NOISE_MODULE not in n}
+    gating_state = sr.gating.state(params if gathered else None)
     save_checkpoint(run, step, stage=sr.index, stage_step=stage_step, weights=weights,
-                    gating_state=sr.gating.state(), optimizer_state=optimizer_state, sharded=gathered is not None,
+                    gating_state=gating_state, optimizer_state=optimizer_state, sharded=gathered is not None,
                     scheduler=sr.scheduler, sampler_state=sr.sampler.state(), touched=sorted(touched),
                     keep_last=recipe.keep_last)
 

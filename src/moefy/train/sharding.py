@@ -3,14 +3,18 @@ of every weight and of the optimizer state, so a checkpoint first gathers full t
 calls it), a resume loads the full optimizer state back into the shards, and a stage ends by gathering the weights
 into a plain model, which is what LoRA merging, the next stage and the export expect.
 
-Not yet under FSDP: LoRA stages (peft's wrappers inside a sharded model), gate noise (a sharded submodule of each
-router) and frozen weights kept in the MoE's dtype; all are refused before training starts."""
+Gate noise layers are submodules of the routers, so they are sharded and trained like any weight; they are
+training-only, so a stage's gathered model drops them.
+
+Not yet under FSDP: LoRA stages (peft's wrappers inside a sharded model) and frozen weights kept in the MoE's dtype;
+both are refused before training starts."""
 
 from __future__ import annotations
 
 import torch
 
 from moefy.errors import MoefyError
+from moefy.train.gating import NOISE_MODULE
 
 
 def is_fsdp(acc) -> bool:
@@ -28,8 +32,6 @@ def check_supported(recipe) -> None:
         if s.trainable == "experts-lora":
             raise MoefyError(f"stage {s.name}: experts-lora is not supported under FSDP yet; use DDP (the default "
                              "multi-process mode) or train `experts`")
-        if s.gating.noise:
-            raise MoefyError(f"stage {s.name}: gate noise is not supported under FSDP yet; set gating.noise to 0")
 
 
 def _options(rank0_only: bool):
@@ -59,5 +61,5 @@ def unsharded(wrapped, fresh) -> torch.nn.Module:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(wrapped, options=_options(rank0_only=False))
-    fresh.load_state_dict(state)
+    fresh.load_state_dict({name: w for name, w in state.items() if NOISE_MODULE not in name})
     return fresh
