@@ -31,10 +31,11 @@ class GatingWrapper:
         self.recording = False
         self.loads: dict[int, torch.Tensor] = {}  # router -> tokens routed to each expert since the last end_step
         self.noise: list[torch.nn.Linear] = []
-        qualified = {id(m): name for name, m in model.named_modules()}
         # The noise weights' names in the model: under FSDP a checkpoint takes them from the gathered full weights.
-        self.noise_names = [f"{qualified[id(r)]}.{NOISE_MODULE}.weight" for r in self.routers] if gating.noise > 0 \
-            else []
+        self.noise_names: list[str] = []
+        if gating.noise > 0:
+            qualified = {id(m): name for name, m in model.named_modules()}
+            self.noise_names = [f"{qualified[id(r)]}.{NOISE_MODULE}.weight" for r in self.routers]
         # on each router's device: they shift its probabilities in every forward
         self.bias = [torch.zeros(r.weight.shape[0], device=r.weight.device) for r in self.routers]
         for i, router in enumerate(self.routers):
