@@ -16,7 +16,7 @@ FLOORS = [
     ["data"],
     ["models"],
     ["sources", "families", "tensor_io", "tensor_writer", "recipes", "atomic", "progress", "errors", "host_memory",
-     "__init__"],
+     "seeding", "__init__"],
 ]
 
 

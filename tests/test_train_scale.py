@@ -415,8 +415,8 @@ def test_fsdp2_two_processes_match_one_and_resume(tiny_moe, corpus, tmp_path, cp
 def test_fsdp2_trains_gate_noise_and_resumes_it_exactly(tiny_moe, corpus, tmp_path, cpu_only):
     """Gate noise under FSDP2: the noise layers are sharded and trained like any weight, a checkpoint holds them
     whole (gathered, not a process's shard), a resume inside the noisy stage reproduces the straight run bit for bit
-    (the noise draws come from the restored RNG), and the plain model between stages drops them, so the next stage
-    and the export are stock."""
+    (each step's noise is seeded by its place, not by a saved RNG state), and the plain model between stages drops
+    them, so the next stage and the export are stock."""
     from moefy.train.checkpoint import load_checkpoint
 
     stages = [{"name": "n", "trainable": "router+norm", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
@@ -449,6 +449,24 @@ def test_fsdp2_trains_gate_noise_and_resumes_it_exactly(tiny_moe, corpus, tmp_pa
     assert [r["step"] for r in two] == list(range(1, 9)) and [r["loss"] for r in resumed] == [r["loss"] for r in two]
     again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_gate_noise_is_drawn_per_process(tiny_moe, corpus, tmp_path, cpu_only):
+    """Each process draws its own gate noise, as the rows of one process's batch do: the same seed on every
+    process gave every process the same draws (seen before the per-step seed)."""
+    stages = [{"name": "n", "trainable": "router", "tokens": 2 * 4 * 32, "seq_len": 32, "gating": {"noise": 1.0}}]
+    recipe = tmp_path / "noise.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "draws").mkdir()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "gate_noise_draws.py"), "train", str(tiny_moe), "--data",
+                           str(corpus), "--recipe", str(recipe), "--out", str(tmp_path / "two")],
+                          env={**cpu_only, "NOISE_DRAWS": str(tmp_path / "draws")}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [(tmp_path / "draws" / f"rank-{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2 * 2  # 2 steps × 2 MoE layers
+    assert all(a != b for a, b in zip(*ranks)) and len(set(ranks[0])) == len(ranks[0])
 
 
 def test_fsdp_refuses_what_it_does_not_support():

@@ -31,6 +31,7 @@ from moefy.models import compute_device, load_tokenizer
 from moefy.profile.activations import activation_budget
 from moefy.profile.runner import domain_batches, embed_blocks, materialise_layer, rotary_embeddings, spill_note
 from moefy.progress import progress
+from moefy.seeding import derived_seed
 from moefy.sources import ModelSource
 from moefy.tensor_io import LazyCheckpoint, SavedTensors
 
@@ -227,9 +228,9 @@ def reconstruct(plan: MoEPlan, source: ModelSource, family: Family, corpus: Corp
                 # the dense FFN as the materialised layer holds it (fp32, on the device): no second copy is read
                 ffn = {w: layer.get_parameter(getattr(family, w)).detach() for w in ("gate", "up", "down")}
                 x, y = torch.cat(xs), torch.cat(ys)
-                layer_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
                 layers[i], y_hat, before, after, t = fit_layer(x, y, Layer(**ffn, plan=plan.layers[i],
-                                                                        top_k=plan.meta.top_k), opts, layer_seed)
+                                                                        top_k=plan.meta.top_k), opts,
+                                                               derived_seed(seed, i))
                 fits.append(LayerFit(i, before, after, t))
                 if spill is not None:
                     on_disk = SavedTensors(layers[i].fitted, spill / f"layer-{i}.safetensors")

@@ -11,6 +11,7 @@ import torch
 
 from moefy.construct.plan import EXPERT_SIZE_MULTIPLE, PAD, LayerPlan, PlanMeta, pad_to
 from moefy.errors import MoefyError
+from moefy.seeding import derived_seed
 from moefy.tensor_writer import TensorSpec
 
 # Attention/embedding facts copied verbatim from the dense config; the MoE classes share LLaMA's attention.
@@ -38,7 +39,7 @@ def _reinitialise(w_gate: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor
                   seed: tuple[int, int, int]) -> None:
     """Drop-Upcycling: fresh normal weights for the chosen neurons, with each matrix's own mean and std (drawn in
     fp32, stored in the slice's dtype: gate and up come in the checkpoint's, often bf16)."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(derived_seed(*seed))
     for w, dim in ((w_gate, 0), (w_up, 0), (w_down, 1)):
         fresh = (torch.randn(w.shape, generator=gen) * w.float().std() + w.float().mean()).to(w.dtype)
         if dim == 0:

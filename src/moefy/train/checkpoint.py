@@ -1,6 +1,7 @@
 """Training checkpoints: atomic directories, keep-last-n. Each holds the trainable weights (safetensors), the
-optimizer and scheduler state (tensors only, loaded with weights_only=True: no arbitrary pickle), the RNG states,
-the sampler state, the gating state, and the loop position."""
+optimizer and scheduler state (tensors only, loaded with weights_only=True: no arbitrary pickle), Python's and
+numpy's RNG states (torch's draws are seeded per step: train.loop), the sampler state, the gating state, and the
+loop position."""
 
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, weight
         save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.contiguous() for k, v in gating_state.items()} or {"_": torch.zeros(1)},
                   str(tmp / "gating.safetensors"))
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sharded": sharded,
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sharded": sharded},
+                   tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state, "touched": touched,
             "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False)}, default=_jsonable))
@@ -60,7 +61,6 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch_rng"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     np.random.set_state(state["numpy_rng"])

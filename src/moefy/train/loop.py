@@ -29,6 +29,7 @@ from moefy.models import DTYPES, load_causal_lm, load_tokenizer, stored_dtype
 from moefy.profile.perplexity import heldout_perplexity
 from moefy.progress import progress
 from moefy.recipes import BUILD_RECIPE, TRAIN_RECIPE, dump_recipe
+from moefy.seeding import derived_seed
 from moefy.sources import SIDE_FILES, read_config
 from moefy.tensor_writer import SHARD_BYTES
 from moefy.train import sharding
@@ -106,7 +107,6 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
     tokenizer = load_tokenizer(moe_dir)
     model = load_model(moe_dir, recipe, acc.device)
     teacher = load_teacher(dense_dir, acc.device, recipe.frozen_dtype) if any(s.distill for s in recipe.stages) else None
-    torch.manual_seed(recipe.seed)
     ckpt = load_checkpoint(latest_checkpoint(run)) if resume and latest_checkpoint(run) else None
     log = RunLog(run, ckpt["step"] if ckpt else None) if acc.is_main_process else None
     step = ckpt["step"] if ckpt else 0
@@ -129,6 +129,10 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
                 steps = progress(steps, f"{stage.name} ({stage.trainable})", status=status)
             for stage_step in steps:
                 t0 = time.perf_counter()
+                # The step's draws (gate noise) are seeded by its place and its process: independent across
+                # processes, as within one process's batch, and the same after a resume (on every device, with no
+                # RNG state saved).
+                torch.manual_seed(derived_seed(recipe.seed, s_idx, stage_step, acc.process_index))
                 record = train_step(acc, wrapped, sr, teacher)
                 step += 1
                 record = {"step": step, "stage": stage.name, **record,
@@ -184,6 +188,7 @@ def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout:
                          f"{acc.num_processes} processes (the global batch is split across them)")
     sampler = DomainSampler(corpus, tokenizer, stage.seq_len, initial_weights(stage.mixture, corpus.domains()),
                             recipe.seed + s_idx)
+    torch.manual_seed(derived_seed(recipe.seed, s_idx))  # the same on every process: LoRA's initial weights
     lora = add_lora(model, stage.lora) if stage.trainable == "experts-lora" else None
     chosen = select_trainable(model, stage.trainable)
     if ckpt is not None:
