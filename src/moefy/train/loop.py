@@ -150,7 +150,10 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
                         checkpoint(run, recipe, model, sr, step, stage_step + 1, touched, gathered)
                     acc.wait_for_everyone()
             if fsdp:
-                model = sharding.unsharded(wrapped, load_model(moe_dir, recipe, acc.device))
+                fresh = load_model(moe_dir, recipe, acc.device)
+                if sr.lora is not None:  # the gathered weights carry peft's names: wrap the plain copy alike to merge
+                    sr.lora = add_lora(fresh, stage.lora)
+                model = sharding.unsharded(wrapped, fresh)
             else:
                 model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
             acc.free_memory()

@@ -1,13 +1,14 @@
 """What FSDP (accelerate's FSDP2 plugin, `fully_shard`) changes for the loop. Under FSDP each process holds a shard
 of every weight and of the optimizer state, so a checkpoint first gathers full tensors (a collective: every process
 calls it), a resume loads the full optimizer state back into the shards, and a stage ends by gathering the weights
-into a plain model, which is what LoRA merging, the next stage and the export expect.
+into a plain model, which is what LoRA merging, the next stage and the export expect. peft's LoRA wrappers are in the
+model before it is sharded, so its adapters shard like any weight; the plain model gets the same wrappers, to take
+the gathered adapters by their names and merge them.
 
 Gate noise layers are submodules of the routers, so they are sharded and trained like any weight; they are
 training-only, so a stage's gathered model drops them.
 
-Not yet under FSDP: LoRA stages (peft's wrappers inside a sharded model) and frozen weights kept in the MoE's dtype;
-both are refused before training starts."""
+Not yet under FSDP: frozen weights kept in the MoE's dtype; refused before training starts."""
 
 from __future__ import annotations
 
@@ -28,10 +29,6 @@ def check_supported(recipe) -> None:
     if recipe.frozen_dtype != "float32":
         raise MoefyError("frozen_dtype: source is not supported under FSDP yet; FSDP already splits the weights "
                          "across processes, so keep frozen_dtype: float32")
-    for s in recipe.stages:
-        if s.trainable == "experts-lora":
-            raise MoefyError(f"stage {s.name}: experts-lora is not supported under FSDP yet; use DDP (the default "
-                             "multi-process mode) or train `experts`")
 
 
 def _options(rank0_only: bool):
