@@ -301,7 +301,8 @@ def test_dive_preset():
 
 
 def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
-    """Same global batch: 2 gloo processes × 2 rows reproduce 1 process × 4 rows, step by step.
+    """Same global batch: 2 gloo processes × 2 rows reproduce 1 process × 4 rows, step by step, and a 2-process
+    run resumes on 1 process (a job restarted on fewer GPUs) where it left off.
 
     Routing is dense and soft here: with hard top-k, float differences of 1e-7 between batch shapes and thread counts
     can flip a near-tied expert choice, and the runs then part by a routing decision, not by a bug. Noise and balance
@@ -311,9 +312,9 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
                "gating": soft},
               {"name": "e", "trainable": "experts-lora", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
                "grad_accum": 2, "batch_size": 2, "gating": soft, "distill": {"temperature": 2.0, "lm_weight": 0.5}}]
-    final, one = run_recipe(tiny_moe, corpus, tmp_path / "one", stages)
+    final, one = run_recipe(tiny_moe, corpus, tmp_path / "one", stages, checkpoint_every=3)
     recipe = tmp_path / "two.yaml"
-    recipe.write_text(yaml.safe_dump({"stages": stages}))
+    recipe.write_text(yaml.safe_dump({"stages": stages, "checkpoint_every": 3}))
     env = cpu_only
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "moefy", "train", str(tiny_moe), "--data", str(corpus), "--recipe", str(recipe),
@@ -328,6 +329,18 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
     w1, w2 = (load_file(str(p / "final" / "model.safetensors")) for p in (tmp_path / "one", tmp_path / "two"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
+
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")  # from step 6, inside the LoRA stage, on 1 process
+    shutil.rmtree(tmp_path / "resumed" / "final")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000006"
+    api.train(None, None, None, tmp_path / "resumed", resume=True)
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed[:6]] == [r["loss"] for r in two[:6]]
+    for a, b in zip(two[6:], resumed[6:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+    w3 = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    for k in w2:
+        torch.testing.assert_close(w2[k], w3[k], atol=1e-4, rtol=1e-3)
 
 
 def test_bias_update_uses_the_load_summed_over_processes(tiny_moe):
