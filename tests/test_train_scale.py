@@ -486,10 +486,40 @@ def test_gate_noise_is_drawn_per_process(tiny_moe, corpus, tmp_path, cpu_only):
     assert all(a != b for a, b in zip(*ranks)) and len(set(ranks[0])) == len(ranks[0])
 
 
-def test_fsdp_refuses_what_it_does_not_support():
+def test_deepspeed_is_refused_before_the_run_exists(tiny_moe, corpus, tmp_path, monkeypatch, capsys):
+    """Under DeepSpeed a 2-process ZeRO-2 run parted from one process and did not resume (scratch run on gloo), so
+    `moefy train` refuses it in one line, before it writes anything."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import moefy.train.loop as loop
+    from moefy.cli import main
+
+    monkeypatch.setattr(loop, "make_accelerator", lambda recipe: SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": [{"trainable": "router", "tokens": 256, "seq_len": 32}]}))
+    assert main(["train", str(tiny_moe), "--data", str(corpus), "--recipe", str(recipe),
+                 "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "DeepSpeed is not supported" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_multi_process_refuses_what_it_does_not_support():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
     from moefy.train.sharding import check_supported
 
+    recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}]})
+    check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP), recipe)
+    with pytest.raises(MoefyError, match="DeepSpeed is not supported"):
+        check_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), recipe)
     recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}],
                                            "frozen_dtype": "source", "gradient_checkpointing": True})
+    check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), recipe)
     with pytest.raises(MoefyError, match="frozen_dtype: source is not supported under FSDP"):
-        check_supported(recipe)
+        check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP), recipe)

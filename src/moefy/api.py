@@ -342,6 +342,7 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | str | None
         if moe_dir is None or data is None:
             raise MoefyError("train needs MOE_DIR and --data (or --resume RUN_DIR)")
         recipe = load_train_recipe(recipe_path, overrides)  # validated before any file is looked at
+        _check_processes(recipe)
         # Every input is checked before the run directory is touched.
         check_output(out, overwrite, inputs=(moe_dir, data, heldout))
         moe_source = resolve_model(str(moe_dir))
@@ -373,6 +374,15 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | str | None
             final = out / final.name
         process.wait_for_everyone()
     return out / final.name
+
+
+def _check_processes(recipe) -> None:
+    """What this process setup cannot train (DeepSpeed; some recipes under FSDP), refused before the run exists.
+    The loop checks again, for a resumed run."""
+    from moefy.train.loop import make_accelerator
+    from moefy.train.sharding import check_supported
+
+    check_supported(make_accelerator(recipe), recipe)
 
 
 def _absolute(spec: str) -> str:

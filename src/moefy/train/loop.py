@@ -1,6 +1,6 @@
 """The training loop. It reads top to bottom in a fixed order (torchtune/nanoGPT style): load the MoE and the data,
 then for each stage: attach LoRA if the stage asks for it, choose what trains, wrap the gates, build optimizer and
-schedule, hand model and optimizer to accelerate (DDP/FSDP/DeepSpeed across processes, as is for one), and step;
+schedule, hand model and optimizer to accelerate (DDP/FSDP across processes, as is for one), and step;
 evaluate and update domain weights every `eval_every` steps; checkpoint every `checkpoint_every` steps; merge LoRA
 at the end of its stage. A resumed run restores every piece of state and continues the same batches and losses.
 
@@ -101,9 +101,8 @@ class StageRun:
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
           resume: bool = False) -> Path:
     acc = make_accelerator(recipe)
+    sharding.check_supported(acc, recipe)
     fsdp = sharding.is_fsdp(acc)
-    if fsdp:
-        sharding.check_supported(recipe)
     tokenizer = load_tokenizer(moe_dir)
     model = load_model(moe_dir, recipe, acc.device)
     teacher = load_teacher(dense_dir, acc.device, recipe.frozen_dtype) if any(s.distill for s in recipe.stages) else None

@@ -8,7 +8,9 @@ the gathered adapters by their names and merge them.
 Gate noise layers are submodules of the routers, so they are sharded and trained like any weight; they are
 training-only, so a stage's gathered model drops them.
 
-Not yet under FSDP: frozen weights kept in the MoE's dtype; refused before training starts."""
+Not yet under FSDP: frozen weights kept in the MoE's dtype; refused before training starts. DeepSpeed is refused
+too: moefy steps, clips and checkpoints through the plain optimizer, not through DeepSpeed's engine, and a ZeRO-2
+run on 2 processes parted from one process and did not resume to the run it left."""
 
 from __future__ import annotations
 
@@ -24,9 +26,16 @@ def is_fsdp(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
-def check_supported(recipe) -> None:
+def check_supported(acc, recipe) -> None:
+    """Refuse, before any work, what does not train right across processes."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise MoefyError("DeepSpeed is not supported: moefy's steps, clipping and checkpoints do not go through its "
+                         "engine, so runs would not match one process or resume; use FSDP (fsdp_version: 2) or DDP "
+                         "(docs/scale-out.md)")
     # Not tried: FSDP shards and regathers the very parameters the upcast reads. Sharding already divides them.
-    if recipe.frozen_dtype != "float32":
+    if is_fsdp(acc) and recipe.frozen_dtype != "float32":
         raise MoefyError("frozen_dtype: source is not supported under FSDP yet; FSDP already splits the weights "
                          "across processes, so keep frozen_dtype: float32")
 
