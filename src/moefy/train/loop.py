@@ -129,8 +129,8 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
             for stage_step in steps:
                 t0 = time.perf_counter()
                 # The step's draws (gate noise) are seeded by its place and its process: independent across
-                # processes, as within one process's batch, and the same after a resume (on every device, with no
-                # RNG state saved).
+                # processes, as within one process's batch, and the same after a resume with no RNG state saved
+                # (manual_seed seeds every device).
                 torch.manual_seed(derived_seed(recipe.seed, s_idx, stage_step, acc.process_index))
                 record = train_step(acc, wrapped, sr, teacher)
                 step += 1
