@@ -486,6 +486,52 @@ def test_gate_noise_is_drawn_per_process(tiny_moe, corpus, tmp_path, cpu_only):
     assert all(a != b for a, b in zip(*ranks)) and len(set(ranks[0])) == len(ranks[0])
 
 
+def test_fsdp2_keeps_frozen_weights_bf16_as_one_process_does(tiny_llama, corpus, tmp_path, cpu_only):
+    """`frozen_dtype: source` under FSDP2: a bf16 MoE's frozen weights are sharded in bf16 beside the float32 ones that
+    train, through a LoRA stage and its merge, with the same losses and weights as one process; a resume inside the
+    LoRA stage repeats the straight run bit for bit."""
+    moe = tmp_path / "moe"
+    api.build(validate_recipe(BuildRecipe, {"model": str(tiny_llama), "experts": 4, "top_k": 2, "method": "random",
+                                            "dtype": "bfloat16"}), moe)
+    soft = {"soft_temperature": 1.0}
+    stages = [{"name": "r", "trainable": "router+norm", "tokens": 3 * 4 * 32, "seq_len": 32, "lr": 1e-2,
+               "gating": soft, "clip": 1e9},  # unclipped: see test_fsdp2_two_processes_match_one_and_resume
+              {"name": "l", "trainable": "experts-lora", "tokens": 4 * 4 * 32, "seq_len": 32, "lr": 1e-2,
+               "gating": soft, "clip": 1e9},
+              {"name": "g", "trainable": "router", "tokens": 3 * 4 * 32, "seq_len": 32, "lr": 1e-2, "gating": soft,
+               "clip": 1e9}]
+    common = {"frozen_dtype": "source", "gradient_checkpointing": True, "mixed_precision": "no",
+              "checkpoint_every": 2, "keep_last": 10}
+    _, one = run_recipe(moe, corpus, tmp_path / "one", stages, **common)
+    recipe = tmp_path / "fsdp.yaml"
+    recipe.write_text(yaml.safe_dump({"stages": stages, **common}))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(Path(__file__).parent / "fsdp_on_cpu.py")]
+    done = subprocess.run([*launcher, "train", str(moe), "--data", str(corpus), "--recipe", str(recipe),
+                           "--out", str(tmp_path / "two")], env=cpu_only, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 11))
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+    w1, w2 = (load_file(str(tmp_path / p / "final" / "model.safetensors")) for p in ("one", "two"))
+    assert w2["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    for k in w1:  # a bf16 weight may round one ulp (2^-8 relative) apart
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-2)
+
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    for later in ("final", "checkpoints/step-0000008", "checkpoints/step-0000010"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000006"  # inside the LoRA stage (steps 4-7)
+    done = subprocess.run([*launcher, "train", "--resume", str(tmp_path / "resumed")], env=cpu_only,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in two]
+    again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert all(torch.equal(w2[k], again[k]) for k in w2)
+
+
 def test_deepspeed_is_refused_before_the_run_exists(tiny_moe, corpus, tmp_path, monkeypatch, capsys):
     """Under DeepSpeed a 2-process ZeRO-2 run parted from one process and did not resume (scratch run on gloo), so
     `moefy train` refuses it in one line, before it writes anything."""
@@ -506,20 +552,3 @@ def test_deepspeed_is_refused_before_the_run_exists(tiny_moe, corpus, tmp_path, 
     assert len(err) == 1 and "DeepSpeed is not supported" in err[0]
     assert not (tmp_path / "run").exists()
 
-
-def test_multi_process_refuses_what_it_does_not_support():
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from moefy.train.sharding import check_supported
-
-    recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}]})
-    check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP), recipe)
-    with pytest.raises(MoefyError, match="DeepSpeed is not supported"):
-        check_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED), recipe)
-    recipe = validate_recipe(TrainRecipe, {"stages": [{"trainable": "router", "tokens": 1024}],
-                                           "frozen_dtype": "source", "gradient_checkpointing": True})
-    check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), recipe)
-    with pytest.raises(MoefyError, match="frozen_dtype: source is not supported under FSDP"):
-        check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP), recipe)

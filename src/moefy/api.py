@@ -377,12 +377,12 @@ def train(moe_dir: Path | None, data: str | None, recipe_path: Path | str | None
 
 
 def _check_processes(recipe) -> None:
-    """What this process setup cannot train (DeepSpeed; some recipes under FSDP), refused before the run exists.
-    The loop checks again, for a resumed run."""
+    """What this process setup cannot train (DeepSpeed), refused before the run exists. The loop checks again, for
+    a resumed run."""
     from moefy.train.loop import make_accelerator
     from moefy.train.sharding import check_supported
 
-    check_supported(make_accelerator(recipe), recipe)
+    check_supported(make_accelerator(recipe))
 
 
 def _absolute(spec: str) -> str:

@@ -101,7 +101,7 @@ class StageRun:
 def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, run: Path, dense_dir: Path | None,
           resume: bool = False) -> Path:
     acc = make_accelerator(recipe)
-    sharding.check_supported(acc, recipe)
+    sharding.check_supported(acc)
     fsdp = sharding.is_fsdp(acc)
     tokenizer = load_tokenizer(moe_dir)
     model = load_model(moe_dir, recipe, acc.device)
@@ -148,11 +148,11 @@ def train(moe_dir: Path, recipe: TrainRecipe, corpus: Corpus, heldout: Corpus, r
                     if acc.is_main_process:
                         checkpoint(run, recipe, model, sr, step, stage_step + 1, touched, gathered)
                     acc.wait_for_everyone()
-            if fsdp:
-                fresh = load_model(moe_dir, recipe, acc.device)
+            if fsdp:  # a plain copy takes the gathered weights, each in its dtype (trained ones are float32)
+                model = load_model(moe_dir, recipe, acc.device)
                 if sr.lora is not None:  # the gathered weights carry peft's names: wrap the plain copy alike to merge
-                    sr.lora = add_lora(fresh, stage.lora)
-                model = sharding.unsharded(wrapped, fresh)
+                    sr.lora = add_lora(model, stage.lora)
+                load_weights(model, sharding.gathered_weights(wrapped))
             else:
                 model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
             acc.free_memory()

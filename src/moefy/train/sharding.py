@@ -8,9 +8,11 @@ the gathered adapters by their names and merge them.
 Gate noise layers are submodules of the routers, so they are sharded and trained like any weight; they are
 training-only, so a stage's gathered model drops them.
 
-Not yet under FSDP: frozen weights kept in the MoE's dtype; refused before training starts. DeepSpeed is refused
-too: moefy steps, clips and checkpoints through the plain optimizer, not through DeepSpeed's engine, and a ZeRO-2
-run on 2 processes parted from one process and did not resume to the run it left."""
+Frozen weights kept in the MoE's dtype (`frozen_dtype: source`) are sharded in that dtype beside the float32 ones
+that train, and gathered under their stable names, so the plain model takes each in its own dtype.
+
+DeepSpeed is refused: moefy steps, clips and checkpoints through the plain optimizer, not through DeepSpeed's
+engine, and a ZeRO-2 run on 2 processes parted from one process and did not resume to the run it left."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from moefy.errors import MoefyError
 from moefy.train.gating import NOISE_MODULE
+from moefy.train.lora import stable_name
 
 
 def is_fsdp(acc) -> bool:
@@ -26,7 +29,7 @@ def is_fsdp(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP
 
 
-def check_supported(acc, recipe) -> None:
+def check_supported(acc) -> None:
     """Refuse, before any work, what does not train right across processes."""
     from accelerate.utils import DistributedType
 
@@ -34,10 +37,6 @@ def check_supported(acc, recipe) -> None:
         raise MoefyError("DeepSpeed is not supported: moefy's steps, clipping and checkpoints do not go through its "
                          "engine, so runs would not match one process or resume; use FSDP (fsdp_version: 2) or DDP "
                          "(docs/scale-out.md)")
-    # Not tried: FSDP shards and regathers the very parameters the upcast reads. Sharding already divides them.
-    if is_fsdp(acc) and recipe.frozen_dtype != "float32":
-        raise MoefyError("frozen_dtype: source is not supported under FSDP yet; FSDP already splits the weights "
-                         "across processes, so keep frozen_dtype: float32")
 
 
 def _options(rank0_only: bool):
@@ -62,10 +61,10 @@ def load_optimizer(wrapped, optimizer, state: dict) -> None:
     set_optimizer_state_dict(wrapped, optimizer, state, options=_options(rank0_only=False))
 
 
-def unsharded(wrapped, fresh) -> torch.nn.Module:
-    """`fresh` (an unsharded copy of the model) with the trained weights gathered from `wrapped`; collective."""
+def gathered_weights(wrapped) -> dict[str, torch.Tensor]:
+    """Every weight of `wrapped` in full on every process, by its stable name (no upcast's parametrization in it),
+    without the training-only noise layers; collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(wrapped, options=_options(rank0_only=False))
-    fresh.load_state_dict({name: w for name, w in state.items() if NOISE_MODULE not in name})
-    return fresh
+    return {stable_name(name): w for name, w in state.items() if NOISE_MODULE not in name}
