@@ -1,13 +1,12 @@
 """Training checkpoints: atomic directories, keep-last-n. Each holds the trainable weights (safetensors), the
-optimizer and scheduler state (tensors only, loaded with weights_only=True: no arbitrary pickle), Python's and
-numpy's RNG states (torch's draws are seeded per step: train.loop), the sampler state, the gating state, and the
-loop position."""
+optimizer and scheduler state (tensors only, loaded with weights_only=True: no arbitrary pickle), the sampler state,
+the gating state, and the loop position. No RNG state: the sampler keeps its own, and torch's draws are seeded per
+step (train.loop)."""
 
 from __future__ import annotations
 
 import json
 import pickle
-import random
 import shutil
 from pathlib import Path
 
@@ -35,8 +34,8 @@ def save_checkpoint(run: Path, step: int, *, stage: int, stage_step: int, weight
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "sharded": sharded},
                    tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({
-            "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state, "touched": touched,
-            "python_rng": random.getstate(), "numpy_rng": np.random.get_state(legacy=False)}, default=_jsonable))
+            "step": step, "stage": stage, "stage_step": stage_step, "sampler": sampler_state, "touched": touched},
+            default=_jsonable))
     for old in sorted((run / CKPT_DIR).glob("step-*"))[:-keep_last]:
         shutil.rmtree(old)
     return target
@@ -58,12 +57,6 @@ def load_checkpoint(path: Path) -> dict:
         raise MoefyError(f"corrupt checkpoint {path}: {str(exc).splitlines()[0]}") from exc
     gating.pop("_", None)
     return {"sharded": False, **state, **blob, "weights": weights, "gating": gating}
-
-
-def restore_rng(state: dict) -> None:
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(state["numpy_rng"])
 
 
 def _jsonable(x):

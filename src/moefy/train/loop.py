@@ -33,7 +33,7 @@ from moefy.seeding import derived_seed
 from moefy.sources import SIDE_FILES, read_config
 from moefy.tensor_writer import SHARD_BYTES
 from moefy.train import sharding
-from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from moefy.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moefy.train.data import DomainSampler
 from moefy.train.distill import distill_loss, load_teacher, logged_lm_loss
 from moefy.train.frozen import keep_stored, load_frozen, release
@@ -211,7 +211,6 @@ def setup_stage(model, recipe: TrainRecipe, s_idx: int, corpus: Corpus, heldout:
         scheduler.load_state_dict(ckpt["scheduler"])
         sampler.load_state(ckpt["sampler"])
         gating.load_state(ckpt["gating"])
-        restore_rng(ckpt)
         start = ckpt["stage_step"]
     reference = None
     if stage.mixture.dynamic:
@@ -268,7 +267,7 @@ def update_mixture(model, tokenizer, heldout: Corpus, sr: StageRun) -> dict[str,
 
 def checkpoint(run: Path, recipe: TrainRecipe, model, sr: StageRun, step: int, stage_step: int,
                touched: set[str], gathered: tuple[dict, dict] | None = None) -> None:
-    """What a resume needs: the trainable (and earlier-touched) weights, optimizer, schedule, sampler, gate, RNG.
+    """What a resume needs: the trainable (and earlier-touched) weights, optimizer, schedule, sampler, gate.
     `gathered`: under FSDP, the full weights and optimizer state (keyed by parameter name) from the shards."""
     params, optimizer_state = gathered or (dict(model.named_parameters()), sr.optimizer.state_dict())
     trainable = {n for n, _ in sr.chosen}
