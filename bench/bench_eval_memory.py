@@ -85,8 +85,8 @@ def main() -> None:
         what = f"perplexity on the demo held-out domains, {args.tokens_per_domain} tokens each, context 128"
         extra = ""
     free = "" if args.free_memory is None else f"; as with {args.free_memory:g} GiB free"
-    built = "DIVE 4-expert top-1 MoE, each expert a quarter of the FFN" if args.method == "dive" else \
-        "random 8-expert top-2 MoE"
+    built = ("DIVE 4-expert top-1 MoE, each expert a quarter of the FFN" if args.method == "dive"
+             else "random 8-expert top-2 MoE")
     print(f"model {args.model}; dense + {built} (bf16 on disk); {cpu_name()}; {what}{free}")
     print("| larger model in float32 | peak anonymous − after imports | ÷ larger model | peak RSS − after imports | "
           "losses (dense, MoE) |" + (" max \\|Δlogits\\| |" if args.verify else "") + " seconds |")

@@ -216,8 +216,8 @@ def _print_verify(r) -> None:
     from rich.table import Table
 
     table = Table(title="moefy verify", show_header=False)
-    what = "all experts, uniform router" if r.check == "uniform" else \
-        "each token through one expert alone vs dense restricted to it"
+    what = ("all experts, uniform router" if r.check == "uniform"
+            else "each token through one expert alone vs dense restricted to it")
     for k, v in [(f"exactness: max |Δlogits| ({what})",
                   f"{r.max_abs_dlogits:.2e} ({'PASS' if r.passed else 'FAIL'} < {r.allowed:.2g})"),
                  ("loss: dense / checked MoE", f"{r.dense_loss:.4f} / {r.uniform_moe_loss:.4f}"),
