@@ -40,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add_recipe_flags(b, BuildRecipe, skip=("model",))  # every recipe field: --experts, --method, --reconstruct-steps…
 
     t = sub.add_parser("train", help="train a built MoE through the stages of a recipe (or --resume a run)")
-    t.add_argument("moe_dir", nargs="?", type=Path)
+    t.add_argument("moe_dir", nargs="?", type=Path, help="the MoE to train (a moefy build output); not with --resume")
     t.add_argument("--data", help="training corpus (domains = streams)")
     t.add_argument("--heldout", help="held-out corpus for dynamic mixtures (default: --data)")
     t.add_argument("--recipe", help="training recipe YAML (stages), or a preset name: dive; the options below "
@@ -48,7 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "at least) are the one stage trained")
     t.add_argument("--out", type=Path, help="run directory")
     t.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the new run is "
+                   "complete)")
     # The data filter before training stays in the recipe YAML (or `moefy data filter` first): its flags are
     # `moefy data filter`'s, and a second copy here would collide with --data.
     add_recipe_flags(t, TrainRecipe, skip=("stages", "filter"))  # --seed, --checkpoint-every, --reconstruct…
@@ -57,38 +58,40 @@ def _build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="corpus tools")
     dsub = d.add_subparsers(dest="data_verb", required=True, parser_class=_Parser)
     dc = dsub.add_parser("demo-corpus", help="write the built-in 4-domain demo corpus (calib/, heldout/ and unseen/)")
-    dc.add_argument("out", type=Path)
-    dc.add_argument("--overwrite", action="store_true")
+    dc.add_argument("out", type=Path, help="directory to write (must not exist unless --overwrite)")
+    dc.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     dg = dsub.add_parser("generate", help="sample calibration text from the dense model itself (a JSONL file of "
                          "one or more domains to add to --calib: keeps more quality outside the calibration domains)")
     dg.add_argument("model", help="local HF dir, .gguf file, hub id, or alias (smollm2-135m)")
     dg.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
     dg.add_argument("--tokens", type=int, default=16384, help="tokens to sample (default %(default)s)")
     dg.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="tokens per sampled text")
-    dg.add_argument("--temperature", type=float, default=1.0)
+    dg.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s: the "
+                    "model's own distribution)")
     dg.add_argument("--domain", default=SELF_DOMAIN, help=f"the records' domain (default {SELF_DOMAIN!r})")
     dg.add_argument("--domains", type=int, default=1, help="split the texts over this many domains (NAME-1 … "
                     "NAME-N): a build budgets calibration tokens per domain, so sample N × the per-domain budget "
                     "and split it N ways to use it all (default 1)")
     dg.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="texts sampled at once")
-    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--seed", type=int, default=0, help="seeds the sampling (default 0)")
     dg.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda[:N]")
-    dg.add_argument("--overwrite", action="store_true")
+    dg.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     df = dsub.add_parser("filter", help="drop disfluent and advertisement-like documents; kept corpus + report")
     df.add_argument("corpus", help=".jsonl/.parquet/.txt file or a directory of them")
     df.add_argument("--out", type=Path, required=True, help="output directory (data/, dropped.jsonl, report/)")
-    df.add_argument("--overwrite", action="store_true")
+    df.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     df.add_argument("--recipe", type=Path, help="YAML filter recipe; the options below override its fields")
     add_recipe_flags(df, FilterRecipe)  # --fluency, --ads, --domains, --drop-quantile, --threshold, --cache…
     tc = dsub.add_parser("train-classifier", help="train a fastText ad/quality classifier from labelled JSONL")
     tc.add_argument("labelled", type=Path, help="JSONL with 'text' and 'label' fields")
     tc.add_argument("--out", type=Path, required=True, help="classifier directory (model.bin, report.json)")
     tc.add_argument("--positive", default="ad", help="the label to score (default 'ad')")
-    tc.add_argument("--label-field", default="label", dest="label_field")
+    tc.add_argument("--label-field", default="label", dest="label_field", help="the field holding each record's "
+                    "label (default 'label')")
     tc.add_argument("--heldout", type=float, default=0.2, help="held-out fraction for the quality report")
-    tc.add_argument("--epochs", type=int, default=25)
-    tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--overwrite", action="store_true")
+    tc.add_argument("--epochs", type=int, default=25, help="fastText training epochs (default 25)")
+    tc.add_argument("--seed", type=int, default=0, help="seeds the held-out split and fastText (default 0)")
+    tc.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     e = sub.add_parser("eval", help="held-out perplexity per domain (dense and MoE side by side), optionally speed")
     e.add_argument("models", nargs="+", help="models to compare: dirs, .gguf (dequantised into transformers), hub "
@@ -96,7 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="held-out corpus (.jsonl/.parquet/.txt or a directory)")
     e.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="context length (default 256)")
     e.add_argument("--stride", type=int, help="sliding-window stride (default: the context length)")
-    e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain")
+    e.add_argument("--tokens-per-domain", type=int, default=4096, dest="tokens_per_domain",
+                   help="held-out tokens scored per domain (default 4096)")
     e.add_argument("--speed", action="store_true", help="also prompt tokens/s (scored: every position's logits; "
                    "prefilled: the last one's, as generation and llama-bench do) and generation tokens/s, each MoE ÷ "
                    "its dense source in the same run (llama.cpp rows ÷ the first llama.cpp model listed)")
@@ -116,12 +120,13 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", type=Path, dest="json_out", help="also write every number to this JSON file")
 
     a = sub.add_parser("analyze", help="routing statistics per layer × domain, plots and an HTML report")
-    a.add_argument("model")
+    a.add_argument("model", help="an MoE: a moefy output directory, or another Mixtral or Qwen2-MoE checkpoint")
     a.add_argument("--data", required=True, help="corpus with a domain per document")
     a.add_argument("--out", type=Path, required=True, help="report directory")
-    a.add_argument("--overwrite", action="store_true")
-    a.add_argument("--seq-len", type=int, default=256, dest="seq_len")
-    a.add_argument("--tokens-per-domain", type=int, default=2048, dest="tokens_per_domain")
+    a.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    a.add_argument("--seq-len", type=int, default=256, dest="seq_len", help="context length (default 256)")
+    a.add_argument("--tokens-per-domain", type=int, default=2048, dest="tokens_per_domain",
+                   help="tokens routed per domain (default 2048)")
 
     g = sub.add_parser("export-gguf", help="write a GGUF for llama.cpp / Ollama (through llama.cpp's own converter)")
     g.add_argument("model", help="a moefy output directory, or a dense LLaMA (same forms as build)")
@@ -129,14 +134,15 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outtype", default="f16", help="f32, f16 (default), bf16 or q8_0 (llama.cpp's converter); "
                    "q4_k_m, q5_k_m or q6_k (its quantizer on the f16 file; needs llama-cpp-python: make setup-llama). "
                    "A K-quant needs rows that are a multiple of 256 wide; others keep another type, listed after")
-    g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("fetch-converter", help="download llama.cpp's HF->GGUF converter (from the pinned "
                    "llama-cpp-python sdist on PyPI) into the moefy cache")
 
     v = sub.add_parser("verify", help="check the exactness invariant of a built MoE against its dense source")
-    v.add_argument("moe_dir", type=Path)
+    v.add_argument("moe_dir", type=Path, help="a moefy build output")
     v.add_argument("--dense", required=True, help="the dense source model (same forms as build)")
-    v.add_argument("--tolerance", type=float, default=1e-3, help="max |Δlogits| allowed per 10 units of logit magnitude (default 1e-3)")
+    v.add_argument("--tolerance", type=float, default=1e-3,
+                   help="max |Δlogits| allowed per 10 units of logit magnitude (default 1e-3)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -167,12 +173,20 @@ def _print_build(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from moefy.construct.plan import PAD
     from moefy.export.to_gguf import K_QUANT_BLOCK
 
     m = result.plan.meta
     table = Table(title=f"moefy build → {result.out}", show_header=False)
+    layer = next(iter(result.plan.layers.values()))
+    counts = (layer.experts != PAD).sum(1)  # each expert's neurons without its zero padding
+    lo, hi = int(counts.min()), int(counts.max())
+    padding = "" if lo == m.expert_size else f" ({lo if lo == hi else f'{lo}-{hi}'} real, zero-padded)"
+    shared = int((layer.shared != PAD).sum())
     for k, v in [("architecture", result.architecture), ("method", m.method),
-                 ("experts", f"{m.num_experts} (top-{m.top_k}), {m.expert_size} neurons each"),
+                 ("experts", f"{m.num_experts} (top-{m.top_k}), {m.expert_size} neurons each{padding}"),
+                 *([("shared block", f"{shared} neurons, always on")] if shared else []),
+                 ("active FFN", f"{result.active_fraction:.1%} of {m.ffn_width} neurons per token"),
                  ("MoE layers", f"{len(m.moe_layers)} of {m.num_layers}"), ("scale", f"{m.scales[0]:g}"),
                  ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active "
                             f"(dense {result.dense_params / 1e6:.1f}M)")]:
