@@ -81,20 +81,25 @@ def test_domain_with_too_little_text(capsys, tiny_llama, tmp_path):
     assert code == 2 and "domain 'small' has too little text" in err and len(err.splitlines()) == 1
 
 
-def test_build_summary_counts_the_shared_block_and_the_padding(capsys, tiny_llama, tmp_path):
-    """FFN width 48, 4 experts top-2: carve keeps 6 neurons always on and spreads 42 over 4 experts of 16 slots."""
+def test_build_summary_counts_what_each_token_computes(capsys, tiny_llama, tmp_path):
+    """FFN width 48, 4 experts top-2: carve keeps 6 neurons always on and spreads 42 over 4 experts of 16 slots;
+    sequential pads 12 to 16; upcycle's experts are whole copies."""
     corpus = write_domain_corpus(tmp_path / "c.jsonl", {"a": "ab ", "d": "0123 "}, {"a": 8, "d": 8},
                                  {"a": 300, "d": 300}, seed=0)
     assert cli.main(["build", str(tiny_llama), "--out", str(tmp_path / "m"), "--method", "carve", "--experts", "4",
                      "--top-k", "2", "--calib", str(corpus)]) == 0
     out = capsys.readouterr().out
     assert "4 (top-2), 16 neurons each (10-11 real, zero-padded)" in out
-    assert "6 neurons, always on" in out and "56.2% of 48 neurons per token" in out  # (6 + 2 × 10.5) / 48
+    assert "6 neurons, always on" in out and "27 of 48 neurons per token (56.2%)" in out  # 6 + 2 × 10.5
     assert cli.main(["build", str(tiny_llama), "--out", str(tmp_path / "r"), "--experts", "4", "--top-k", "2",
                      "--method", "sequential"]) == 0
     out = capsys.readouterr().out
-    assert "16 neurons each (12 real, zero-padded)" in out and "50.0% of 48 neurons per token" in out
+    assert "16 neurons each (12 real, zero-padded)" in out and "24 of 48 neurons per token (50.0%)" in out
     assert "shared block" not in out
+    assert cli.main(["build", str(tiny_llama), "--out", str(tmp_path / "u"), "--experts", "4", "--top-k", "2",
+                     "--method", "upcycle"]) == 0
+    out = capsys.readouterr().out  # two full copies per token: twice the dense FFN's compute
+    assert "48 neurons each" in out and "96 of 48 neurons per token (200.0%)" in out
 
 
 def test_method_without_calib(capsys, tiny_llama, tmp_path):

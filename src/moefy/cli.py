@@ -174,6 +174,7 @@ def _print_build(result) -> None:
     from rich.table import Table
 
     from moefy.construct.plan import PAD
+    from moefy.export.oracle import active_neurons
     from moefy.export.to_gguf import K_QUANT_BLOCK
 
     m = result.plan.meta
@@ -183,10 +184,11 @@ def _print_build(result) -> None:
     lo, hi = int(counts.min()), int(counts.max())
     padding = "" if lo == m.expert_size else f" ({lo if lo == hi else f'{lo}-{hi}'} real, zero-padded)"
     shared = int((layer.shared != PAD).sum())
+    active = active_neurons(result.plan)  # in each MoE layer (the row after it says which layers are)
     for k, v in [("architecture", result.architecture), ("method", m.method),
                  ("experts", f"{m.num_experts} (top-{m.top_k}), {m.expert_size} neurons each{padding}"),
                  *([("shared block", f"{shared} neurons, always on")] if shared else []),
-                 ("active FFN", f"{result.active_fraction:.1%} of {m.ffn_width} neurons per token"),
+                 ("active FFN", f"{active:g} of {m.ffn_width} neurons per token ({active / m.ffn_width:.1%})"),
                  ("MoE layers", f"{len(m.moe_layers)} of {m.num_layers}"), ("scale", f"{m.scales[0]:g}"),
                  ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active "
                             f"(dense {result.dense_params / 1e6:.1f}M)")]:

@@ -24,11 +24,16 @@ import torch.nn.functional as F
 from moefy.construct.plan import PAD, MoEPlan
 
 
+def active_neurons(plan: MoEPlan) -> float:
+    """FFN neurons computed per token in an MoE layer: the shared block's and k experts' real neurons (more than the
+    dense FFN where experts overlap, as upcycle's copies do)."""
+    lp = next(iter(plan.layers.values()))
+    return int((lp.shared != PAD).sum()) + plan.meta.top_k * float((lp.experts != PAD).sum(1).mean())
+
+
 def active_fraction(plan: MoEPlan) -> float:
-    """FFN neurons computed per token (shared + k experts' real neurons), as a fraction of the dense FFN."""
-    m, lp = plan.meta, next(iter(plan.layers.values()))
-    per_expert = float((lp.experts != PAD).sum(1).mean())
-    return min(1.0, (int((lp.shared != PAD).sum()) + m.top_k * per_expert) / m.ffn_width)
+    """active_neurons as a fraction of the dense FFN, at most 1 (the neuron oracle keeps at most every neuron)."""
+    return min(1.0, active_neurons(plan) / plan.meta.ffn_width)
 
 
 @contextmanager
