@@ -91,6 +91,7 @@ def test_build_summary_counts_what_each_token_computes(capsys, tiny_llama, tmp_p
     out = capsys.readouterr().out
     assert "4 (top-2), 16 neurons each (10-11 real, zero-padded)" in out
     assert "6 neurons, always on" in out and "27 of 48 neurons per token (56.2%)" in out  # 6 + 2 × 10.5
+    assert "K total" in out and "0.0M" not in out  # a tiny model's parameters, in a unit that shows them
     assert cli.main(["build", str(tiny_llama), "--out", str(tmp_path / "r"), "--experts", "4", "--top-k", "2",
                      "--method", "sequential"]) == 0
     out = capsys.readouterr().out
@@ -100,6 +101,12 @@ def test_build_summary_counts_what_each_token_computes(capsys, tiny_llama, tmp_p
                      "--method", "upcycle"]) == 0
     out = capsys.readouterr().out  # two full copies per token: twice the dense FFN's compute
     assert "48 neurons each" in out and "96 of 48 neurons per token (200.0%)" in out
+
+
+def test_param_counts_read_as_people_write_them():
+    from moefy.export.card import param_count
+
+    assert [param_count(n) for n in (999, 41_472, 134_515_008, 6_738_415_616)] == ["999", "41.5K", "134.5M", "6.74B"]
 
 
 def test_method_without_calib(capsys, tiny_llama, tmp_path):

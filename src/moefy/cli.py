@@ -174,6 +174,7 @@ def _print_build(result) -> None:
     from rich.table import Table
 
     from moefy.construct.plan import PAD
+    from moefy.export.card import params_summary
     from moefy.export.oracle import active_neurons
     from moefy.export.to_gguf import K_QUANT_BLOCK
 
@@ -190,8 +191,7 @@ def _print_build(result) -> None:
                  *([("shared block", f"{shared} neurons, always on")] if shared else []),
                  ("active FFN", f"{active:g} of {m.ffn_width} neurons per token ({active / m.ffn_width:.1%})"),
                  ("MoE layers", f"{len(m.moe_layers)} of {m.num_layers}"), ("scale", f"{m.scales[0]:g}"),
-                 ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active "
-                            f"(dense {result.dense_params / 1e6:.1f}M)")]:
+                 ("params", params_summary(result.total_params, result.active_params, result.dense_params))]:
         table.add_row(k, v)
     if result.reconstruction:
         from statistics import mean
@@ -231,6 +231,8 @@ def _print_verify(r) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from moefy.export.card import param_count
+
     table = Table(title="moefy verify", show_header=False)
     what = ("all experts, uniform router" if r.check == "uniform"
             else "each token through one expert alone vs dense restricted to it")
@@ -247,7 +249,7 @@ def _print_verify(r) -> None:
                  ("vLLM: config fields and tensor names it reads", "; ".join(r.vllm_problems) or "all present"),
                  ("probe tokens", str(r.tokens)),
                  ("params: MoE total / active / dense",
-                  f"{r.total_params / 1e6:.1f}M / {r.active_params / 1e6:.1f}M / {r.dense_params / 1e6:.1f}M")]:
+                  " / ".join(map(param_count, (r.total_params, r.active_params, r.dense_params))))]:
         table.add_row(k, v)
     Console().print(table)
 
@@ -313,6 +315,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from moefy import api
     from moefy.atomic import check_writable
+    from moefy.export.card import param_count
 
     tasks = args.tasks.split(",") if args.tasks else None
     if args.json_out:  # checked now, not after the whole evaluation
@@ -349,7 +352,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             ratios = " / ".join(f"{r:.2f}×" for r in result.speed_ratio(m).values())
             compile_s = [] if not result.compiled else ["–" if s.compile_s is None else f"{s.compile_s:.0f}"]
             speed.add_row(m, f"{s.forward_tokens_per_s:.0f}", f"{s.prefill_tokens_per_s:.0f}",
-                          f"{s.generate_tokens_per_s:.1f}", ratios, f"{s.active_params / 1e6:.1f}M",
+                          f"{s.generate_tokens_per_s:.1f}", ratios, param_count(s.active_params),
                           f"{s.active_params / s.total_params:.2f}", *compile_s)
         console.print(speed)
     if result.tasks:

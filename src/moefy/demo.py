@@ -28,6 +28,7 @@ from moefy.data.demo_corpus import build_demo_corpus
 from moefy.data.generate import SELF_DOMAIN, domain_names
 from moefy.data.records import read_records
 from moefy.errors import MoefyError
+from moefy.export.card import params_summary
 from moefy.models import load_causal_lm, load_tokenizer
 from moefy.profile.perplexity import Perplexity, heldout_perplexity
 from moefy.recipes import BUILD_RECIPE, dump_recipe
@@ -106,8 +107,7 @@ def run(out: Path) -> int:
     for k, v in [
         ("output", f"{moe_dir} ({result.architecture}, loads with stock transformers)"),
         ("experts", f"{m.num_experts} × {m.expert_size} neurons, top-{m.top_k}, plus {m.shared_size} shared neurons"),
-        ("params", f"{result.total_params / 1e6:.1f}M total, {result.active_params / 1e6:.1f}M active per token "
-                   f"(dense {result.dense_params / 1e6:.1f}M)"),
+        ("params", params_summary(result.total_params, result.active_params, result.dense_params)),
         ("calibration", f"{recipe.calib}: the demo domains + {SAMPLED_TOKENS:,} tokens sampled from the model "
                         f"as {SAMPLED_DOMAINS} domains ({sampled.name}, {t_sample:.0f} s)"),
         ("build time (profiling and reconstruction included)", f"{t_build:.0f} s"),

@@ -8,6 +8,20 @@ from moefy.construct.plan import PlanMeta
 from moefy.construct.reconstruct import FITS_JSON
 
 
+def param_count(n: int) -> str:
+    """A parameter count as people write it: 6.74B, 134.5M, 41.5K. One unit for every size would print a tiny test
+    model as 0.0M and a 7B one as 6738.4M."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
+
+
+def params_summary(total: int, active: int, dense: int) -> str:
+    """The one-line parameter summary of a build: its card, `moefy build` and `moefy demo` print the same line."""
+    return f"{param_count(total)} total, {param_count(active)} active per token (dense source: {param_count(dense)})"
+
+
 def write_card(directory: Path, meta: PlanMeta, source_description: str, architecture: str,
                total_params: int, dense_params: int, reconstructed: bool = False, *, gguf: bool) -> None:
     """gguf: export-gguf takes this build (to_gguf.exportable), so the card says how to run it in llama.cpp."""
@@ -35,8 +49,7 @@ def write_card(directory: Path, meta: PlanMeta, source_description: str, archite
         + (f" ({pad} zero padding neurons in all, exact)" if pad else "") + " |",
         f"| MoE layers | {len(meta.moe_layers)} of {meta.num_layers} |",
         f"| output scale | {meta.scales[0]:g} (folded into down_proj) |",
-        f"| parameters | {total_params / 1e6:.1f}M total, {active / 1e6:.1f}M active per token "
-        f"(dense source: {dense_params / 1e6:.1f}M) |",
+        f"| parameters | {params_summary(total_params, active, dense_params)} |",
         "",
         ("Its experts and routers were refitted to the dense model layer by layer, with no training "
          f"(`{FITS_JSON}` has each layer's error before and after); `moefy eval` measures what is left against the "
