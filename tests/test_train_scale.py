@@ -301,8 +301,8 @@ def test_dive_preset():
 
 
 def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
-    """Same global batch: 2 gloo processes × 2 rows reproduce 1 process × 4 rows, step by step, and a 2-process
-    run resumes on 1 process (a job restarted on fewer GPUs) where it left off.
+    """Same global batch: 2 gloo processes × 2 rows reproduce 1 process × 4 rows, step by step; a 2-process
+    run resumes on 1 process (a job restarted on fewer GPUs) where it left off, and a 1-process run on 2.
 
     Routing is dense and soft here: with hard top-k, float differences of 1e-7 between batch shapes and thread counts
     can flip a near-tied expert choice, and the runs then part by a routing decision, not by a bug. Noise and balance
@@ -341,6 +341,19 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
     w3 = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
     for k in w2:
         torch.testing.assert_close(w2[k], w3[k], atol=1e-4, rtol=1e-3)
+
+    shutil.copytree(tmp_path / "one", tmp_path / "grown")  # from step 6 again, on more processes than it had
+    shutil.rmtree(tmp_path / "grown" / "final")
+    grow = [*cmd[:cmd.index("train") + 1], "--resume", str(tmp_path / "grown")]
+    done = subprocess.run(grow, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown = [json.loads(line) for line in (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in grown[:6]] == [r["loss"] for r in one[:6]]
+    for a, b in zip(one[6:], grown[6:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+    w4 = load_file(str(tmp_path / "grown" / "final" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w4[k], atol=1e-4, rtol=1e-3)
 
 
 def test_bias_update_uses_the_load_summed_over_processes(tiny_moe):
