@@ -7,10 +7,11 @@ recovery: from the best training-free 25% build (carve defaults), train a fixed 
   and after, and the fraction of the log-perplexity gap to dense that was recovered.
 
 distill: from carve + layer-wise reconstruction (25%, or --start half: the best 50% build), the same experts-lora
-  stage trained with LM loss, with distillation from the dense teacher, and with both, at equal tokens.
+  stage trained with LM loss, with distillation from the dense teacher, and with both, at equal tokens; with
+  --trainable experts (repeatable), also the full expert weights instead of LoRA.
 
 Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000]
-    [--objective lm|kl|kl+lm]... [--start carve25|half]
+    [--objective lm|kl|kl+lm]... [--start carve25|half] [--trainable experts-lora|experts]...
 (distill at a budget other than 30,000 tokens writes its own section, so the runs at 30k and 200k stand side by side)"""
 
 from __future__ import annotations
@@ -144,6 +145,12 @@ def recovery(work: Path, tokens: int) -> str:
 
 
 DISTILL_LORA = {"trainable": "experts-lora", "lr": 1e-3, "router_lr_ratio": 0.01, "lora": {"rank": 16, "alpha": 32}}
+# --trainable key: (how a row names it, the stage fields it sets). Full weights train at a tenth of LoRA's lr: Adam
+# moves every weight by about lr per step, while a LoRA delta starts at zero and grows through the product of two
+# small factors.
+TRAINABLES = {"experts-lora": ("LoRA r=16 on experts, routers at 1% of their RMS, norms; lr 1e-3", DISTILL_LORA),
+              "experts": ("full expert weights, routers at 1% of their RMS, norms; lr 1e-4",
+                          {"trainable": "experts", "lr": 1e-4, "router_lr_ratio": 0.01})}
 # --objective key: (row label, the stage fields it sets)
 OBJECTIVES = {"lm": ("LM loss", {}),
               "kl": ("distillation (KL, T=1)", {"distill": {"temperature": 1.0}}),
@@ -160,14 +167,15 @@ STARTS = {"carve25": ("carve 25% + reconstruction",
                     "reconstruct": {"enabled": True, "tokens_per_domain": 16384}})}
 
 
-def distill_stage(tokens: int, objective: str) -> dict:
-    """The experts-lora stage every distillation row trains, with one of OBJECTIVES."""
+def distill_stage(tokens: int, objective: str, trainable: str = "experts-lora") -> dict:
+    """The stage a distillation row trains: one of TRAINABLES with one of OBJECTIVES."""
     return {"name": "recovery", "tokens": tokens, "seq_len": 256, "batch_size": 4, "warmup_steps": 3,
-            **DISTILL_LORA, **OBJECTIVES[objective][1]}
+            **TRAINABLES[trainable][1], **OBJECTIVES[objective][1]}
 
 
-def distillation(work: Path, tokens: int, objectives: list[str], start: str = "carve25") -> str:
-    """From carve + reconstruction, the same experts-lora stage with each objective, at equal tokens."""
+def distillation(work: Path, tokens: int, objectives: list[str], start: str = "carve25",
+                 trainables: tuple[str, ...] = ("experts-lora",)) -> str:
+    """From carve + reconstruction, the same stage with each objective (and each trainable set), at equal tokens."""
     bench = setup(work)
     start_label, start_fields = STARTS[start]
     moe = bench.build(start, **start_fields)
@@ -186,10 +194,12 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
         f"Command: `.venv/bin/python bench/bench_train.py --part distill --tokens {tokens}"
         + (f" --start {start}" if start != "carve25" else "")
         + "".join(f" --objective {o}" for o in objectives if objectives != list(OBJECTIVES))
-        + f"`. Start: {start_label} (defaults otherwise). Each row trains the same `experts-lora` stage (LoRA "
-        "r=16 on experts, "
-        f"routers at 1% of their RMS, norms; lr 1e-3, cosine, 3 warm-up steps; seq 256, batch 4) for {tokens:,} "
-        "tokens of `calib/`, changing only the objective; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
+        + "".join(f" --trainable {t}" for t in trainables if list(trainables) != ["experts-lora"])
+        + f"`. Start: {start_label} (defaults otherwise). Each row trains "
+        + "; ".join(f"`{t}` ({TRAINABLES[t][0]})" for t in trainables)
+        + f", cosine, 3 warm-up steps; seq 256, batch 4, for {tokens:,} tokens of `calib/`, changing only the "
+        + ("objective" if len(trainables) == 1 else "objective and the trainable set")
+        + "; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
         "batch. Held-out perplexity / dense on `heldout/`; 'unseen' is the reconstruction table's corpus that neither "
         "construction nor training sees (the installed packages' READMEs, 8192 tokens); tokens/s is the median "
         "training step rate (alone on the machine), so 'per wall-second' comparisons can be read off it.",
@@ -200,10 +210,10 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
         f"| {start_label}, training-free | " + " | ".join(ratio_cells(before, bench.dense))
         + f" | {unseen_ratio(moe)} | 0% | |",
     ]
-    for key in objectives:
-        name = OBJECTIVES[key][0]
-        tag = key.replace("+", "-")
-        final = bench.train(moe, tag, {"stages": [distill_stage(tokens, key)], "checkpoint_every": 10_000})
+    for trainable, key in ((t, o) for t in trainables for o in objectives):
+        name = OBJECTIVES[key][0] + ("" if len(trainables) == 1 else f", `{trainable}`")
+        tag = f"{trainable}-{key.replace('+', '-')}"
+        final = bench.train(moe, tag, {"stages": [distill_stage(tokens, key, trainable)], "checkpoint_every": 10_000})
         ppl = bench.evaluate(final)
         metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
         rate = statistics.median(m["tokens_per_s"] for m in metrics)
@@ -267,6 +277,8 @@ def main() -> None:
     p.add_argument("--objective", action="append", choices=list(OBJECTIVES),
                    help="distill: the objectives to compare (repeatable; default all)")
     p.add_argument("--start", choices=list(STARTS), default="carve25", help="distill: the build it trains from")
+    p.add_argument("--trainable", action="append", choices=list(TRAINABLES),
+                   help="distill: the trainable sets to compare (repeatable; default experts-lora)")
     p.add_argument("--stage", choices=list(SAVE_DTYPE_STAGES), default="experts-lora",
                    help="save-dtype: the stage both rows train")
     args = p.parse_args()
@@ -279,7 +291,9 @@ def main() -> None:
         # each token budget keeps its own table: the 200k run does not replace the 30k comparison
         section = "train-distill" if args.tokens == 30_000 else f"train-distill-{args.tokens}"
         section += "" if args.start == "carve25" else f"-{args.start}"
-        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start)
+        trainables = tuple(args.trainable or ["experts-lora"])
+        section += "" if trainables == ("experts-lora",) else "-" + "-".join(trainables)
+        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start, trainables)
         replace_section(Path("docs/results.md"), section, table)
     if args.part == "save-dtype":  # not in "all": it answers one question, at the cost of two training runs
         section = "train-save-dtype" + ("" if args.stage == "experts-lora" else f"-{args.stage}")
