@@ -330,30 +330,29 @@ def test_two_processes_match_one(tiny_moe, corpus, tmp_path, cpu_only):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-3)
 
-    shutil.copytree(tmp_path / "two", tmp_path / "resumed")  # from step 6, inside the LoRA stage, on 1 process
-    shutil.rmtree(tmp_path / "resumed" / "final")
-    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000006"
-    api.train(None, None, None, tmp_path / "resumed", resume=True)
-    resumed = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in resumed[:6]] == [r["loss"] for r in two[:6]]
-    for a, b in zip(two[6:], resumed[6:], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
-    w3 = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
-    for k in w2:
-        torch.testing.assert_close(w2[k], w3[k], atol=1e-4, rtol=1e-3)
+    def resume_goes_on_as(run: str, on_two_processes: bool) -> None:
+        """A copy of `run` resumed from its step-6 checkpoint, inside the LoRA stage, goes on as `run` did."""
+        copy = tmp_path / f"{run}-resumed"
+        shutil.copytree(tmp_path / run, copy)
+        shutil.rmtree(copy / "final")
+        assert latest_checkpoint(copy).name == "step-0000006"
+        if on_two_processes:
+            done = subprocess.run([*cmd[:cmd.index("train") + 1], "--resume", str(copy)], env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            api.train(None, None, None, copy, resume=True)
+        straight, resumed = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+                             for d in (tmp_path / run, copy))
+        assert [r["loss"] for r in resumed[:6]] == [r["loss"] for r in straight[:6]]
+        for a, b in zip(straight[6:], resumed[6:], strict=True):
+            assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
+        w, w_resumed = (load_file(str(d / "final" / "model.safetensors")) for d in (tmp_path / run, copy))
+        for k in w:
+            torch.testing.assert_close(w[k], w_resumed[k], atol=1e-4, rtol=1e-3)
 
-    shutil.copytree(tmp_path / "one", tmp_path / "grown")  # from step 6 again, on more processes than it had
-    shutil.rmtree(tmp_path / "grown" / "final")
-    grow = [*cmd[:cmd.index("train") + 1], "--resume", str(tmp_path / "grown")]
-    done = subprocess.run(grow, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    grown = [json.loads(line) for line in (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in grown[:6]] == [r["loss"] for r in one[:6]]
-    for a, b in zip(one[6:], grown[6:], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4), a["step"]
-    w4 = load_file(str(tmp_path / "grown" / "final" / "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w4[k], atol=1e-4, rtol=1e-3)
+    resume_goes_on_as("two", on_two_processes=False)  # a job restarted on fewer processes than it had
+    resume_goes_on_as("one", on_two_processes=True)  # and on more
 
 
 def test_bias_update_uses_the_load_summed_over_processes(tiny_moe):
