@@ -189,14 +189,16 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
         return f"×{unseen_perplexity(load_causal_lm(model_dir), bench.tokenizer, unseen) / dense_unseen:.3g}"
     lines = [
         f"## Distillation recovery after reconstruction, {tokens:,} tokens"
-        + ("" if start == "carve25" else f", from the {start} start") + " (`moefy train`)",
+        + ("" if start == "carve25" else f", from the {start} start")
+        + ("" if list(trainables) == ["experts-lora"] else ", " + " vs ".join(f"`{t}`" for t in trainables))
+        + " (`moefy train`)",
         "",
         f"Command: `.venv/bin/python bench/bench_train.py --part distill --tokens {tokens}"
         + (f" --start {start}" if start != "carve25" else "")
         + "".join(f" --objective {o}" for o in objectives if objectives != list(OBJECTIVES))
         + "".join(f" --trainable {t}" for t in trainables if list(trainables) != ["experts-lora"])
         + f"`. Start: {start_label} (defaults otherwise). Each row trains "
-        + "; ".join(f"`{t}` ({TRAINABLES[t][0]})" for t in trainables)
+        + " or ".join(f"`{t}` ({TRAINABLES[t][0]})" for t in trainables)
         + f", cosine, 3 warm-up steps; seq 256, batch 4, for {tokens:,} tokens of `calib/`, changing only the "
         + ("objective" if len(trainables) == 1 else "objective and the trainable set")
         + "; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
