@@ -173,7 +173,6 @@ def _print_build(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from moefy.construct.plan import PAD
     from moefy.export.card import params_summary
     from moefy.export.oracle import active_neurons
     from moefy.export.to_gguf import K_QUANT_BLOCK
@@ -181,10 +180,9 @@ def _print_build(result) -> None:
     m = result.plan.meta
     table = Table(title=f"moefy build → {result.out}", show_header=False)
     layer = next(iter(result.plan.layers.values()))
-    counts = (layer.experts != PAD).sum(1)  # each expert's neurons without its zero padding
-    lo, hi = int(counts.min()), int(counts.max())
+    lo, hi = int(layer.expert_sizes.min()), int(layer.expert_sizes.max())
     padding = "" if lo == m.expert_size else f" ({lo if lo == hi else f'{lo}-{hi}'} real, zero-padded)"
-    shared = int((layer.shared != PAD).sum())
+    shared = layer.real_shared
     active = active_neurons(result.plan)  # in each MoE layer (the row after it says which layers are)
     for k, v in [("architecture", result.architecture), ("method", m.method),
                  ("experts", f"{m.num_experts} (top-{m.top_k}), {m.expert_size} neurons each{padding}"),

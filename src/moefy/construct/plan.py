@@ -73,6 +73,16 @@ class LayerPlan:
     # here and the keys in PlanMeta.fitted, since the weights are in the checkpoint.
     fitted: Mapping[str, torch.Tensor] | None = None
 
+    @property
+    def expert_sizes(self) -> np.ndarray:
+        """Each expert's real neurons, without its zero padding."""
+        return (self.experts != PAD).sum(1)
+
+    @property
+    def real_shared(self) -> int:
+        """The shared block's real neurons (a layer with fewer than shared_size is PAD-filled)."""
+        return int((self.shared != PAD).sum())
+
 
 @dataclass(frozen=True)
 class MoEPlan:

@@ -28,7 +28,7 @@ def active_neurons(plan: MoEPlan) -> float:
     """FFN neurons computed per token in an MoE layer: the shared block's and k experts' real neurons (more than the
     dense FFN where experts overlap, as upcycle's copies do)."""
     lp = next(iter(plan.layers.values()))
-    return int((lp.shared != PAD).sum()) + plan.meta.top_k * float((lp.experts != PAD).sum(1).mean())
+    return lp.real_shared + plan.meta.top_k * float(lp.expert_sizes.mean())
 
 
 def active_fraction(plan: MoEPlan) -> float:
