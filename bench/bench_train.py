@@ -144,11 +144,12 @@ def recovery(work: Path, tokens: int) -> str:
     return "\n".join(lines)
 
 
-DISTILL_LORA = {"trainable": "experts-lora", "lr": 1e-3, "router_lr_ratio": 0.01, "lora": {"rank": 16, "alpha": 32}}
 # --trainable key: (how a row names it, the stage fields it sets). Full weights train at a tenth of LoRA's lr: Adam
 # moves every weight by about lr per step, while a LoRA delta starts at zero and grows through the product of two
 # small factors.
-TRAINABLES = {"experts-lora": ("LoRA r=16 on experts, routers at 1% of their RMS, norms; lr 1e-3", DISTILL_LORA),
+TRAINABLES = {"experts-lora": ("LoRA r=16 on experts, routers at 1% of their RMS, norms; lr 1e-3",
+                               {"trainable": "experts-lora", "lr": 1e-3, "router_lr_ratio": 0.01,
+                                "lora": {"rank": 16, "alpha": 32}}),
               "experts": ("full expert weights, routers at 1% of their RMS, norms; lr 1e-4",
                           {"trainable": "experts", "lr": 1e-4, "router_lr_ratio": 0.01})}
 # --objective key: (row label, the stage fields it sets)
