@@ -29,6 +29,7 @@ import torch
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
 from moefy.evaluate.speed import matmul_params
+from moefy.export.card import param_count
 from moefy.models import load_causal_lm
 from moefy.recipes import validate_recipe
 from moefy.sources import resolve_model
@@ -94,10 +95,10 @@ def throughput(work: Path, batch: int = 4, seq_len: int = 256, repeats: int = 5)
         "",
         "| model | training tokens/s relative to dense | decoder matmul params active per token |",
         "|---|---|---|",
-        f"| dense SmolLM2 | 1.00× | {d_active / 1e6:.1f} M |",
-        f"| MoE 8 experts top-2 | {ratio:.2f}× | {m_active / 1e6:.1f} M of {m_total / 1e6:.1f} M |",
+        f"| dense SmolLM2 | 1.00× | {param_count(d_active)} |",
+        f"| MoE 8 experts top-2 | {ratio:.2f}× | {param_count(m_active)} of {param_count(m_total)} |",
         "",
-        f"- Ideal ratio from FLOPs (per-token matmul params incl. the {head / 1e6:.1f} M-param LM head, dense / MoE): "
+        f"- Ideal ratio from FLOPs (per-token matmul params incl. the {param_count(head)}-param LM head, dense / MoE): "
         f"{(d_active + head) / (m_active + head):.2f}×; decoder layers alone: {d_active / m_active:.2f}×. "
         f"Measured: {ratio:.2f}×.",
         "- Each token's expert work is top-2 of 8 eighth-width experts = a quarter of the dense FFN. Attention, the "
