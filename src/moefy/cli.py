@@ -180,9 +180,10 @@ def _print_build(result) -> None:
     m = result.plan.meta
     table = Table(title=f"moefy build → {result.out}", show_header=False)
     layer = next(iter(result.plan.layers.values()))
-    lo, hi = int(layer.expert_sizes.min()), int(layer.expert_sizes.max())
+    sizes = layer.expert_sizes
+    lo, hi = int(sizes.min()), int(sizes.max())
     padding = "" if lo == m.expert_size else f" ({lo if lo == hi else f'{lo}-{hi}'} real, zero-padded)"
-    shared = layer.real_shared
+    shared = len(layer.shared_neurons)
     active = active_neurons(result.plan)  # in each MoE layer (the row after it says which layers are)
     for k, v in [("architecture", result.architecture), ("method", m.method),
                  ("experts", f"{m.num_experts} (top-{m.top_k}), {m.expert_size} neurons each{padding}"),

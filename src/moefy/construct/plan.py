@@ -79,9 +79,9 @@ class LayerPlan:
         return (self.experts != PAD).sum(1)
 
     @property
-    def real_shared(self) -> int:
-        """The shared block's real neurons (a layer with fewer than shared_size is PAD-filled)."""
-        return int((self.shared != PAD).sum())
+    def shared_neurons(self) -> np.ndarray:
+        """The shared block's real neurons, in slot order (a layer with fewer than shared_size is PAD-filled)."""
+        return self.shared[self.shared != PAD]
 
 
 @dataclass(frozen=True)

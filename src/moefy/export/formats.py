@@ -119,7 +119,7 @@ class OutputFormat(ABC):
             yield f"{p}experts.{e}.{d}", fitted["down"][e] if "down" in fitted else w_down.mul_(lp.scale)
             yield f"{p}experts.{e}.{u}", fitted["up"][e] if "up" in fitted else w_up
         if self.shared_size(meta):
-            row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], self.shared_size(meta)))
+            row = torch.from_numpy(pad_to(lp.shared_neurons, self.shared_size(meta)))
             # fitted shared tensors are indexed by the plan's shared slots: its real neurons come first, sorted
             slots = torch.from_numpy(pad_to(np.flatnonzero(lp.shared != PAD), len(row)))
 

@@ -28,7 +28,7 @@ def active_neurons(plan: MoEPlan) -> float:
     """FFN neurons computed per token in an MoE layer: the shared block's and k experts' real neurons (more than the
     dense FFN where experts overlap, as upcycle's copies do)."""
     lp = next(iter(plan.layers.values()))
-    return lp.real_shared + plan.meta.top_k * float(lp.expert_sizes.mean())
+    return len(lp.shared_neurons) + plan.meta.top_k * float(lp.expert_sizes.mean())
 
 
 def active_fraction(plan: MoEPlan) -> float:
@@ -60,7 +60,7 @@ def expert_oracle(model, plan: MoEPlan) -> Iterator[None]:
 
     def oracle_ffn(lp):
         experts = torch.from_numpy(lp.experts)
-        shared = torch.from_numpy(lp.shared[lp.shared != PAD])
+        shared = torch.from_numpy(lp.shared_neurons)
 
         def hook(module, args, out):
             a = module.act_fn(module.gate_proj(args[0])) * module.up_proj(args[0])  # [B, T, I]

@@ -255,7 +255,7 @@ def _restore_construction(moe, source: Path, plan, storage: torch.dtype) -> None
                                             gather_neurons(dense["up"], row, 0)]))
             if hasattr(mlp, "shared_expert"):
                 shared = mlp.shared_expert
-                row = torch.from_numpy(pad_to(lp.shared[lp.shared != PAD], shared.down_proj.weight.shape[1]))
+                row = torch.from_numpy(pad_to(lp.shared_neurons, shared.down_proj.weight.shape[1]))
                 shared.down_proj.weight.copy_(gather_neurons(dense["down"], row, 1) * 2.0)
                 _stored(shared.gate_proj, "weight").copy_(gather_neurons(dense["gate"], row, 0))
                 _stored(shared.up_proj, "weight").copy_(gather_neurons(dense["up"], row, 0))
@@ -297,7 +297,7 @@ def _restricted_logits(dense_model, plan, batch) -> list[torch.Tensor]:
             if lp.reinit is not None:  # re-initialised neurons are new by design: check all the others
                 copied &= ~lp.reinit[e]
             masks[e, torch.from_numpy(row[copied])] = lp.scale
-        masks[:, torch.from_numpy(lp.shared[lp.shared != PAD])] = 1.0
+        masks[:, torch.from_numpy(lp.shared_neurons)] = 1.0
 
         def restrict(module, args, masks=masks):
             flat = args[0].reshape(-1, masks.shape[1])
