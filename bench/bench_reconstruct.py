@@ -35,7 +35,7 @@ from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    CALIB, EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_perplexity,
+    CALIB, EVAL_TOKENS, MODEL, SELF_TOKENS, dense_row, ratio_cells, setup, unseen_perplexity, with_self,
 )
 from docs_sections import replace_section  # noqa: E402
 
@@ -91,7 +91,6 @@ HALF = [
 
 # --self: the demo calibration with text sampled from SmolLM2 itself beside it (`moefy data generate`), against the
 # demo calibration alone, at 25% and at the best 50% split. WITH_SELF in a row's fields stands for that corpus.
-SELF_TOKENS = 16384
 WITH_SELF = {"calib": "demo calib/ + self.jsonl"}
 # more sampled text, split into domains of SELF_TOKENS each (`moefy data generate --domains`), so that each one
 # gets a full per-domain budget
@@ -171,16 +170,6 @@ TABLES = {"": (ROWS, "reconstruction", ""), "variants": (VARIANTS, "reconstructi
           "seeds": (SEEDS, "reconstruction-seeds", ": the spread over build seeds"),
           "refine": (REFINE, "reconstruction-refine", ": carve's partition refined for its routers"),
           "refine_free": (FREE, "reconstruction-refine-free", ": carve's refined partition without reconstruction")}
-
-
-def with_self(calib: Path, out: Path, domains: int) -> Path:
-    """The demo calibration files and `domains` × SELF_TOKENS tokens sampled from the dense model, in one
-    directory."""
-    out.mkdir()
-    for f in calib.iterdir():
-        (out / f.name).symlink_to(f.resolve())
-    api.generate_calibration(MODEL, out / "self.jsonl", domains * SELF_TOKENS, seed=0, domains=domains)
-    return out
 
 
 def main() -> None:

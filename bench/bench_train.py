@@ -8,10 +8,11 @@ recovery: from the best training-free 25% build (carve defaults), train a fixed 
 
 distill: from carve + layer-wise reconstruction (25%, or --start half: the best 50% build), the same experts-lora
   stage trained with LM loss, with distillation from the dense teacher, and with both, at equal tokens; with
-  --trainable experts (repeatable), also the full expert weights instead of LoRA.
+  --trainable experts (repeatable), also the full expert weights instead of LoRA; with --sampled, the stages train on
+  the demo text and 4 domains of text sampled from SmolLM2 itself (the build is unchanged).
 
 Usage: python bench/bench_train.py [--part throughput|recovery|distill|all] [--tokens 30000]
-    [--objective lm|kl|kl+lm]... [--start carve25|half] [--trainable experts-lora|experts]...
+    [--objective lm|kl|kl+lm]... [--start carve25|half] [--trainable experts-lora|experts]... [--sampled]
 (distill at a budget other than 30,000 tokens writes its own section, so the runs at 30k and 200k stand side by side)"""
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from moefy.sources import resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
-    EVAL_TOKENS, MODEL, dense_row, ratio_cells, setup, unseen_perplexity,
+    EVAL_TOKENS, MODEL, SELF_TOKENS, dense_row, ratio_cells, setup, unseen_perplexity, with_self,
 )
 from docs_sections import replace_section  # noqa: E402
 
@@ -175,10 +176,16 @@ def distill_stage(tokens: int, objective: str, trainable: str = "experts-lora") 
             **TRAINABLES[trainable][1], **OBJECTIVES[objective][1]}
 
 
+# --sampled: domains of SELF_TOKENS sampled from SmolLM2 beside the demo text, as many as make demo calibrates on
+SAMPLED_DOMAINS = 4
+
+
 def distillation(work: Path, tokens: int, objectives: list[str], start: str = "carve25",
-                 trainables: tuple[str, ...] = ("experts-lora",)) -> str:
-    """From carve + reconstruction, the same stage with each objective (and each trainable set), at equal tokens."""
+                 trainables: tuple[str, ...] = ("experts-lora",), sampled: bool = False) -> str:
+    """From carve + reconstruction, the same stage with each objective (and each trainable set), at equal tokens;
+    `sampled`: trained on the demo text and text sampled from the dense model, the build unchanged."""
     bench = setup(work)
+    data = str(with_self(Path(bench.calib), work / "calib-self", SAMPLED_DOMAINS)) if sampled else None
     start_label, start_fields = STARTS[start]
     moe = bench.build(start, **start_fields)
     before = bench.evaluate(moe)
@@ -193,15 +200,20 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
         f"## Distillation recovery after reconstruction, {tokens:,} tokens"
         + ("" if start == "carve25" else f", from the {start} start")
         + ("" if list(trainables) == ["experts-lora"] else ", " + " vs ".join(f"`{t}`" for t in trainables))
-        + " (`moefy train`)",
+        + (", on demo and sampled text" if sampled else "") + " (`moefy train`)",
         "",
         f"Command: `.venv/bin/python bench/bench_train.py --part distill --tokens {tokens}"
         + (f" --start {start}" if start != "carve25" else "")
         + "".join(f" --objective {o}" for o in objectives if objectives != list(OBJECTIVES))
         + "".join(f" --trainable {t}" for t in trainables if list(trainables) != ["experts-lora"])
+        + (" --sampled" if sampled else "")
         + f"`. Start: {start_label} (defaults otherwise). Each row trains "
         + " or ".join(f"`{t}` ({TRAINABLES[t][0]})" for t in trainables)
-        + f", cosine, 3 warm-up steps; seq 256, batch 4, for {tokens:,} tokens of `calib/`, changing only the "
+        + f", cosine, 3 warm-up steps; seq 256, batch 4, for {tokens:,} tokens of `calib/`"
+        + (f" and {SAMPLED_DOMAINS} × {SELF_TOKENS:,} tokens sampled from SmolLM2 itself (`moefy data generate "
+           f"--domains {SAMPLED_DOMAINS}`, seed 0; uniform mixture over the {SAMPLED_DOMAINS} + 4 domains, so half the "
+           "training tokens are sampled; the build calibrates on `calib/` only)" if sampled else "")
+        + ", changing only the "
         + ("objective" if len(trainables) == 1 else "objective and the trainable set")
         + "; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
         "batch. Held-out perplexity / dense on `heldout/`; 'unseen' is the reconstruction table's corpus that neither "
@@ -217,7 +229,8 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
     for trainable, key in ((t, o) for t in trainables for o in objectives):
         name = OBJECTIVES[key][0] + ("" if len(trainables) == 1 else f", `{trainable}`")
         tag = f"{trainable}-{key.replace('+', '-')}"
-        final = bench.train(moe, tag, {"stages": [distill_stage(tokens, key, trainable)], "checkpoint_every": 10_000})
+        final = bench.train(moe, tag, {"stages": [distill_stage(tokens, key, trainable)], "checkpoint_every": 10_000},
+                            data)
         ppl = bench.evaluate(final)
         metrics = [json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()]
         rate = statistics.median(m["tokens_per_s"] for m in metrics)
@@ -283,6 +296,8 @@ def main() -> None:
     p.add_argument("--start", choices=list(STARTS), default="carve25", help="distill: the build it trains from")
     p.add_argument("--trainable", action="append", choices=list(TRAINABLES),
                    help="distill: the trainable sets to compare (repeatable; default experts-lora)")
+    p.add_argument("--sampled", action="store_true", help="distill: train on the demo text and text sampled from "
+                   f"SmolLM2 itself ({SAMPLED_DOMAINS} domains of {SELF_TOKENS:,} tokens), the build unchanged")
     p.add_argument("--stage", choices=list(SAVE_DTYPE_STAGES), default="experts-lora",
                    help="save-dtype: the stage both rows train")
     args = p.parse_args()
@@ -296,8 +311,9 @@ def main() -> None:
         section = "train-distill" if args.tokens == 30_000 else f"train-distill-{args.tokens}"
         section += "" if args.start == "carve25" else f"-{args.start}"
         trainables = tuple(args.trainable or ["experts-lora"])
-        section += "" if trainables == ("experts-lora",) else "-" + "-".join(trainables)
-        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start, trainables)
+        section += ("" if trainables == ("experts-lora",) else "-" + "-".join(trainables)) + "-sampled" * args.sampled
+        table = distillation(work, args.tokens, args.objective or list(OBJECTIVES), args.start, trainables,
+                             args.sampled)
         replace_section(Path("docs/results.md"), section, table)
     if args.part == "save-dtype":  # not in "all": it answers one question, at the cost of two training runs
         section = "train-save-dtype" + ("" if args.stage == "experts-lora" else f"-{args.stage}")

@@ -23,6 +23,7 @@ from moefy.sources import resolve_model
 MODEL = "smollm2-135m"
 EVAL_TOKENS = 2048  # held-out tokens per domain
 CALIB = {"tokens_per_domain": 4096}  # 16k calibration tokens over the 4 demo domains
+SELF_TOKENS = 16384  # tokens per domain of text sampled from SmolLM2 itself (`moefy data generate --domains`)
 
 
 @dataclass
@@ -50,10 +51,11 @@ class Bench:
         api.build(recipe, self.work / name, overwrite=True)
         return self.work / name
 
-    def train(self, moe: Path, name: str, recipe: dict) -> Path:
+    def train(self, moe: Path, name: str, recipe: dict, data: str | None = None) -> Path:
+        """A training run of `recipe` from `moe` on `data` (default: the demo calibration)."""
         path = self.work / f"recipe-{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        return api.train(moe, self.calib, path, self.work / f"run-{name}", overwrite=True)
+        return api.train(moe, data or self.calib, path, self.work / f"run-{name}", overwrite=True)
 
     def gap_recovered(self, before: Perplexity, after: Perplexity, domain: str | None = None) -> float:
         """1 − log(after/dense) ÷ log(before/dense): the share of the log-perplexity gap that training closed."""
@@ -100,6 +102,16 @@ def setup(work: Path) -> Bench:
     bench = Bench(work, held, tok, None)
     bench.dense = bench.evaluate(source.directory)
     return bench
+
+
+def with_self(calib: Path, out: Path, domains: int) -> Path:
+    """The demo calibration files and `domains` × SELF_TOKENS tokens sampled from the dense model, in one
+    directory."""
+    out.mkdir()
+    for f in calib.iterdir():
+        (out / f.name).symlink_to(f.resolve())
+    api.generate_calibration(MODEL, out / "self.jsonl", domains * SELF_TOKENS, seed=0, domains=domains)
+    return out
 
 
 def dense_row(dense: Perplexity, label: str = "dense (absolute ppl)", lead: int = 0, extra: tuple = ()) -> str:
