@@ -209,10 +209,11 @@ def distillation(work: Path, tokens: int, objectives: list[str], start: str = "c
         + (" --sampled" if sampled else "")
         + f"`. Start: {start_label} (defaults otherwise). Each row trains "
         + " or ".join(f"`{t}` ({TRAINABLES[t][0]})" for t in trainables)
-        + f", cosine, 3 warm-up steps; seq 256, batch 4, for {tokens:,} tokens of `calib/`"
-        + (f" and {SAMPLED_DOMAINS} × {SELF_TOKENS:,} tokens sampled from SmolLM2 itself (`moefy data generate "
-           f"--domains {SAMPLED_DOMAINS}`, seed 0; uniform mixture over the {SAMPLED_DOMAINS} + 4 domains, so half the "
-           "training tokens are sampled; the build calibrates on `calib/` only)" if sampled else "")
+        + f", cosine, 3 warm-up steps; seq 256, batch 4, for {tokens:,} tokens "
+        + (f"drawn from `calib/` and from {SAMPLED_DOMAINS} × {SELF_TOKENS:,} tokens sampled from SmolLM2 itself "
+           f"(`moefy data generate --domains {SAMPLED_DOMAINS}`, seed 0; uniform mixture over the {SAMPLED_DOMAINS} "
+           "+ 4 domains, so half the training tokens are sampled text; the build calibrates on `calib/` only)"
+           if sampled else "of `calib/`")
         + ", changing only the "
         + ("objective" if len(trainables) == 1 else "objective and the trainable set")
         + "; the teacher is the dense SmolLM2 (fp32 on CPU), run per "
