@@ -29,6 +29,7 @@ import torch
 
 from moefy import api
 from moefy.construct.recipe import BuildRecipe
+from moefy.demo import SAMPLED_DOMAINS  # --sampled: as many sampled domains as make demo trains on
 from moefy.evaluate.speed import matmul_params
 from moefy.export.card import param_count
 from moefy.models import load_causal_lm
@@ -174,10 +175,6 @@ def distill_stage(tokens: int, objective: str, trainable: str = "experts-lora") 
     """The stage a distillation row trains: one of TRAINABLES with one of OBJECTIVES."""
     return {"name": "recovery", "tokens": tokens, "seq_len": 256, "batch_size": 4, "warmup_steps": 3,
             **TRAINABLES[trainable][1], **OBJECTIVES[objective][1]}
-
-
-# --sampled: domains of SELF_TOKENS sampled from SmolLM2 beside the demo text, as many as make demo calibrates on
-SAMPLED_DOMAINS = 4
 
 
 def distillation(work: Path, tokens: int, objectives: list[str], start: str = "carve25",
