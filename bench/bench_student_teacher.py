@@ -56,6 +56,10 @@ def main() -> None:
     p.add_argument("models", nargs="+", help="LABEL=MOE_DIR: MoEs built from SmolLM2-135M")
     args = p.parse_args()
     models = [m.split("=", 1) for m in args.models]
+    labels = [m[0] for m in models if len(m) == 2]
+    # the labels key the table rows and the stats, where "dense" is the teacher's
+    if len(labels) < len(models) or len({*labels, "dense"}) != len(labels) + 1:
+        raise SystemExit("give each model as LABEL=MOE_DIR, with distinct labels other than 'dense'")
     with tempfile.TemporaryDirectory(prefix="moefy-student-teacher-") as work:
         bench = setup(Path(work))  # the demo corpus, written here and read into memory
     ids = {d: stream(texts, bench.tokenizer, EVAL_TOKENS) for d, texts in bench.held.by_domain().items()}
